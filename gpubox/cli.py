@@ -1,0 +1,84 @@
+"""The `gpubox` command: check, plan, smoke and bench, without pyinfra and without a host."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from gpubox.inventory import HostBox, InventoryError, inventory_boxes
+
+EXIT_OK = 0
+EXIT_REFUSED = 2
+
+
+def _services_table(boxes: list[HostBox]) -> Table:
+    table = Table(title="gpubox services")
+    for column in ("host", "service", "GPUs", "port", "spec type", "ctx", "parallel", "KV (K/V)", "FA"):
+        table.add_column(column)
+    for host_box in boxes:
+        if host_box.box is None:
+            continue
+        for service in host_box.box.services:
+            table.add_row(
+                host_box.host,
+                service.name,
+                ",".join(str(gpu) for gpu in service.gpus) or "-",
+                str(service.port),
+                service.spec_type,
+                str(service.ctx_size),
+                str(service.parallel),
+                f"{service.cache_type_k}/{service.cache_type_v}",
+                service.flash_attn,
+            )
+    return table
+
+
+def _problems_table(boxes: list[HostBox]) -> Table:
+    table = Table(title="refused", title_style="bold red")
+    for column in ("host", "field", "what to change"):
+        table.add_column(column, overflow="fold")
+    for host_box in boxes:
+        for problem in host_box.problems:
+            table.add_row(host_box.host, problem.field, problem.message)
+    return table
+
+
+def cmd_check(args: argparse.Namespace, console: Console) -> int:
+    """Validate every host's Box in an inventory; print the services, or every problem."""
+    try:
+        boxes = inventory_boxes(args.inventory)
+    except InventoryError as error:
+        console.print(f"[bold red]refused[/]: {error}", highlight=False)
+        if error.problems:
+            console.print(_problems_table([HostBox(host="(inventory)", box=None, problems=error.problems)]))
+        return EXIT_REFUSED
+    refused = [host_box for host_box in boxes if host_box.problems]
+    if refused:
+        console.print(_problems_table(refused))
+        return EXIT_REFUSED
+    console.print(_services_table(boxes))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpubox", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate an inventory's boxes without connecting")
+    check.add_argument("inventory", help="a pyinfra inventory file, e.g. inventory/home.py")
+    check.set_defaults(run=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(width=max(Console().width, 120))
+    code: int = args.run(args, console)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

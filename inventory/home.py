@@ -1,0 +1,73 @@
+"""danarch4090: the seed's home box, typed.
+
+One RTX 4090 (GPU 0) serves Gemma 4 12B QAT with its MTP assistant drafter; GPU 1 is left to
+whisper/TTS, which gpubox does not manage. The recipe is the seed write-up's "working recipe",
+with `--flash-attn on` (the seed's bare `--flash-attn` no longer parses) and `--parallel 1`
+rendered explicitly (its default is 4 slots: the parallel trap).
+
+Run: `gpubox check inventory/home.py`, `pyinfra inventory/home.py deploys/danarch4090.py`.
+"""
+
+from gpubox import Box, ExpectedGpu, LlamaCppBuild, LlamaServer, ModelFile, SmokeThresholds
+
+# llama.cpp b11312 (2026-10-01): has the gemma4-assistant loader and `--spec-type draft-mtp`.
+LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+
+# The QAT GGUFs are placed by hand on the box (the seed does not download them). Put the output
+# of `sha256sum` of your copies here: a deploy refuses a file whose checksum differs, and its
+# message prints the checksum it found.
+TARGET_SHA256 = "0" * 64
+DRAFTER_SHA256 = "1" * 64
+
+gemma4 = LlamaServer(
+    name="gemma4",
+    gpus=(0,),
+    user="llama",
+    model=ModelFile(
+        path="/home/dan/models/gemma-4-12b-it-qat-q4_0.gguf",
+        sha256=TARGET_SHA256,
+        architecture="gemma4",
+    ),
+    model_draft=ModelFile(
+        path="/home/dan/models/gemma-4-12B-it-qat-assistant-MTP-Q8_0.gguf",
+        sha256=DRAFTER_SHA256,
+        architecture="gemma4-assistant",
+    ),
+    spec_type="draft-mtp",
+    spec_draft_n_max=3,
+    spec_draft_ngl=99,
+    ctx_size=262144,
+    n_gpu_layers=99,
+    cache_type_k="q8_0",
+    cache_type_v="q8_0",
+    parallel=1,
+    flash_attn="on",
+    cont_batching=True,
+    jinja=True,
+    port=8080,
+    # The seed turned llama.cpp's fit precheck off: it refused this config, which fits (about
+    # 12 GB at load, about 22 GB at a full 256k context). `gpubox plan` checks the fit instead.
+    fit="off",
+    smoke=SmokeThresholds(
+        # Seed, single slot with MTP: ~178 tok/s at 8k context, ~121 tok/s sustained at 256k; MTP
+        # off was ~95 tok/s. Below 100 the drafter is not paying for itself.
+        min_tokens_per_second=100,
+        # Seed: 60-67% acceptance at n-max 3; below 50% speculative decoding stops paying.
+        min_acceptance=0.5,
+        n_predict=256,
+        runs=3,
+    ),
+)
+
+gpu_boxes = [
+    (
+        "danarch4090",
+        {
+            "box": Box(
+                llama_cpp=LlamaCppBuild(commit=LLAMA_CPP_COMMIT, cuda="on"),
+                services=(gemma4,),
+                expected_gpus=(ExpectedGpu(index=0, name="NVIDIA GeForce RTX 4090", memory_total_mib=24564),),
+            ),
+        },
+    ),
+]

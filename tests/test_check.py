@@ -1,0 +1,78 @@
+"""`gpubox check`: the seed's inventory passes; broken copies are refused by field name, exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpubox.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+HOME = (ROOT / "inventory" / "home.py").read_text()
+
+
+def write_inventory(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "inventory.py"
+    path.write_text(text)
+    return str(path)
+
+
+def test_home_inventory_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(ROOT / "inventory" / "home.py")]) == 0
+    out = capsys.readouterr().out
+    for cell in ("danarch4090", "gemma4", "8080", "draft-mtp", "262144", "q8_0/q8_0"):
+        assert cell in out
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "advice"),
+    [
+        ("parallel=1,", "parallel=4,", "parallel", "parallel trap"),
+        ('flash_attn="on"', 'flash_attn="off"', "flash_attn", "flash_attn='on'"),
+        ('spec_type="draft-mtp"', 'spec_type="none"', "spec_type", "never drafts"),
+    ],
+)
+def test_broken_home_is_refused_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, field: str, advice: str
+) -> None:
+    assert old in HOME
+    inventory = write_inventory(tmp_path, HOME.replace(old, new))
+    assert main(["check", inventory]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert field in out
+    assert advice in out
+
+
+def test_dict_boxes_report_every_host(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = """
+good = {"llama_cpp": {"commit": "a" * 40}, "services": [{"name": "s", "model": {
+    "path": "/m.gguf", "sha256": "b" * 64, "architecture": "llama"}}]}
+bad = {"llama_cpp": {"commit": "abc"}, "services": [{"name": "s", "port": 70000, "model": {
+    "path": "m.gguf", "sha256": "b" * 64, "architecture": "llama"}}]}
+boxes = [("one", {"box": good}), ("two", {"box": bad}), "plain-host"]
+"""
+    assert main(["check", write_inventory(tmp_path, text)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    for text_seen in ("two", "llama_cpp.commit", "services.0.port", "services.0.model.path"):
+        assert text_seen in out
+    assert "│ one " not in out
+    assert "at least 1 item" not in out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("import no_such_module\nhosts = ['a']\n", "does not import"),
+        ("hosts = []\n", "no host lists"),
+        ("hosts = ['a', 'b']\n", "no host carries a `box`"),
+    ],
+)
+def test_unusable_inventory(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str) -> None:
+    assert main(["check", write_inventory(tmp_path, text)]) == 2
+    assert message in " ".join(capsys.readouterr().out.split())
+
+
+def test_missing_inventory(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "/nonexistent/inventory.py"]) == 2
+    assert "no such inventory file" in capsys.readouterr().out
