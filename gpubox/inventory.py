@@ -108,6 +108,20 @@ def box_of(host: InventoryHost) -> HostBox | None:
     return HostBox(host=host.name, box=box, problems=[])
 
 
+def box_from_host_data(value: object, host_name: str) -> Box:
+    """The Box a deploy runs for a host, validated; refused with every problem named."""
+    if value is None:
+        raise InventoryError(f"{host_name}: no `{BOX_KEY}` in the host's data: put its gpubox.Box there")
+    if isinstance(value, Box):
+        return value
+    try:
+        return Box.model_validate(value)
+    except ValidationError as error:
+        problems = problems_from(error)
+        lines = "; ".join(f"{problem.field}: {problem.message}" for problem in problems)
+        raise InventoryError(f"{host_name}: its box is refused: {lines}", problems) from error
+
+
 def inventory_boxes(path: str | Path) -> list[HostBox]:
     """Every gpubox host of an inventory, each with its Box or its problems."""
     boxes = [box for box in (box_of(host) for host in load_inventory(path)) if box is not None]

@@ -105,6 +105,7 @@ class LlamaCppBuild(Spec):
     )
     prebuilt_ui: bool = Field(default=False, description="LLAMA_USE_PREBUILT_UI: downloads the web UI")
     jobs: int | None = Field(default=None, ge=1)
+    ccache_dir: str | None = Field(default=None, description="CCACHE_DIR for the build; None: ccache's default")
     extra_cmake_args: tuple[str, ...] = ()
 
     @field_validator("commit")
@@ -121,6 +122,11 @@ class LlamaCppBuild(Spec):
     @classmethod
     def _prefix_absolute(cls, value: str) -> str:
         return _absolute_path(value.rstrip("/") or "/", "prefix")
+
+    @field_validator("ccache_dir")
+    @classmethod
+    def _ccache_dir_absolute(cls, value: str | None) -> str | None:
+        return None if value is None else _absolute_path(value, "ccache_dir")
 
     @field_validator("cuda_architectures")
     @classmethod
@@ -368,6 +374,18 @@ class LlamaServer(Spec):
                 "never drafts with it; set spec_type (e.g. 'draft-simple', or 'draft-mtp' for a "
                 "Gemma 4 assistant drafter) or remove model_draft",
                 spec,
+            ))
+        if (
+            spec == "draft-mtp"
+            and self.model.architecture == "gemma4"
+            and self.model_draft is not None
+            and self.model_draft.architecture != "gemma4-assistant"
+        ):
+            problems.append((
+                ("model_draft", "architecture"),
+                f"draft-mtp on a gemma4 target drafts with Gemma 4's separate MTP assistant GGUF: "
+                f"model_draft must be a 'gemma4-assistant' GGUF, not {self.model_draft.architecture!r}",
+                self.model_draft.architecture,
             ))
         if self.spec_draft_n_max is not None and not self.drafts:
             problems.append((

@@ -62,8 +62,15 @@ def server_argv(server: LlamaServer, prefix: str) -> list[str]:
 
 
 def server_environment(server: LlamaServer) -> dict[str, str]:
-    """The service's environment: which GPUs it sees (none when it has no GPUs)."""
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in server.gpus)}
+    """The service's environment: which GPUs it sees (none when it has no GPUs).
+
+    CUDA numbers devices fastest-first unless told otherwise; PCI bus order makes the indices
+    the same as nvidia-smi's, which the spec's `gpus` and the GPU facts use.
+    """
+    return {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in server.gpus),
+    }
 
 
 def systemd_quote(word: str) -> str:

@@ -43,7 +43,7 @@ def test_home_argv_is_the_seed_recipe_as_the_pinned_llama_cpp_parses_it() -> Non
     assert pairs["--model"].endswith("gemma-4-12b-it-qat-q4_0.gguf")
     for flag in ("--cont-batching", "--jinja", "--metrics"):
         assert flag in argv
-    assert server_environment(home_service()) == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert server_environment(home_service()) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "0"}
 
 
 def test_parallel_is_always_rendered() -> None:
@@ -52,8 +52,8 @@ def test_parallel_is_always_rendered() -> None:
 
 
 def test_no_gpus_hides_every_gpu() -> None:
-    assert server_environment(LlamaServer(name="s", model=MODEL)) == {"CUDA_VISIBLE_DEVICES": ""}
-    assert server_environment(LlamaServer(name="s", model=MODEL, gpus=(1, 0))) == {"CUDA_VISIBLE_DEVICES": "1,0"}
+    assert server_environment(LlamaServer(name="s", model=MODEL))["CUDA_VISIBLE_DEVICES"] == ""
+    assert server_environment(LlamaServer(name="s", model=MODEL, gpus=(1, 0)))["CUDA_VISIBLE_DEVICES"] == "1,0"
 
 
 def test_api_key_never_on_the_command_line() -> None:

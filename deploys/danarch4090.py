@@ -1,0 +1,26 @@
+"""Converge a whole gpubox host: llama.cpp at the pinned commit, the models, every service.
+
+    pyinfra inventory/home.py deploys/danarch4090.py            # converge
+    pyinfra inventory/home.py deploys/danarch4090.py --dry --diff   # show what would change
+
+The host's `gpubox.Box` comes from its inventory data (`box`). A bad Box is refused when the
+inventory is imported, before any connection.
+"""
+
+from pyinfra import host
+
+from gpubox.inventory import box_from_host_data
+from operations import llamacpp, models, service, smoke
+
+box = box_from_host_data(host.data.get("box"), host.name)
+
+build_metas = llamacpp.build(box.llama_cpp)
+
+for server in box.services:
+    model_metas = [models.place(name=f"Model {server.model.path}", model=server.model)]
+    if server.model_draft is not None:
+        model_metas.append(models.place(name=f"Drafter {server.model_draft.path}", model=server.model_draft))
+    unit_meta, restart_meta = service.llama_server(
+        server, box.llama_cpp.prefix, changed=[*build_metas, *model_metas]
+    )
+    smoke.smoke_test(server, restart_meta)

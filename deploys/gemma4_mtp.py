@@ -1,0 +1,29 @@
+"""Surgical MTP redeploy: the drafter, the one service's unit, its restart and its smoke test.
+
+    pyinfra inventory/home.py deploys/gemma4_mtp.py
+    pyinfra inventory/home.py deploys/gemma4_mtp.py --data gpubox_service=other
+
+Touches nothing else: no build, no packages, no other service. It first checks that the
+installed llama-server lists the service's spec type (`draft-mtp` for the seed box) in its
+`--help`, and that the drafter on the host has the GGUF architecture the spec declares.
+"""
+
+from pyinfra import host
+
+from gpubox.inventory import box_from_host_data
+from operations import models, service, smoke, speculation
+
+box = box_from_host_data(host.data.get("box"), host.name)
+server = box.service(host.data.get("gpubox_service", "gemma4"))
+if server.model_draft is None:
+    raise ValueError(f"{server.name} has no model_draft: the surgical MTP redeploy places and uses a drafter")
+
+speculation.supported(
+    name=f"llama-server supports --spec-type {server.spec_type}", server=server, prefix=box.llama_cpp.prefix
+)
+drafter = models.place(name=f"Drafter {server.model_draft.path}", model=server.model_draft)
+speculation.drafter_architecture(
+    name=f"Drafter is a {server.model_draft.architecture} GGUF", model=server.model_draft
+)
+unit_meta, restart_meta = service.llama_server(server, box.llama_cpp.prefix, changed=[drafter], ensure_user=False)
+smoke.smoke_test(server, restart_meta)

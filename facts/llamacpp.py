@@ -1,0 +1,74 @@
+"""llama.cpp on a host: the source checkout and the ``llama-server`` binary.
+
+pyinfra @host fact facts.llamacpp.LlamaCppCheckout path=/opt/llama.cpp
+pyinfra @host fact facts.llamacpp.LlamaServerVersion path=/opt/llama.cpp/build/bin/llama-server
+pyinfra @host fact facts.llamacpp.LlamaServerFlags path=/opt/llama.cpp/build/bin/llama-server
+"""
+
+from __future__ import annotations
+
+from pyinfra.api.exceptions import FactProcessError
+from pyinfra.api.facts import FactBase
+from typing_extensions import override
+
+from gpubox import llamacpp
+
+
+class LlamaCppCheckout(FactBase[llamacpp.LlamaCppCheckout | None]):
+    """
+    HEAD's full sha, the uncommitted changes and the origin URL of a git checkout
+    (``gpubox.llamacpp.LlamaCppCheckout``); None when ``path`` has no ``.git``.
+    Fails with git's message when git cannot read it (e.g. "detected dubious ownership").
+    """
+
+    @override
+    def command(self, path: str) -> str:
+        return llamacpp.checkout_command(path)
+
+    @override
+    def process(self, output: list[str]) -> llamacpp.LlamaCppCheckout | None:
+        try:
+            return llamacpp.parse_checkout(output)
+        except llamacpp.GitCheckoutError as error:
+            raise FactProcessError(str(error)) from error
+
+
+class LlamaServerVersion(FactBase[llamacpp.LlamaServerVersion | None]):
+    """
+    ``llama-server --version`` of the binary at ``path`` (``gpubox.llamacpp.LlamaServerVersion``);
+    None when there is no file there. Fails with the binary's output when it prints no version
+    (e.g. it cannot load a shared library).
+    """
+
+    @override
+    def command(self, path: str) -> str:
+        return llamacpp.server_version_command(path)
+
+    @override
+    def process(self, output: list[str]) -> llamacpp.LlamaServerVersion | None:
+        if not any(line.strip() for line in output):
+            return None
+        try:
+            return llamacpp.parse_server_version(output)
+        except ValueError as error:
+            raise FactProcessError(str(error)) from error
+
+
+class LlamaServerFlags(FactBase[llamacpp.ServerFlags | None]):
+    """
+    The options ``llama-server --help`` lists, every alias, and the allowed ``--spec-type`` values
+    (``gpubox.llamacpp.ServerFlags``); None when there is no file at ``path``.
+    """
+
+    @override
+    def command(self, path: str) -> str:
+        return llamacpp.server_help_command(path)
+
+    @override
+    def process(self, output: list[str]) -> llamacpp.ServerFlags | None:
+        if not any(line.strip() for line in output):
+            return None
+        flags = llamacpp.parse_server_help(output)
+        if not flags.flags:
+            raise FactProcessError("llama-server --help listed no options: " + " ".join(output[:20]))
+        return flags

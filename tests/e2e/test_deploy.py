@@ -1,0 +1,290 @@
+"""End to end: real SSH into a booted systemd host, a real llama.cpp build, a real model, every promise.
+
+The tests run in file order on one host (module scope): each scenario starts from the state the
+previous one left, as a user's box would. Timings go to the e2e report (see `record`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpubox.smoke import requests_transport, run_smoke
+from gpubox.spec import SmokeThresholds
+from gpubox.testbed import TestHost, free_port
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+INVENTORY = "tests/e2e/inventory.py"
+FULL = "deploys/danarch4090.py"
+SURGICAL = "deploys/gemma4_mtp.py"
+UNIT = "/etc/systemd/system/gemma4.service"
+MODEL = "/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+PREFIX = "/opt/llama.cpp"
+REPORT = Path(os.environ.get("GPUBOX_E2E_REPORT", ROOT / ".cache" / "e2e-report.json"))
+SMOKE_LINE = re.compile(
+    r"smoke gemma4\.service: (?P<tok_s>[\d.]+) tok/s .*acceptance (?P<acceptance>[\d.]+) .*?(?P<seconds>[\d.]+) s: "
+    r"(?P<verdict>passed|FAILED)"
+)
+
+
+def record(key: str, value: object) -> None:
+    """Numbers for the README's table (a benchmark record, never asserted on)."""
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    numbers = json.loads(REPORT.read_text()) if REPORT.exists() else {}
+    numbers[key] = value
+    REPORT.write_text(json.dumps(numbers, indent=2, sort_keys=True))
+
+
+class Deployer:
+    """Runs the real pyinfra CLI against the test host with a given inventory config."""
+
+    def __init__(self, host: TestHost, config_path: Path, base: dict[str, Any]) -> None:
+        self.host = host
+        self.config_path = config_path
+        self.base = base
+
+    def run(
+        self, deploy: str, *flags: str, user: str = "root", **overrides: Any
+    ) -> tuple[subprocess.CompletedProcess[str], float]:
+        config = {**self.base, **overrides}
+        if user != "root":
+            config["host_data"] = {**self.host.pyinfra_host_data(user), "_sudo": True}
+        self.config_path.write_text(json.dumps(config))
+        started = time.monotonic()
+        result = subprocess.run(
+            [PYINFRA, *flags, INVENTORY, deploy],
+            cwd=ROOT,
+            env={**os.environ, "GPUBOX_E2E_CONFIG": str(self.config_path), "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=3000,
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+        print(result.stdout[-6000:], result.stderr[-12000:], sep="\n")
+        return result, elapsed
+
+    def sh(self, command: str) -> str:
+        result = self.host.run(command)
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+        return result.stdout.strip()
+
+    def main_pid(self) -> int:
+        return int(self.sh("systemctl show --property MainPID --value gemma4.service"))
+
+    def starts(self) -> int:
+        """How many times systemd started the service (journal), to count restarts."""
+        return int(self.sh("journalctl -u gemma4.service --no-pager -o cat | grep -c '^Started ' || true"))
+
+    def file_state(self, path: str) -> str:
+        return self.sh(f"stat -c '%Y %s' {path} && sha256sum {path} | cut -d' ' -f1")
+
+    def wait_healthy(self, port: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.host.run(f"curl -sf http://127.0.0.1:{port}/health").returncode == 0:
+                return
+            time.sleep(1)
+        raise AssertionError(f"llama-server never became healthy on port {port}")
+
+
+def ops_reporting(output: str) -> list[tuple[str, str]]:
+    """(operation, outcome) pairs from pyinfra's run output."""
+    pairs = []
+    lines = output.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("--> Starting operation: "):
+            name = line.removeprefix("--> Starting operation: ").strip()
+            outcome = next(
+                (
+                    text.split("] ", 1)[1]
+                    for text in lines[index + 1 : index + 8]
+                    if "] " in text
+                    and text.strip().startswith("[")
+                    and text.split("] ", 1)[1] in ("Success", "No changes", "Skipped", "Error")
+                ),
+                "?",
+            )
+            pairs.append((name, outcome))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def deployer(
+    test_host: TestHost, llama_repo: tuple[Path, str], smollm2: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Deployer:
+    from gpubox.testbed import sha256_file
+
+    _, commit = llama_repo
+    base = {
+        "host_name": test_host.pyinfra_host_name(),
+        "host_data": test_host.pyinfra_host_data(),
+        "repo": "file:///srv/llama.cpp.git",
+        "commit": commit,
+        "model_sha256": sha256_file(smollm2),
+        "model_source": str(smollm2),
+        "port": free_port(),
+        "ccache_dir": "/var/cache/ccache-shared",
+        "jobs": os.cpu_count() or 2,
+    }
+    return Deployer(test_host, tmp_path_factory.mktemp("e2e") / "config.json", base)
+
+
+def smoke_numbers(output: str) -> dict[str, float | str]:
+    match = SMOKE_LINE.search(output)
+    assert match, "no smoke summary line in the deploy output"
+    return {
+        "tok_s": float(match["tok_s"]),
+        "acceptance": float(match["acceptance"]),
+        "seconds": float(match["seconds"]),
+        "verdict": match["verdict"],
+    }
+
+
+def test_first_converge(deployer: Deployer) -> None:
+    result, elapsed = deployer.run(FULL, "-y")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0
+    assert "building llama.cpp" in output
+    assert deployer.sh("systemctl is-active gemma4.service") == "active"
+    assert deployer.sh("systemctl is-enabled gemma4.service") == "enabled"
+    assert deployer.sh(f"readlink {PREFIX}/current") == f"builds/{deployer.base['commit']}-cpu"
+    version = deployer.sh(f"{PREFIX}/current/llama-server --version 2>&1")
+    assert deployer.base["commit"][:7] in version
+    assert deployer.sh(f"sha256sum {MODEL} | cut -d' ' -f1") == deployer.base["model_sha256"]
+    smoke = smoke_numbers(output)
+    assert smoke["verdict"] == "passed"
+    assert smoke["acceptance"] >= 0.5
+    build_seconds = deployer.sh(f"stat -c %Y {PREFIX}/builds/{deployer.base['commit']}-cpu")
+    record("first_converge_s", round(elapsed, 1))
+    record("smoke", smoke)
+    record("build_dir_mtime", build_seconds)
+
+
+def test_rerun_is_a_noop(deployer: Deployer) -> None:
+    pid = deployer.main_pid()
+    result, elapsed = deployer.run(FULL, "-y")
+    assert result.returncode == 0
+    outcomes = ops_reporting(result.stderr + result.stdout)
+    assert outcomes, "no operations reported"
+    changed = [(name, outcome) for name, outcome in outcomes if outcome not in ("No changes", "Skipped")]
+    assert not changed, f"operations changed on a converged host: {changed}"
+    assert deployer.main_pid() == pid
+    record("noop_rerun_s", round(elapsed, 1))
+
+
+def test_dry_diff_shows_the_unit_change_and_changes_nothing(deployer: Deployer) -> None:
+    before = (deployer.file_state(UNIT), deployer.main_pid())
+    result, _ = deployer.run(FULL, "--dry", "--diff", spec_draft_n_max=2)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0
+    assert re.search(r"-\s+--spec-draft-n-max 3", output), "the unit's old line is not in the diff"
+    assert re.search(r"\+\s+--spec-draft-n-max 2", output), "the unit's new line is not in the diff"
+    assert (deployer.file_state(UNIT), deployer.main_pid()) == before
+
+
+def test_surgical_redeploy_touches_only_the_unit(deployer: Deployer) -> None:
+    commit = deployer.base["commit"]
+    untouched = [f"{PREFIX}/builds/{commit}-cpu/llama-server", MODEL]
+    before = {path: deployer.file_state(path) for path in untouched}
+    current = deployer.sh(f"readlink {PREFIX}/current")
+    starts = deployer.starts()
+    result, elapsed = deployer.run(SURGICAL, "-y", spec_draft_n_max=2)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0
+    names = [name for name, _ in ops_reporting(output)]
+    assert not any("llama.cpp" in name or name.startswith("Model ") for name in names), names
+    assert any("Unit /etc/systemd/system/gemma4.service" in name for name in names)
+    assert "--spec-draft-n-max 2" in deployer.sh(f"cat {UNIT}")
+    assert "--spec-draft-n-max 3" in deployer.sh(f"cat {UNIT}.prev")
+    assert deployer.starts() == starts + 1, "the service must restart exactly once"
+    assert {path: deployer.file_state(path) for path in untouched} == before
+    assert deployer.sh(f"readlink {PREFIX}/current") == current
+    assert smoke_numbers(output)["verdict"] == "passed"
+    record("surgical_redeploy_s", round(elapsed, 1))
+
+
+def test_smoke_failure_rolls_back_to_the_previous_unit(deployer: Deployer) -> None:
+    result, _ = deployer.run(FULL, "-y", spec_draft_n_max=1, min_tokens_per_second=100000)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert smoke_numbers(output)["verdict"] == "FAILED"
+    assert "min 100000" in output and "failed its smoke test" in output
+    unit = deployer.sh(f"cat {UNIT}")
+    assert "--spec-draft-n-max 2" in unit, "the previous unit was not restored"
+    deployer.wait_healthy(deployer.base["port"])
+    assert "--spec-draft-n-max 2" in deployer.sh(f"tr '\\0' ' ' < /proc/{deployer.main_pid()}/cmdline")
+
+
+def test_model_with_wrong_checksum_is_refused(deployer: Deployer) -> None:
+    before = (deployer.file_state(MODEL), deployer.main_pid())
+    result, _ = deployer.run(FULL, "-y", spec_draft_n_max=2, model_sha256="0" * 64)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "has sha256" in output and "nothing was uploaded" in output
+    assert (deployer.file_state(MODEL), deployer.main_pid()) == before
+    assert deployer.host.run(f"test -e {MODEL}.part").returncode != 0
+
+
+def test_kill_9_is_restarted_by_systemd(deployer: Deployer) -> None:
+    pid = deployer.main_pid()
+    deployer.sh(f"kill -9 {pid}")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and deployer.main_pid() in (0, pid):
+        time.sleep(0.5)
+    assert deployer.main_pid() not in (0, pid)
+    result = run_smoke(
+        requests_transport(f"http://127.0.0.1:{deployer.base['port']}"),
+        SmokeThresholds(min_tokens_per_second=5, min_acceptance=0.5, n_predict=32, runs=1, timeout_s=120),
+    )
+    assert result.passed, result.failures
+
+
+def test_reboot_brings_the_service_back(deployer: Deployer) -> None:
+    deployer.host.reboot()
+    deployer.wait_healthy(deployer.base["port"])
+    assert deployer.sh("systemctl is-active gemma4.service") == "active"
+
+
+def test_failed_build_keeps_current_and_the_service(deployer: Deployer) -> None:
+    current = deployer.sh(f"readlink {PREFIX}/current")
+    pid = deployer.main_pid()
+    result, _ = deployer.run(FULL, "-y", spec_draft_n_max=2, commit="f" * 40)
+    assert result.returncode != 0
+    assert deployer.sh(f"readlink {PREFIX}/current") == current
+    assert deployer.main_pid() == pid
+    deployer.wait_healthy(deployer.base["port"], timeout=10)
+
+
+def test_non_root_ssh_user_with_sudo(deployer: Deployer) -> None:
+    result, _ = deployer.run(FULL, "-y", user="deployer", spec_draft_n_max=3)
+    assert result.returncode == 0
+    assert "--spec-draft-n-max 3" in deployer.sh(f"cat {UNIT}")
+    assert smoke_numbers(result.stdout + result.stderr)["verdict"] == "passed"
+
+
+def test_rebuild_with_warm_ccache(deployer: Deployer) -> None:
+    """A new build directory for the same commit: every object comes from ccache."""
+    commit = deployer.base["commit"]
+    deployer.sh(f"rm -rf {PREFIX}/work/{commit}-cpu {PREFIX}/builds/{commit}-cpu.partial")
+    deployer.sh(f"mv {PREFIX}/builds/{commit}-cpu {PREFIX}/builds/{commit}-cpu.old")
+    result, elapsed = deployer.run(FULL, "-y", spec_draft_n_max=3)
+    assert result.returncode == 0
+    assert "building llama.cpp" in result.stdout + result.stderr
+    record("ccache_rebuild_converge_s", round(elapsed, 1))
+    stats = deployer.sh(
+        "CCACHE_DIR=/var/cache/ccache-shared ccache --print-stats 2>/dev/null"
+        " | grep -E '^(direct_cache_hit|preprocessed_cache_hit|cache_miss)' || true"
+    )
+    record("ccache_stats_after_rebuild", stats)
