@@ -155,7 +155,9 @@ def build_script(
     configure = shlex.join(cmake_configure_args(build, flavor, architectures, nvcc, ccache))
     parallel = f" -j {build.jobs}" if build.jobs else ""
     targets = " ".join(shlex.quote(target) for target in build.targets)
-    env = "export CCACHE_COMPILERCHECK=content"
+    # Paths under the prefix are hashed relative to it, so the same commit built under another
+    # prefix (another host's, a test machine's) hits the same ccache entries.
+    env = f"export CCACHE_COMPILERCHECK=content CCACHE_BASEDIR={shlex.quote(build.prefix)}"
     if build.ccache_dir is not None:
         env += f" CCACHE_DIR={shlex.quote(build.ccache_dir)}"
     if nvcc is not None:

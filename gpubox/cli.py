@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from gpubox import cli_client, cli_plan
 from gpubox.inventory import HostBox, InventoryError, inventory_boxes
 
 EXIT_OK = 0
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate an inventory's boxes without connecting")
     check.add_argument("inventory", help="a pyinfra inventory file, e.g. inventory/home.py")
     check.set_defaults(run=cmd_check)
+    cli_client.register(commands)
+    cli_plan.register(commands)
     return parser
 
 

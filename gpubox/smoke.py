@@ -168,9 +168,17 @@ class CompletionError(Exception):
     """`/completion` answered with an error status or a body without timings."""
 
 
-def completion_request(prompt: str, n_predict: int) -> dict[str, object]:
-    """A deterministic request: greedy, and no prompt cache so every run processes its prompt."""
-    return {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "cache_prompt": False}
+def completion_request(prompt: str, n_predict: int, *, ignore_eos: bool = True) -> dict[str, object]:
+    """A deterministic request: greedy, and no prompt cache so every run processes its prompt.
+
+    `ignore_eos` makes every request generate exactly `n_predict` tokens, so tok/s is measured
+    over the same length whatever the model answers (an instruct model may stop at once on a
+    raw prompt).
+    """
+    request: dict[str, object] = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "cache_prompt": False}
+    if ignore_eos:
+        request["ignore_eos"] = True
+    return request
 
 
 def parse_completion(response: HttpResponse) -> CompletionTimings:
@@ -185,11 +193,18 @@ def parse_completion(response: HttpResponse) -> CompletionTimings:
 
 
 def complete(
-    transport: Transport, prompt: str, n_predict: int, timeout_s: float, clock: Callable[[], float] = time.monotonic
+    transport: Transport,
+    prompt: str,
+    n_predict: int,
+    timeout_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    *,
+    ignore_eos: bool = True,
 ) -> tuple[CompletionTimings, float]:
     """One completion: its timings and the wall-clock seconds it took."""
     started = clock()
-    response = transport("POST", "/completion", completion_request(prompt, n_predict), timeout_s)
+    request = completion_request(prompt, n_predict, ignore_eos=ignore_eos)
+    response = transport("POST", "/completion", request, timeout_s)
     return parse_completion(response), clock() - started
 
 
@@ -351,9 +366,20 @@ def acceptance_of(timings: Iterable[CompletionTimings]) -> tuple[int, int, float
 
 
 def _threshold_failures(
-    thresholds: SmokeThresholds, tokens_per_second: float, drafted: int, acceptance: float | None
+    thresholds: SmokeThresholds,
+    runs: list[CompletionRun],
+    tokens_per_second: float,
+    drafted: int,
+    acceptance: float | None,
 ) -> list[str]:
     failures: list[str] = []
+    generated = statistics.median(run.timings.predicted_n for run in runs)
+    if generated < max(2, thresholds.n_predict // 4):
+        failures.append(
+            f"the runs stopped after {generated:g} generated token(s) (median) of n_predict={thresholds.n_predict}: "
+            f"the model ended its answer at once (EOS), so tok/s means nothing; use prompts it continues, e.g. "
+            f"in the model's chat template"
+        )
     if tokens_per_second < thresholds.min_tokens_per_second:
         failures.append(
             f"generation ran at {tokens_per_second:.1f} tok/s (median of {thresholds.runs} run(s) x "
@@ -464,7 +490,7 @@ def run_smoke(
         return _early_failure_result(thresholds, wait, f"a completion failed after /health said ok: {error}")
     tokens_per_second = statistics.median(run.timings.predicted_per_second for run in runs)
     drafted, accepted, acceptance = acceptance_of(run.timings for run in runs)
-    failures = _threshold_failures(thresholds, tokens_per_second, drafted, acceptance)
+    failures = _threshold_failures(thresholds, runs, tokens_per_second, drafted, acceptance)
     metrics_drafted, metrics_accepted, metric_failures, notes = _metrics_cross_check(before, after, drafted, accepted)
     failures += metric_failures
     gpu_failures: list[str] = []

@@ -14,6 +14,7 @@ from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion
+from gpubox import llamacpp as records
 from gpubox.llamacpp import UnsupportedServerArgumentError, check_argv_supported
 from gpubox.spec import LlamaServer
 from gpubox.unit import binary_path, render_unit, server_argv
@@ -40,7 +41,11 @@ def flags_supported(server: LlamaServer, prefix: str):  # type: ignore[no-untype
             raise OperationError(f"no llama-server at {binary}: the llama.cpp build must run first")
         host.noop(f"{binary} is not installed yet: its flags are checked once it is")
         return
+    # The records, or their JSON form (a pyinfra-testing fixture): both are validated into records.
+    flags = records.ServerFlags.model_validate(flags)
     version = host.get_fact(LlamaServerVersion, path=binary)
+    if version is not None:
+        version = records.LlamaServerVersion.model_validate(version)
     try:
         check_argv_supported(server_argv(server, prefix), flags, str(version))
     except UnsupportedServerArgumentError as error:

@@ -36,7 +36,7 @@ class SmokeOutcome:
 
 def _run_on_host(command: str) -> tuple[str, int]:
     """Run a command on the host; its stdout and exit code (pyinfra reports success only)."""
-    _, output = host.run_shell_command(StringCommand(f"{command}; echo {EXIT_MARKER}$?"))
+    _, output = host.run_shell_command(StringCommand(f"{command}; printf '\\n{EXIT_MARKER}%s\\n' \"$?\""))
     lines = output.stdout_lines
     exit_code = int(lines[-1].removeprefix(EXIT_MARKER)) if lines and lines[-1].startswith(EXIT_MARKER) else 255
     return "\n".join(lines[:-1]) + "\n", exit_code

@@ -7,6 +7,7 @@ from pyinfra.api import OperationError, operation
 from pyinfra.facts.files import Sha256File
 
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion
+from gpubox import llamacpp as records
 from gpubox.llamacpp import check_spec_type_supported
 from gpubox.spec import LlamaServer, ModelFile
 from gpubox.unit import binary_path
@@ -21,7 +22,11 @@ def supported(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
     flags = host.get_fact(LlamaServerFlags, path=binary)
     if flags is None:
         raise OperationError(f"no llama-server at {binary}: run the full deploy first")
+    # The records, or their JSON form (a pyinfra-testing fixture): both are validated into records.
+    flags = records.ServerFlags.model_validate(flags)
     version = host.get_fact(LlamaServerVersion, path=binary)
+    if version is not None:
+        version = records.LlamaServerVersion.model_validate(version)
     try:
         check_spec_type_supported(server.spec_type, flags, str(version))
     except ValueError as error:

@@ -4,6 +4,7 @@ from gpubox.testbed.assets import (
     cache_dir,
     ccache_dir,
     llama_cpp_repo,
+    local_llama_server,
     sha256_file,
     smollm2_gguf,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "create_host",
     "free_port",
     "llama_cpp_repo",
+    "local_llama_server",
     "sha256_file",
     "smollm2_gguf",
 ]

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 from gpubox.testbed.assets import cache_dir, ccache_dir, llama_cpp_repo, sha256_file, smollm2_gguf
-from gpubox.testbed.host import build_rootfs, create_host
+from gpubox.testbed.host import build_rootfs, create_host, remove_host_dir
 
 LLAMA_REPO_MOUNT = "/srv/llama.cpp.git"
 CCACHE_MOUNT = "/var/cache/ccache-shared"
@@ -97,7 +96,7 @@ def cmd_down(args: argparse.Namespace) -> int:
             status = ""
         if any(line.startswith("NSpid:") and line.split()[-1] == "1" for line in status.splitlines()):
             os.kill(leader, signal.SIGKILL)
-    shutil.rmtree(Path(state["root"]).parent, ignore_errors=True)
+    remove_host_dir(Path(state["root"]).parent)
     path.unlink()
     print(f"stopped test host (nspawn pid {pid})")
     return 0

@@ -117,6 +117,8 @@ def llama_cpp_repo() -> tuple[Path, str]:
         try:
             sha = _git(repo, "rev-parse", "--verify", "HEAD")
             if len(sha) == 40:
+                if not any((repo / ".git" / "objects" / "pack").glob("*.pack")):
+                    _git(repo, "repack", "-a", "-d", "-q")
                 return repo, sha
         except subprocess.CalledProcessError:
             pass
@@ -140,6 +142,8 @@ def llama_cpp_repo() -> tuple[Path, str]:
         _git(src, "commit", "-q", "--no-gpg-sign", "--no-verify", "-m",
              f"llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}")
         sha = _git(src, "rev-parse", "HEAD")
+        # One packfile: clones (file:// upload-pack) reuse it instead of compressing loose objects.
+        _git(src, "repack", "-a", "-d", "-q")
         if repo.exists():
             shutil.rmtree(repo)
         src.rename(repo)
@@ -175,3 +179,38 @@ def smollm2_gguf() -> Path:
             shutil.copyfileobj(src, dst, 1 << 20)
         tmp.replace(out)
     return out
+
+
+def local_llama_server() -> Path:
+    """A CPU llama-server built on this machine from :func:`llama_cpp_repo`, with ccache.
+
+    Built with the same CMake flags the deploy uses (gpubox.build), in
+    ``cache_dir()/local/work/{commit}-cpu``; a cached build is reused.
+    """
+    from gpubox.build import cmake_configure_args, src_dir, work_dir
+    from gpubox.spec import LlamaCppBuild
+
+    repo, sha = llama_cpp_repo()
+    build = LlamaCppBuild(
+        repo=str(repo), commit=sha, cuda="off", prefix=str(cache_dir() / "local"),
+        targets=("llama-server", "llama-bench", "llama-quantize"),
+    )  # fmt: skip
+    binary = Path(work_dir(build, "cpu")) / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    source = Path(src_dir(build))
+    source.parent.mkdir(parents=True, exist_ok=True)
+    if not source.exists():
+        _git(source.parent, "clone", "-q", "--shared", str(repo), str(source))
+    # The deploy's layout and CCACHE_BASEDIR: objects the e2e host compiled are cache hits here.
+    env = {
+        **os.environ, "CCACHE_DIR": str(ccache_dir()), "CCACHE_COMPILERCHECK": "content",
+        "CCACHE_BASEDIR": build.prefix,
+    }  # fmt: skip
+    ccache = shutil.which("ccache") is not None
+    subprocess.run(cmake_configure_args(build, "cpu", ccache=ccache), check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["cmake", "--build", work_dir(build, "cpu"), "--target", *build.targets], check=True, env=env,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return binary

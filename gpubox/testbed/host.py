@@ -159,15 +159,65 @@ def _umount_below(path: Path) -> None:
         subprocess.run(["umount", "-l", target], check=False)
 
 
-def unpack_rootfs(dest: Path) -> None:
+def unpack_rootfs(dest: Path, tarball: Path | None = None) -> None:
     """Unpack the cached rootfs (building it first if needed) into the empty directory ``dest``."""
-    tarball = build_rootfs()
+    tarball = tarball or build_rootfs()
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         ["tar", "-I", "zstd -T0", "--numeric-owner", "--xattrs", "--acls",
          "-C", str(dest), "-xpf", str(tarball)],
         check=True,
     )
+
+
+def golden_tree() -> Path:
+    """The cached rootfs unpacked once (read-only lower layer for per-host overlays)."""
+    tarball = build_rootfs()
+    tree = tarball.with_name(tarball.name.removesuffix(".tar.zst") + ".tree")
+    if (tree / "etc" / "os-release").exists():
+        return tree
+    with open(tarball.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (tree / "etc" / "os-release").exists():
+            tmp = Path(tempfile.mkdtemp(prefix="tree-", dir=tarball.parent))
+            try:
+                unpack_rootfs(tmp, tarball)  # not build_rootfs(): it takes this same lock
+                tmp.rename(tree)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return tree
+
+
+def prepare_root(base: Path) -> Path:
+    """Make ``base/root`` a fresh, writable copy of the rootfs and return it.
+
+    Uses an overlayfs over :func:`golden_tree` (instant; per-host writes land in ``base/upper``);
+    falls back to unpacking the tarball when overlayfs can't be mounted.  ``GPUBOX_TESTBED_OVERLAY=0``
+    forces the tarball.
+    """
+    root = base / "root"
+    if os.environ.get("GPUBOX_TESTBED_OVERLAY", "1") != "0":
+        lower = golden_tree()
+        upper, work = base / "upper", base / "work"
+        for d in (root, upper, work):
+            d.mkdir()
+        opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+        mounted = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(root)],
+                                 capture_output=True, text=True)
+        if mounted.returncode == 0:
+            return root
+        _log(f"overlayfs unavailable ({mounted.stderr.strip()}); unpacking the tarball instead")
+        for d in (root, upper, work):
+            shutil.rmtree(d, ignore_errors=True)
+    unpack_rootfs(root)
+    return root
+
+
+def remove_host_dir(base: Path) -> None:
+    """Unmount anything below ``base`` (the overlay root) and delete it.  The host must be stopped."""
+    _umount_below(base)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -367,7 +417,7 @@ class TestHost:
     def stop(self) -> None:
         """Power off, then delete the root filesystem and the per-run key."""
         self._kill()
-        shutil.rmtree(self.root.parent, ignore_errors=True)
+        remove_host_dir(self.root.parent)
 
     # -- access ----------------------------------------------------------------------------
     def ssh_argv(self, user: str = "root", connect_timeout: int = 5) -> list[str]:
@@ -445,10 +495,9 @@ def create_host(
     """Unpack a fresh rootfs, install a per-run SSH key and port, and boot it.  Call ``stop()``."""
     base = Path(tempfile.mkdtemp(prefix="gpubox-testbed-", dir=str(workdir) if workdir else "/var/tmp"))
     try:
-        root = base / "root"
         t0 = time.monotonic()
-        unpack_rootfs(root)
-        _log(f"rootfs unpacked in {time.monotonic() - t0:.1f}s at {root}")
+        root = prepare_root(base)
+        _log(f"rootfs ready in {time.monotonic() - t0:.1f}s at {root}")
         key = _ssh_keypair(base)
         port = ssh_port or free_port()
         _install_key(root, (base / "id_ed25519.pub").read_text(), port)
@@ -461,7 +510,7 @@ def create_host(
         _log(f"host booted in {host.boot_seconds:.1f}s: ssh -p {port} -i {key} root@127.0.0.1")
         return host
     except BaseException:
-        shutil.rmtree(base, ignore_errors=True)
+        remove_host_dir(base)
         raise
 
 

@@ -1,7 +1,8 @@
-"""The e2e test host's inventory: a Box that mirrors the seed's, on the CPU with SmolLM2.
+"""The local test host's box: the seed's service shape, on the CPU with SmolLM2 drafting for itself.
 
-The tests write the connection and the knobs they turn (drafter settings, thresholds, model
-checksum) to the JSON file named by GPUBOX_E2E_CONFIG; see tests/e2e/test_deploy.py.
+`scripts/demo` and the e2e tests boot a systemd-nspawn host (gpubox.testbed) and write its
+connection, the llama.cpp repo and commit, the model, and the knobs the tests turn (drafter
+settings, thresholds, checksums) to the JSON file named by GPUBOX_TESTBED_CONFIG.
 """
 
 import json
@@ -9,7 +10,7 @@ import os
 
 from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile, SmokeThresholds
 
-with open(os.environ["GPUBOX_E2E_CONFIG"]) as config_file:
+with open(os.environ.get("GPUBOX_TESTBED_CONFIG", ".cache/testbed.json")) as config_file:
     config = json.load(config_file)
 
 smollm2 = ModelFile(
@@ -44,8 +45,10 @@ gemma4 = LlamaServer(
     port=config["port"],
     fit="off",
     smoke=SmokeThresholds(
-        # Honest for 2 CPU cores: drafting decoded at ~47 tok/s here (101 without a drafter).
-        min_tokens_per_second=config.get("min_tokens_per_second", 5.0),
+        # Honest for a shared 2-core CPU: SmolLM2 drafting for itself decoded at 47-58 tok/s alone
+        # (101-121 without the drafter) and at 2-6 tok/s beside a parallel build. The smoke asserts it
+        # serves and drafts; speed is the bench's to measure.
+        min_tokens_per_second=config.get("min_tokens_per_second", 1.0),
         min_acceptance=config.get("min_acceptance", 0.5),
         n_predict=64,
         runs=2,

@@ -1,0 +1,749 @@
+"""VRAM planner: what a llama-server service puts on each GPU, from its models' GGUF headers.
+
+Pure core (no pyinfra): the deploy passes headers read on the host (the ``GgufHeader`` fact) and
+GPU totals from its GPU facts; ``gpubox plan`` passes headers read on the controller and the
+box's ``expected_gpus``. Every term follows what the pinned llama.cpp allocates at load, read in
+its source (paths relative to the llama.cpp tree):
+
+* weights (``src/llama-model.cpp``, ``load_tensors``): with ``-ngl N`` the *last* ``N`` of the
+  ``n_layer + 1`` "layers" go to the GPU, the output head counting as the last one
+  (``i_gpu_start = n_layer + 1 - N``); the first layers stay on the CPU. ``token_embd`` is always
+  on the CPU input buffer. A model without ``output.weight`` ties its head to ``token_embd``
+  (``TENSOR_DUPLICATED``): a second copy of the embedding table is loaded on the output device.
+* KV cache (``src/llama-kv-cache.cpp``, ``src/llama-kv-cache-iswa.cpp``): per layer
+  ``cells x (n_embd_k_gqa x bytes(type_k) + n_embd_v_gqa x bytes(type_v))``; ``n_ctx`` is padded to
+  256 and split into ``parallel`` streams unless the cache is unified; a sliding-window layer holds
+  ``GGML_PAD(min(n_ctx_seq, n_swa * (unified ? n_seq : 1) + n_ubatch), 256)`` cells per stream
+  (``--swa-full`` off); Gemma 3n/4 layers past ``n_layer - shared_kv_layers`` reuse earlier layers'
+  cache and a ``gemma4-assistant`` drafter shares every KV layer with its target (the ``share``
+  callback in ``src/llama-model.cpp``), so both cost nothing.
+* compute buffer: see :class:`ComputeCalibration`.
+* headroom: see :data:`CUDA_CONTEXT_MIB`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from gpubox.gguf_header import (
+    ArraySummary,
+    GgufHeader,
+    MetadataValue,
+    TruncatedGgufError,
+    parse_gguf_header,
+    read_gguf_header,
+)
+from gpubox.spec import Box, GpuLayers, LlamaServer, ModelFile
+
+MIB = 1024 * 1024
+
+CACHE_TYPE_BYTES: dict[str, float] = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+    "q4_1": 20 / 32,
+    "q5_0": 22 / 32,
+    "q5_1": 24 / 32,
+    "iq4_nl": 18 / 32,
+}
+"""Bytes per cached element: ggml block size / block bytes (``ggml/src/ggml.c`` type_traits)."""
+
+CTX_PAD = 256
+"""``cparams.n_ctx = GGML_PAD(n_ctx, 256)`` (``src/llama-context.cpp``); n_ctx_seq is padded too."""
+
+SWA_PAD = 256
+"""``the SWA cache is always padded to 256`` (``src/llama-kv-cache-iswa.cpp``)."""
+
+DEFAULT_N_UBATCH = 512
+"""llama-server's default ``--ubatch-size`` (``common/common.h``: ``n_ubatch = 512``)."""
+
+CUDA_CONTEXT_MIB = 512
+"""Headroom per llama-server process on each GPU it uses, outside llama.cpp's logged buffers: the
+CUDA context (about 300-400 MiB on Ada with CUDA 12 as nvidia-smi shows it for an idle process),
+cuBLAS workspace and the CUDA memory pool that flash attention fills with F16 copies of a
+quantized K/V. An estimate, not a measurement: the GPU validation run re-measures it (nvidia-smi's
+per-process usage minus the sum of the logged buffers) and this constant takes that value."""
+
+HEADER_ONLY_KEY = "gpubox.header_only"
+"""Metadata flag of a header-only GGUF (header, KV and tensor infos, no tensor data)."""
+
+DEFAULT_HEADERS_DIR = Path("inventory/gguf-headers")
+"""Where ``gpubox plan`` looks for ``<basename of the model path>`` header-only GGUFs."""
+
+LogicalGpu = tuple[int, int]
+"""``(index, total MiB)`` of a GPU."""
+
+
+@dataclass(frozen=True)
+class ComputeCalibration:
+    """The compute-buffer model: the graph allocator's peak for one ``n_ubatch`` worst-case batch.
+
+    llama.cpp reserves its compute buffers at load for a full ubatch (``graph_reserve`` in
+    ``src/llama-context.cpp``); llama-server sets ``n_outputs_max`` to its slots (1 per slot, logged
+    as ``n_outputs_max = 1``), so the f32 logits are a few rows, not ``n_ubatch`` of them. What is
+    left is linear in things a header gives::
+
+        flash attention:  n_ubatch * 4 * (embd_factor * n_embd + ff_factor * n_ff)   # activations
+                          + n_ubatch * n_kv * fa_bytes_per_cell                       # F16 KQ mask
+        without:          n_ubatch * 4 * no_fa_embd_factor * n_embd                   # activations
+                          + n_ubatch * n_kv * (n_head * kq_bytes_per_head_cell        # F32 KQ
+                                               + no_fa_mask_bytes_per_cell)           # F32 mask
+        both:             + n_outputs * 4 * n_vocab * logits_factor + fixed_mib MiB
+
+    (Without flash attention the FFN's intermediates are dead by the time KQ peaks, so the
+    activation term is smaller.) ``n_kv`` is the largest layer's KV cell count. The defaults were
+    fitted to llama-server's logged ``CPU compute buffer size`` for SmolLM2-135M at 2048, 8192 and
+    32768 cells (tests/fixtures/llama-server-logs/): FA slope 1024 B per cell = 512 tokens x 2 B,
+    no-FA slope 20480 B per cell = 512 x (9 heads x 4 B + 4 B), intercepts 13.5 MiB (FA) and
+    6.4 MiB (no FA). The CUDA graph places the same tensors, so the terms hold there, but the GPU
+    validation run should refit them against ``CUDA0 compute buffer size`` with
+    :func:`fit_compute_calibration`.
+    """
+
+    fixed_mib: float = 0.0
+    logits_factor: float = 1.0
+    embd_factor: float = 4.0
+    ff_factor: float = 3.0
+    fa_bytes_per_cell: float = 2.0
+    no_fa_embd_factor: float = 5.6
+    kq_bytes_per_head_cell: float = 4.0
+    no_fa_mask_bytes_per_cell: float = 4.0
+
+
+DEFAULT_COMPUTE = ComputeCalibration()
+
+
+# --------------------------------------------------------------------------- model shape
+
+
+@dataclass(frozen=True)
+class LayerKv:
+    """One layer's KV row width (elements per cell) and whether it holds its own cache."""
+
+    index: int
+    is_swa: bool
+    n_embd_k: int
+    n_embd_v: int
+    owns_cache: bool
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The hyperparameters the planner needs, read from a GGUF header's metadata."""
+
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_vocab: int
+    n_swa: int
+    layers: tuple[LayerKv, ...]
+
+
+def _int_list(value: MetadataValue | None, count: int, default: int) -> list[int]:
+    """A per-layer int key that may be a scalar or an array (Gemma 4's head_count_kv)."""
+    if isinstance(value, list):
+        ints = [int(item) for item in value if isinstance(item, int | float)]
+        return (ints + [ints[-1] if ints else default] * count)[:count]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [int(value)] * count
+    return [default] * count
+
+
+def _swa_layers(value: MetadataValue | None, n_layer: int, n_swa: int) -> list[bool]:
+    """``sliding_window_pattern``: a bool per layer (Gemma 4), or a period (``set_swa_pattern``)."""
+    if n_swa <= 0:
+        return [False] * n_layer
+    if isinstance(value, list):
+        flags = [bool(item) for item in value]
+        return (flags + [False] * n_layer)[:n_layer]
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return [value == 0 or il % value < value - 1 for il in range(n_layer)]
+    return [False] * n_layer
+
+
+def _vocab_size(header: GgufHeader) -> int:
+    tokens = header.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, ArraySummary):
+        return tokens.length
+    if isinstance(tokens, list):
+        return len(tokens)
+    embd = header.tensor("token_embd.weight")
+    return embd.shape[1] if embd is not None and len(embd.shape) > 1 else 0
+
+
+def model_shape(header: GgufHeader) -> ModelShape:
+    """Hyperparameters from ``{arch}.*`` keys, with llama.cpp's defaults where a key is absent."""
+    arch = header.architecture or "unknown"
+    n_layer = header.block_count or 0
+    n_embd = header.arch_int("embedding_length") or 0
+    n_heads = _int_list(header.arch_get("attention.head_count"), n_layer, 0)
+    n_head = max(n_heads, default=0)
+    n_head_kv = _int_list(header.arch_get("attention.head_count_kv"), n_layer, n_head)
+    head_dim_default = n_embd // n_head if n_head else 0
+    key_length = header.arch_int("attention.key_length") or head_dim_default
+    value_length = header.arch_int("attention.value_length") or head_dim_default
+    key_length_swa = header.arch_int("attention.key_length_swa") or key_length
+    value_length_swa = header.arch_int("attention.value_length_swa") or value_length
+    n_swa = header.arch_int("attention.sliding_window") or 0
+    is_swa = _swa_layers(header.arch_get("attention.sliding_window_pattern"), n_layer, n_swa)
+    shared_kv = header.arch_int("attention.shared_kv_layers") or 0
+    n_layer_kv = n_layer - shared_kv if arch in ("gemma3n", "gemma4") else n_layer
+    layers = tuple(
+        LayerKv(
+            index=il,
+            is_swa=is_swa[il],
+            n_embd_k=(key_length_swa if is_swa[il] else key_length) * n_head_kv[il],
+            n_embd_v=(value_length_swa if is_swa[il] else value_length) * n_head_kv[il],
+            owns_cache=il < n_layer_kv,
+        )
+        for il in range(n_layer)
+    )
+    return ModelShape(
+        architecture=arch,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_ff=max(_int_list(header.arch_get("feed_forward_length"), n_layer, 0), default=0),
+        n_head=n_head,
+        n_vocab=_vocab_size(header),
+        n_swa=n_swa,
+        layers=layers,
+    )
+
+
+# --------------------------------------------------------------------------- weights
+
+_BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.")
+INPUT_TENSORS = frozenset({"token_embd.weight", "per_layer_token_embd.weight"})
+"""Tensors on llama.cpp's CPU input buffer whatever ``-ngl`` says (``pimpl->dev_input`` is the CPU)."""
+
+
+def gpu_layer_count(n_gpu_layers: GpuLayers | None, n_layer: int) -> int:
+    """``-ngl`` as llama.cpp resolves it: ``all``/``auto``/unset offload every layer and the head.
+
+    ``auto`` lets llama-server's fit step pick a smaller value when memory is short; the plan
+    assumes the full offload it tries first, so it shows what would not fit.
+    """
+    if n_gpu_layers is None or isinstance(n_gpu_layers, str):
+        return n_layer + 1
+    return min(n_gpu_layers, n_layer + 1)
+
+
+@dataclass(frozen=True)
+class WeightSplit:
+    gpu_bytes: int
+    cpu_bytes: int
+    gpu_layers: int
+    """Repeating layers on the GPU (the head is not counted here)."""
+    tied_output: bool
+    """No ``output.weight``: the head is a GPU copy of ``token_embd``."""
+
+
+def weight_split(header: GgufHeader, n_gpu_layers: GpuLayers | None) -> WeightSplit:
+    """Weight bytes on the GPU and on the CPU for ``-ngl n_gpu_layers``."""
+    n_layer = header.block_count or 0
+    offloaded = gpu_layer_count(n_gpu_layers, n_layer)
+    first_gpu_layer = n_layer + 1 - offloaded
+    head_on_gpu = offloaded >= 1
+    gpu = cpu = 0
+    for tensor in header.tensors:
+        size = tensor.n_bytes or 0
+        match = _BLOCK_TENSOR.match(tensor.name)
+        if tensor.name in INPUT_TENSORS:
+            on_gpu = False
+        elif match is not None:
+            on_gpu = int(match.group(1)) >= first_gpu_layer
+        else:
+            on_gpu = head_on_gpu
+        if on_gpu:
+            gpu += size
+        else:
+            cpu += size
+    tied = header.tensor("output.weight") is None and header.tensor("token_embd.weight") is not None
+    if tied:
+        embd = header.tensor("token_embd.weight")
+        duplicate = (embd.n_bytes or 0) if embd is not None else 0
+        if head_on_gpu:  # on the CPU the "duplicate" is the same tensor in the same buffer
+            gpu += duplicate
+    return WeightSplit(
+        gpu_bytes=gpu, cpu_bytes=cpu, gpu_layers=n_layer - min(n_layer, first_gpu_layer), tied_output=tied
+    )
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def _pad(value: int, to: int) -> int:
+    return -(-value // to) * to
+
+
+@dataclass(frozen=True)
+class KvCells:
+    """Cells (token slots) a full-attention and a sliding-window layer hold, over all streams."""
+
+    full: int
+    swa: int
+    n_ctx: int
+    n_ctx_seq: int
+
+
+def kv_cells(
+    ctx_size: int,
+    parallel: int,
+    n_swa: int,
+    *,
+    n_ubatch: int = DEFAULT_N_UBATCH,
+    kv_unified: bool = False,
+    swa_full: bool = False,
+) -> KvCells:
+    """Cell counts as ``llama_context`` and ``llama_kv_cache_iswa`` size them."""
+    n_ctx = _pad(ctx_size, CTX_PAD)
+    if kv_unified:
+        n_ctx_seq, streams = n_ctx, 1
+    else:
+        n_ctx_seq, streams = _pad(n_ctx // parallel, CTX_PAD), parallel
+        n_ctx = n_ctx_seq * parallel
+    swa_per_stream = n_ctx_seq
+    if n_swa > 0 and not swa_full:
+        swa_per_stream = _pad(min(n_ctx_seq, n_swa * (parallel if kv_unified else 1) + n_ubatch), SWA_PAD)
+    return KvCells(full=n_ctx, swa=swa_per_stream * streams, n_ctx=n_ctx, n_ctx_seq=n_ctx_seq)
+
+
+@dataclass(frozen=True)
+class KvSplit:
+    gpu_bytes: int
+    cpu_bytes: int
+    cells: KvCells
+    layers_with_cache: int
+
+
+def kv_cache_split(
+    shape: ModelShape,
+    cells: KvCells,
+    cache_type_k: str,
+    cache_type_v: str,
+    *,
+    flash_attn: bool,
+    gpu_layers: int,
+    shares_target_cache: bool = False,
+) -> KvSplit:
+    """KV bytes per device. Without flash attention V is stored transposed, padded to the widest layer."""
+    if shares_target_cache:
+        return KvSplit(gpu_bytes=0, cpu_bytes=0, cells=cells, layers_with_cache=0)
+    bytes_k = CACHE_TYPE_BYTES[cache_type_k]
+    bytes_v = CACHE_TYPE_BYTES[cache_type_v]
+    widest_v = max((layer.n_embd_v for layer in shape.layers), default=0)
+    first_gpu_layer = shape.n_layer - gpu_layers
+    gpu = cpu = 0.0
+    count = 0
+    for layer in shape.layers:
+        if not layer.owns_cache or layer.n_embd_k == 0:
+            continue
+        count += 1
+        n_cells = cells.swa if layer.is_swa else cells.full
+        n_embd_v = layer.n_embd_v if flash_attn else widest_v
+        size = n_cells * (layer.n_embd_k * bytes_k + n_embd_v * bytes_v)
+        if layer.index >= first_gpu_layer:
+            gpu += size
+        else:
+            cpu += size
+    return KvSplit(gpu_bytes=int(gpu), cpu_bytes=int(cpu), cells=cells, layers_with_cache=count)
+
+
+# --------------------------------------------------------------------------- compute buffer
+
+
+def compute_buffer_bytes(
+    shape: ModelShape, n_kv: int, *, flash_attn: bool, n_ubatch: int = DEFAULT_N_UBATCH, n_outputs: int = 1,
+    calibration: ComputeCalibration = DEFAULT_COMPUTE,
+) -> int:
+    """The compute buffer of one context (see :class:`ComputeCalibration` for the model)."""
+    cal = calibration
+    if flash_attn:
+        activations = n_ubatch * 4 * (cal.embd_factor * shape.n_embd + cal.ff_factor * shape.n_ff)
+        attention = n_ubatch * n_kv * cal.fa_bytes_per_cell
+    else:
+        activations = n_ubatch * 4 * cal.no_fa_embd_factor * shape.n_embd
+        per_cell = shape.n_head * cal.kq_bytes_per_head_cell + cal.no_fa_mask_bytes_per_cell
+        attention = n_ubatch * n_kv * per_cell
+    logits = n_outputs * 4 * shape.n_vocab * cal.logits_factor
+    return int(cal.fixed_mib * MIB + activations + attention + logits)
+
+
+@dataclass(frozen=True)
+class ComputeSample:
+    """One measured compute buffer: the model's shape, the context's cells, and the logged size."""
+
+    shape: ModelShape
+    n_kv: int
+    flash_attn: bool
+    n_ubatch: int
+    measured_bytes: int
+
+
+def fit_compute_calibration(
+    samples: list[ComputeSample], base: ComputeCalibration = DEFAULT_COMPUTE
+) -> ComputeCalibration:
+    """Refit the per-cell terms and the fixed term from measured buffers (least squares on each FA mode).
+
+    With samples of one model at two or more contexts per flash-attention mode, the slope in
+    ``n_kv`` gives ``fa_bytes_per_cell`` / ``kq_bytes_per_head_cell`` and the mean residual gives
+    ``fixed_mib``; the vocab/activation factors stay as given.
+    """
+    calibration = base
+    residuals: list[float] = []
+    for flash_attn in (True, False):
+        group = [s for s in samples if s.flash_attn == flash_attn]
+        if len({s.n_kv for s in group}) >= 2:
+            xs = [s.n_ubatch * s.n_kv * (1 if flash_attn else s.shape.n_head) for s in group]
+            mask = 0.0 if flash_attn else calibration.no_fa_mask_bytes_per_cell
+            ys = [float(s.measured_bytes) - s.n_ubatch * s.n_kv * mask for s in group]
+            mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+            slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
+                (x - mean_x) ** 2 for x in xs
+            )
+            if flash_attn:
+                calibration = replace(calibration, fa_bytes_per_cell=slope)
+            else:
+                calibration = replace(calibration, kq_bytes_per_head_cell=slope)
+    for sample in samples:
+        predicted = compute_buffer_bytes(
+            sample.shape,
+            sample.n_kv,
+            flash_attn=sample.flash_attn,
+            n_ubatch=sample.n_ubatch,
+            calibration=replace(calibration, fixed_mib=0.0),
+        )
+        residuals.append(sample.measured_bytes - predicted)
+    if residuals:
+        calibration = replace(calibration, fixed_mib=max(0.0, sum(residuals) / len(residuals) / MIB))
+    return calibration
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    """Bytes one service puts on its GPUs (summed over them) and on the CPU, term by term."""
+
+    service: str
+    gpus: tuple[int, ...]
+    target_weights: int
+    draft_weights: int
+    kv_cache: int
+    draft_kv_cache: int
+    compute: int
+    headroom: int
+    cpu_weights: int
+    cpu_kv_cache: int
+    kv_cells: KvCells
+    notes: tuple[str, ...] = ()
+
+    @property
+    def gpu_total(self) -> int:
+        return (
+            self.target_weights
+            + self.draft_weights
+            + self.kv_cache
+            + self.draft_kv_cache
+            + self.compute
+            + self.headroom
+        )
+
+    def terms(self) -> dict[str, int]:
+        return {
+            "weights": self.target_weights,
+            "draft weights": self.draft_weights,
+            "KV cache": self.kv_cache,
+            "draft KV": self.draft_kv_cache,
+            "compute": self.compute,
+            "headroom": self.headroom,
+        }
+
+
+def _drafter_shares_target_kv(draft_header: GgufHeader | None) -> bool:
+    return draft_header is not None and draft_header.architecture == "gemma4-assistant"
+
+
+def plan_service(
+    server: LlamaServer,
+    target_header: GgufHeader,
+    draft_header: GgufHeader | None = None,
+    *,
+    n_ubatch: int = DEFAULT_N_UBATCH,
+    calibration: ComputeCalibration = DEFAULT_COMPUTE,
+    kv_unified: bool | None = None,
+    swa_full: bool | None = None,
+) -> ServicePlan:
+    """What ``server`` allocates, from its models' headers.
+
+    ``kv_unified``/``swa_full`` default to whether ``extra_args`` passes ``--kv-unified`` /
+    ``--swa-full`` (llama-server's defaults are off when ``--parallel`` is given, which gpubox always
+    renders).
+    """
+    unified = (
+        kv_unified if kv_unified is not None else any(arg in ("-kvu", "--kv-unified") for arg in server.extra_args)
+    )
+    full_swa = swa_full if swa_full is not None else "--swa-full" in server.extra_args
+    flash_attn = server.flash_attn != "off"
+    notes: list[str] = []
+    if server.flash_attn == "auto":
+        notes.append("flash_attn=auto: planned as on (llama.cpp turns it on where the backend supports it)")
+    shape = model_shape(target_header)
+    # one output row per slot, and a drafting slot verifies n_max drafted tokens + 1
+    n_outputs = server.parallel * (1 + ((server.spec_draft_n_max or 0) if server.drafts else 0))
+    weights = weight_split(target_header, server.n_gpu_layers)
+    cells = kv_cells(
+        server.ctx_size, server.parallel, shape.n_swa, n_ubatch=n_ubatch, kv_unified=unified, swa_full=full_swa
+    )
+    kv = kv_cache_split(
+        shape,
+        cells,
+        server.cache_type_k,
+        server.cache_type_v,
+        flash_attn=flash_attn,
+        gpu_layers=weights.gpu_layers,
+    )
+    on_gpu = weights.gpu_layers > 0 or weights.gpu_bytes > 0
+    compute = (
+        compute_buffer_bytes(
+            shape, cells.full, flash_attn=flash_attn, n_ubatch=n_ubatch, n_outputs=n_outputs, calibration=calibration
+        )
+        if on_gpu
+        else 0
+    )
+    draft_weights = draft_kv = 0
+    cpu_weights, cpu_kv = weights.cpu_bytes, kv.cpu_bytes
+    if draft_header is not None:
+        draft_shape = model_shape(draft_header)
+        draft_split = weight_split(draft_header, server.spec_draft_ngl)
+        shares = _drafter_shares_target_kv(draft_header)
+        draft_kv_split = kv_cache_split(
+            draft_shape,
+            cells,
+            server.cache_type_k,
+            server.cache_type_v,
+            flash_attn=flash_attn,
+            gpu_layers=draft_split.gpu_layers,
+            shares_target_cache=shares,
+        )
+        draft_weights, draft_kv = draft_split.gpu_bytes, draft_kv_split.gpu_bytes
+        cpu_weights += draft_split.cpu_bytes
+        cpu_kv += draft_kv_split.cpu_bytes
+        if draft_split.gpu_bytes:
+            compute += compute_buffer_bytes(
+                draft_shape, cells.full, flash_attn=flash_attn, n_ubatch=n_ubatch, n_outputs=n_outputs,
+                calibration=calibration,
+            )
+        if shares:
+            notes.append(
+                "gemma4-assistant drafter: its KV layers share the target's last full/SWA layers, its input "
+                "embeddings are the target's token_embd (CPU); only its own output head goes to the GPU"
+            )
+    headroom = CUDA_CONTEXT_MIB * MIB * max(1, len(server.gpus)) if on_gpu else 0
+    return ServicePlan(
+        service=server.name,
+        gpus=server.gpus,
+        target_weights=weights.gpu_bytes,
+        draft_weights=draft_weights,
+        kv_cache=kv.gpu_bytes,
+        draft_kv_cache=draft_kv,
+        compute=compute,
+        headroom=headroom,
+        cpu_weights=cpu_weights,
+        cpu_kv_cache=cpu_kv,
+        kv_cells=cells,
+        notes=tuple(notes),
+    )
+
+
+@dataclass(frozen=True)
+class GpuShare:
+    """A service's share of one GPU: its terms divided evenly over the GPUs it is pinned to."""
+
+    service: str
+    terms: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    index: int
+    total_bytes: int
+    shares: tuple[GpuShare, ...]
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(share.total for share in self.shares)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.total_bytes - self.used_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes >= 0
+
+
+@dataclass(frozen=True)
+class BoxPlan:
+    services: tuple[ServicePlan, ...]
+    gpus: tuple[GpuBudget, ...]
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems and all(gpu.fits for gpu in self.gpus)
+
+
+def plan_box(
+    box: Box,
+    headers: dict[str, GgufHeader],
+    gpus: list[LogicalGpu],
+    *,
+    calibration: ComputeCalibration = DEFAULT_COMPUTE,
+) -> BoxPlan:
+    """Plan every service of ``box`` against ``gpus`` (``(index, total MiB)``).
+
+    ``headers`` maps a model's path on the host to its header. A service pinned to no GPU uses all
+    of them (no ``CUDA_VISIBLE_DEVICES``); one pinned to several splits its terms evenly, which
+    is how ``--split-mode layer`` spreads layers over GPUs of equal size.
+    """
+    problems: list[str] = []
+    plans: list[ServicePlan] = []
+    shares: dict[int, list[GpuShare]] = {index: [] for index, _ in gpus}
+    for server in box.services:
+        target = headers.get(server.model.path)
+        draft = headers.get(server.model_draft.path) if server.model_draft is not None else None
+        if target is None or (server.model_draft is not None and draft is None):
+            missing = [m.path for m in (server.model, server.model_draft) if m is not None and m.path not in headers]
+            problems.append(f"{server.name}: no GGUF header for {', '.join(missing)}")
+            continue
+        plan = plan_service(server, target, draft, calibration=calibration)
+        plans.append(plan)
+        pinned = list(server.gpus) or [index for index, _ in gpus]
+        for index in pinned:
+            if index not in shares:
+                problems.append(f"{server.name}: pinned to GPU {index}, which the box does not have")
+                continue
+            terms = {name: value // len(pinned) for name, value in plan.terms().items()}
+            terms["headroom"] = CUDA_CONTEXT_MIB * MIB if plan.headroom else 0
+            shares[index].append(GpuShare(service=server.name, terms=terms))
+    budgets = tuple(
+        GpuBudget(index=index, total_bytes=total_mib * MIB, shares=tuple(shares[index])) for index, total_mib in gpus
+    )
+    return BoxPlan(services=tuple(plans), gpus=budgets, problems=tuple(problems))
+
+
+def what_to_change(server: LlamaServer, target: GgufHeader, draft: GgufHeader | None, over_bytes: int) -> list[str]:
+    """Concrete changes that would each free ``over_bytes`` on the service's GPU, computed, not guessed."""
+    plan = plan_service(server, target, draft)
+    suggestions: list[str] = []
+    for cache_type in ("q8_0", "q4_0"):
+        if CACHE_TYPE_BYTES[cache_type] < CACHE_TYPE_BYTES[server.cache_type_k]:
+            cheaper = server.model_copy(
+                update={"cache_type_k": cache_type, "cache_type_v": cache_type, "flash_attn": "on"}
+            )
+            saved = plan.gpu_total - plan_service(cheaper, target, draft).gpu_total
+            if saved >= over_bytes:
+                suggestions.append(
+                    f"cache_type_k/cache_type_v={cache_type!r} (with flash_attn='on') saves {saved / MIB:.0f} MiB"
+                )
+                break
+    low, high = CTX_PAD * server.parallel, server.ctx_size
+    while high - low > CTX_PAD * server.parallel:
+        middle = _pad((low + high) // 2, CTX_PAD * server.parallel)
+        smaller = server.model_copy(update={"ctx_size": min(middle, high)})
+        if plan.gpu_total - plan_service(smaller, target, draft).gpu_total >= over_bytes:
+            low = middle
+        else:
+            high = middle
+    smaller = server.model_copy(update={"ctx_size": low})
+    if plan.gpu_total - plan_service(smaller, target, draft).gpu_total >= over_bytes:
+        suggestions.append(f"ctx_size={low} (from {server.ctx_size}) fits")
+    n_layer = target.block_count or 0
+    for layers in range(n_layer, -1, -1):
+        fewer = server.model_copy(update={"n_gpu_layers": layers})
+        if plan.gpu_total - plan_service(fewer, target, draft).gpu_total >= over_bytes:
+            suggestions.append(
+                f"n_gpu_layers={layers} fits (the first {n_layer + 1 - layers} layers then run on the CPU, slower)"
+            )
+            break
+    if not suggestions:
+        suggestions.append("no single change fits: use a smaller quantization of the model or a bigger GPU")
+    return suggestions
+
+
+# --------------------------------------------------------------------------- headers on the controller
+
+
+def load_model_header(path: str | Path) -> GgufHeader:
+    """The header of a local GGUF: a full model, or a header-only copy flagged ``gpubox.header_only``.
+
+    A header-only copy's file ends before the tensor data its header describes; it reports the
+    size the full file would have (``tensor_data_end``).
+    """
+    try:
+        return read_gguf_header(path)
+    except TruncatedGgufError:
+        data = Path(path).read_bytes()
+        header = parse_gguf_header(data, file_size=len(data) + (1 << 50))
+        if header.get(HEADER_ONLY_KEY) is not True:
+            raise
+        return header.model_copy(update={"file_size": header.tensor_data_end})
+
+
+def header_path_for(model: ModelFile, headers_dir: Path = DEFAULT_HEADERS_DIR) -> Path | None:
+    """Where the controller finds a model's header: its local ``source`` file, else ``headers_dir/<basename>``."""
+    if model.source is not None and not model.source_is_url and Path(model.source).is_file():
+        return Path(model.source)
+    candidate = headers_dir / Path(model.path).name
+    return candidate if candidate.is_file() else None
+
+
+# --------------------------------------------------------------------------- llama-server's own numbers
+
+_BUFFER_LINE = re.compile(
+    r"(?P<device>[A-Za-z0-9_]+(?:_Mapped|_Host|_REPACK)?)\s+"
+    r"(?P<kind>model|KV|compute|output|RS)\s+buffer size\s*=\s*(?P<mib>[0-9.]+)\s*MiB"
+)
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """llama-server's logged buffers, MiB by (kind, device): kinds model, KV, compute, output, RS.
+
+    A server with a drafter logs two sets (target first); they are summed per device here, and
+    kept in order in ``lines``.
+    """
+
+    lines: tuple[tuple[str, str, float], ...]
+
+    def total(self, kind: str, device_prefix: str | None = None) -> float:
+        return sum(
+            mib
+            for k, device, mib in self.lines
+            if k == kind and (device_prefix is None or device.startswith(device_prefix))
+        )
+
+    def by_device(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for _, device, mib in self.lines:
+            totals[device] = totals.get(device, 0.0) + mib
+        return totals
+
+
+def parse_memory_breakdown(log_text: str) -> MemoryBreakdown:
+    """Parse ``<device> model|KV|compute|output buffer size = N MiB`` lines of a llama-server log."""
+    return MemoryBreakdown(
+        lines=tuple((match["kind"], match["device"], float(match["mib"])) for match in _BUFFER_LINE.finditer(log_text))
+    )
