@@ -254,7 +254,9 @@ def checkout_command(path: str) -> str:
     sections = (
         ("path", "pwd"),
         ("head", "git rev-parse HEAD"),
-        ("status", "git status --porcelain"),
+        # No optional locks: a plain `git status` rewrites .git/index, which llama.cpp's CMake
+        # watches, so probing the checkout would make the next build reconfigure and relink.
+        ("status", "git --no-optional-locks status --porcelain"),
         ("origin", "git remote get-url origin"),
     )
     body = "; ".join(f'echo @@{name}; {command} 2>&1; echo "@@rc=$?"' for name, command in sections)

@@ -61,12 +61,12 @@ SWA_PAD = 256
 DEFAULT_N_UBATCH = 512
 """llama-server's default ``--ubatch-size`` (``common/common.h``: ``n_ubatch = 512``)."""
 
-CUDA_CONTEXT_MIB = 512
+CUDA_CONTEXT_MIB = 600
 """Headroom per llama-server process on each GPU it uses, outside llama.cpp's logged buffers: the
-CUDA context (about 300-400 MiB on Ada with CUDA 12 as nvidia-smi shows it for an idle process),
-cuBLAS workspace and the CUDA memory pool that flash attention fills with F16 copies of a
-quantized K/V. An estimate, not a measurement: the GPU validation run re-measures it (nvidia-smi's
-per-process usage minus the sum of the logged buffers) and this constant takes that value."""
+CUDA context, cuBLAS workspace and the CUDA memory pool that flash attention fills with F16 copies
+of a quantized K/V. Measured by `scripts/gpu-validate` (docs/gpu-validation.md): nvidia-smi's
+per-process usage minus llama-server's logged CUDA0 buffers was 589-595 MiB on an H200 with CUDA
+13.0 and driver 580 (SmolLM2, ctx 4096 and 65536, with and without a drafter); rounded up."""
 
 HEADER_ONLY_KEY = "gpubox.header_only"
 """Metadata flag of a header-only GGUF (header, KV and tensor infos, no tensor data)."""
