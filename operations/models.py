@@ -60,11 +60,15 @@ def check_local_source(model: ModelFile) -> Path:
 def remote_header(path: str) -> gguf_header.GgufHeader | None:
     """The GGUF header of a host file, reading only as much of its head as the header needs."""
     for head_bytes in HEAD_STEPS:
-        header = host.get_fact(GgufHeader, path=path, head_bytes=head_bytes)
-        if not isinstance(header, gguf_header.GgufHeaderError):
-            return header
-        if header.kind != "head_too_short":
-            raise OperationError(f"{path}: {header.exception(path)}")
+        fact = host.get_fact(GgufHeader, path=path, head_bytes=head_bytes)
+        if fact is None:
+            return None
+        if isinstance(fact, dict) and "kind" in fact:
+            fact = gguf_header.GgufHeaderError.model_validate(fact)
+        if not isinstance(fact, gguf_header.GgufHeaderError):
+            return gguf_header.header_from_fact(fact)
+        if fact.kind != "head_too_short":
+            raise OperationError(f"{path}: {fact.exception(path)}")
     raise OperationError(f"{path}: the GGUF header is larger than {HEAD_STEPS[-1] >> 20} MiB")
 
 
@@ -113,14 +117,16 @@ def place(model: ModelFile):  # type: ignore[no-untyped-def]
         )
     part = f"{model.path}.part"
     directory = model.path.rsplit("/", 1)[0] or "/"
+    # A bad controller file is refused before anything happens on the host.
+    source = None if model.source_is_url else check_local_source(model)
     yield f"mkdir -p {shlex.quote(directory)}"
-    if model.source_is_url:
+    if source is None:
         yield (
             f"curl -fL --retry 3 --continue-at - --output {shlex.quote(part)} {shlex.quote(model.source)}"
         )
     else:
-        source = check_local_source(model)
-        yield FileUploadCommand(str(source), part, remote_temp_filename=f"{part}.upload")
+        # With sudo, pyinfra uploads to its temp dir and copies into place as root.
+        yield FileUploadCommand(str(source), part)
     yield verify_script(model, part)
     if model.source_is_url:
         yield FunctionCommand(check_remote_architecture, (part, model.architecture), {})

@@ -7,11 +7,11 @@ from io import StringIO
 
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, OperationError, deploy, operation
-from pyinfra.operations.util.files import generate_color_diff
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import server as server_ops
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
+from pyinfra.operations.util.files import generate_color_diff
 
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion
 from gpubox import llamacpp as records
@@ -73,7 +73,7 @@ def unit(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
             host.log(f"  {line}")
     staged = f"{path}.gpubox-new"
     quoted = shlex.quote(path)
-    yield FileUploadCommand(StringIO(text), staged, remote_temp_filename=f"{staged}.upload")
+    yield FileUploadCommand(StringIO(text), staged)
     keep_previous = f"cp -p {quoted} {shlex.quote(previous_unit_path(server))}; " if old_lines is not None else ""
     yield f"chmod 0644 {shlex.quote(staged)} && {keep_previous}mv -f {shlex.quote(staged)} {quoted}"
 
