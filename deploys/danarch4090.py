@@ -10,16 +10,23 @@ inventory is imported, before any connection.
 from pyinfra import host
 
 from gpubox.inventory import box_from_host_data
-from operations import llamacpp, models, service, smoke
+from operations import llamacpp, models, service, smoke, vram
 
 box = box_from_host_data(host.data.get("box"), host.name)
 
 build_metas = llamacpp.build(box.llama_cpp)
 
+model_metas_by_service = {}
 for server in box.services:
     model_metas = [models.place(name=f"Model {server.model.path}", model=server.model)]
     if server.model_draft is not None:
         model_metas.append(models.place(name=f"Drafter {server.model_draft.path}", model=server.model_draft))
+    model_metas_by_service[server.name] = model_metas
+
+vram.fits(name="The services fit their GPUs' memory", box=box)
+
+for server in box.services:
+    model_metas = model_metas_by_service[server.name]
     unit_meta, restart_meta = service.llama_server(
         server, box.llama_cpp.prefix, changed=[*build_metas, *model_metas]
     )

@@ -11,7 +11,7 @@ installed llama-server lists the service's spec type (`draft-mtp` for the seed b
 from pyinfra import host
 
 from gpubox.inventory import box_from_host_data
-from operations import models, service, smoke, speculation
+from operations import models, service, smoke, speculation, vram
 
 box = box_from_host_data(host.data.get("box"), host.name)
 server = box.service(host.data.get("gpubox_service", "gemma4"))
@@ -25,5 +25,6 @@ drafter = models.place(name=f"Drafter {server.model_draft.path}", model=server.m
 speculation.drafter_architecture(
     name=f"Drafter is a {server.model_draft.architecture} GGUF", model=server.model_draft
 )
+vram.fits(name="The services fit their GPUs' memory", box=box)
 unit_meta, restart_meta = service.llama_server(server, box.llama_cpp.prefix, changed=[drafter], ensure_user=False)
 smoke.smoke_test(server, restart_meta)

@@ -333,6 +333,20 @@ def bench_url(
     wait = wait_until_healthy(transport, 30.0)
     if not wait.healthy:
         raise ServerStartError(f"the server is not healthy: {wait.last_answer}")
+    return _measure_each(transport, configs, n_predict, long_tokens, single_runs, aggregate_rounds, roofline, progress)
+
+
+def _measure_each(
+    transport: Transport,
+    configs: Sequence[BenchConfig],
+    n_predict: int,
+    long_tokens: int,
+    single_runs: int,
+    aggregate_rounds: int,
+    roofline: float | None,
+    progress: Progress | None,
+) -> list[BenchMeasurement]:
+    """Measure configurations one after another on one server, reporting each as it is done."""
     results: list[BenchMeasurement] = []
     for config in configs:
         prompt = bench_prompt(config.context, long_tokens)
@@ -375,14 +389,9 @@ def bench_local(
         argv = bench_server_argv(service, prefix, binary, server_configs[0], port)
         log_path = (log_dir or Path("/tmp")) / f"gpubox-bench-{service.name}-{port}.log"
         with open(log_path, "w+b") as log, local_server(argv, env, port, log) as transport:
-            for config in server_configs:
-                prompt = bench_prompt(config.context, long_tokens)
-                result = measure(
-                    transport, config, prompt, n_predict, single_runs=single_runs, aggregate_rounds=aggregate_rounds
-                )
-                results.append(_with_roofline(result, roofline))
-                if progress is not None:
-                    progress(results[-1])
+            results += _measure_each(
+                transport, server_configs, n_predict, long_tokens, single_runs, aggregate_rounds, roofline, progress
+            )
     return results
 
 

@@ -93,7 +93,7 @@ def _explain(console: Console) -> None:
         console.print(f"  [bold]{name}[/]: {text}", highlight=False)
 
 
-def _refusal(console: Console, host_box: HostBox, plan: BoxPlan, headers: dict[str, GgufHeader]) -> None:
+def print_refusal(console: Console, host_box: HostBox, plan: BoxPlan, headers: dict[str, GgufHeader]) -> None:
     box = host_box.box
     assert box is not None
     for gpu in plan.gpus:
@@ -146,7 +146,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
                 console.print(f"  note: {note}", highlight=False)
         _explain(console)
         if missing or not plan.fits:
-            _refusal(console, host_box, plan, headers)
+            print_refusal(console, host_box, plan, headers)
             code = EXIT_REFUSED
     return code
 
