@@ -13,26 +13,27 @@ from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile, SmokeThresholds
 with open(os.environ.get("GPUBOX_TESTBED_CONFIG", ".cache/testbed.json")) as config_file:
     config = json.load(config_file)
 
-smollm2 = ModelFile(
-    path="/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+# The target: SmolLM2 by default; the tests switch to a tiny random Gemma 4 pair (model_* keys).
+target = ModelFile(
+    path=config.get("model_path", "/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
     sha256=config["model_sha256"],
     source=config["model_source"],
-    architecture="llama",
+    architecture=config.get("model_architecture", "llama"),
 )
 # SmolLM2 drafting for itself: the seed's drafter shape (a separate GGUF, its own path).
 drafter = ModelFile(
-    path="/srv/models/drafter/SmolLM2-135M-Instruct.Q4_1.gguf",
+    path=config.get("drafter_path", "/srv/models/drafter/SmolLM2-135M-Instruct.Q4_1.gguf"),
     sha256=config.get("drafter_sha256", config["model_sha256"]),
     source=config.get("drafter_source", config["model_source"]),
-    architecture="llama",
+    architecture=config.get("drafter_architecture", "llama"),
 )
 
 gemma4 = LlamaServer(
     name="gemma4",
     gpus=(),
-    model=smollm2,
+    model=target,
     model_draft=drafter,
-    spec_type="draft-simple",
+    spec_type=config.get("spec_type", "draft-simple"),
     spec_draft_n_max=config.get("spec_draft_n_max", 3),
     ctx_size=4096,
     n_gpu_layers=99,
@@ -49,6 +50,7 @@ gemma4 = LlamaServer(
         # (101-121 without the drafter) and at 2-6 tok/s beside a parallel build. The smoke asserts it
         # serves and drafts; speed is the bench's to measure.
         min_tokens_per_second=config.get("min_tokens_per_second", 1.0),
+        # None for the random-weight Gemma 4 pair: it drafts, but nothing is accepted.
         min_acceptance=config.get("min_acceptance", 0.5),
         n_predict=64,
         runs=2,

@@ -312,3 +312,36 @@ def test_bench_against_the_deployed_service(deployer: Deployer, smollm2: Path, t
                                         "acceptance", "latency_p50_s", "latency_p95_s")}
         for item in results
     ])  # fmt: skip
+
+
+def test_the_seed_recipe_with_a_gemma4_mtp_drafter(deployer: Deployer, tmp_path: Path) -> None:
+    """The seed's code path for real: a (tiny, random) gemma4 target and its gemma4-assistant
+    drafter, `--spec-type draft-mtp`, converged by the full deploy, then redeployed surgically."""
+    from gpubox.testbed import sha256_file
+    from gpubox.testbed.tiny_gemma4 import write_tiny_gemma4
+
+    target, assistant = write_tiny_gemma4(tmp_path)
+    gemma = {
+        "model_path": "/srv/models/tiny-gemma4.gguf", "model_architecture": "gemma4",
+        "model_sha256": sha256_file(target), "model_source": str(target),
+        "drafter_path": "/srv/models/tiny-gemma4-assistant.gguf", "drafter_architecture": "gemma4-assistant",
+        "drafter_sha256": sha256_file(assistant), "drafter_source": str(assistant),
+        "spec_type": "draft-mtp", "min_acceptance": None,
+    }  # fmt: skip
+    result, _ = deployer.run(FULL, "-y", spec_draft_n_max=3, **gemma)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0
+    assert "--spec-type draft-mtp" in deployer.sh(f"cat {UNIT}")
+    smoke = smoke_numbers(output)
+    assert smoke["verdict"] == "passed"  # acceptance is a number only when tokens were drafted
+    record("tiny_gemma4_mtp_smoke", smoke)
+
+    starts = deployer.starts()
+    result, elapsed = deployer.run(SURGICAL, "-y", spec_draft_n_max=2, **gemma)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0
+    assert "lists --spec-type draft-mtp" in output
+    assert "is a gemma4-assistant GGUF" in output
+    assert "--spec-draft-n-max 2" in deployer.sh(f"cat {UNIT}")
+    assert deployer.starts() == starts + 1
+    record("tiny_gemma4_mtp_surgical_s", round(elapsed, 1))
