@@ -53,8 +53,11 @@ max_size = 5G
 
 
 def ccache_dir() -> Path:
-    """A ccache directory that outlives containers (bind it into test hosts read-write)."""
-    path = cache_dir() / "ccache"
+    """A ccache directory that outlives containers (bind it into test hosts read-write).
+
+    ``GPUBOX_CCACHE`` names another one (scripts/bench-e2e --cold uses an empty one).
+    """
+    path = Path(os.environ["GPUBOX_CCACHE"]) if os.environ.get("GPUBOX_CCACHE") else cache_dir() / "ccache"
     path.mkdir(parents=True, exist_ok=True)
     conf = path / "ccache.conf"
     if not conf.exists():
