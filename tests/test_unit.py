@@ -98,7 +98,6 @@ UNITS = {
 }
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is installed by .ci/run")
 @pytest.mark.parametrize("name", sorted(UNITS))
 def test_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
     prefix = tmp_path / "llama.cpp"
@@ -106,6 +105,7 @@ def test_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
     binary = prefix / "current" / "llama-server"
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
+    assert shutil.which("systemd-analyze"), "systemd-analyze is missing: scripts/setup installs it"
     service = UNITS[name]()
     unit = tmp_path / service.unit_name
     unit.write_text(render_unit(service, str(prefix)))
