@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,16 +21,16 @@ from typing import Any
 import pytest
 import requests
 
+from gpubox.bench import local_server
 from gpubox.gguf_header import read_gguf_header
-from gpubox.smoke import read_spec_counters, requests_transport, wait_until_healthy
+from gpubox.smoke import read_spec_counters, requests_transport
 from gpubox.spec import LlamaServer, ModelFile
 from gpubox.testbed import free_port, local_llama_server, sha256_file
 from gpubox.testbed.tiny_gemma4 import write_tiny_gemma4
-from gpubox.unit import server_argv
+from gpubox.unit import server_argv, server_environment
 
 pytestmark = pytest.mark.e2e
 
-HEALTH_TIMEOUT_S = 180
 COMPLETION_TIMEOUT_S = 600  # ~50 tok/s on an idle 2-core CPU; under heavy contention it fell to ~1 tok/s
 
 
@@ -75,22 +74,9 @@ def served(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
     argv = server_argv(service, "/opt/llama.cpp")
     argv[0] = str(binary)
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, cwd=binary.parent, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://{service.host}:{service.port}"
-            wait = wait_until_healthy(requests_transport(url), HEALTH_TIMEOUT_S)
-            if not wait.healthy:
-                process.poll()
-                pytest.fail(f"llama-server never became healthy (rc={process.returncode}):\n{log_path.read_text()}")
-            yield Served(url, argv, log_path)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
+    environment = {**os.environ, **server_environment(service)}
+    with log_path.open("w+b") as log, local_server(argv, environment, service.port, log):
+        yield Served(f"http://{service.host}:{service.port}", argv, log_path)
 
 
 def test_the_pair_has_the_seed_architectures(tiny_pair: tuple[Path, Path]) -> None:
