@@ -1,4 +1,5 @@
 import subprocess
+import typing
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from gpubox.llamacpp import (
     server_version_command,
     unsupported_flags,
 )
+from gpubox.spec import CacheType, SpecType
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamacpp"
 HELP = parse_server_help((FIXTURES / "server-help-0c1e57098.txt").read_text().splitlines())
@@ -110,19 +112,9 @@ def test_help_does_not_take_arguments_or_descriptions_for_flags() -> None:
 
 
 def test_spec_types() -> None:
-    assert HELP.spec_types == (
-        "none",
-        "draft-simple",
-        "draft-eagle3",
-        "draft-mtp",
-        "draft-dflash",
-        "draft-dspark",
-        "ngram-simple",
-        "ngram-map-k",
-        "ngram-map-k4v",
-        "ngram-mod",
-        "ngram-cache",
-    )
+    """The spec's SpecType is exactly what the pinned llama-server's --help lists."""
+    assert HELP.spec_types == typing.get_args(SpecType)
+    assert "draft-mtp" in HELP.spec_types
 
 
 def test_removed_flags_are_listed_but_unsupported() -> None:
@@ -234,3 +226,9 @@ def test_checkout_without_commit_raises(tmp_path: Path) -> None:
     git(tmp_path, "init", "-q")
     with pytest.raises(GitCheckoutError, match="git rev-parse HEAD failed"):
         parse_checkout(run_checkout(tmp_path))
+
+
+def test_cache_types_are_the_pinned_binarys() -> None:
+    """The spec's CacheType is exactly what the pinned --help allows for K and V."""
+    assert HELP.choices["--cache-type-k"] == typing.get_args(CacheType)
+    assert HELP.choices["--cache-type-v"] == typing.get_args(CacheType)
