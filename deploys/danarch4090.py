@@ -18,9 +18,13 @@ build_metas = llamacpp.build(box.llama_cpp)
 
 model_metas_by_service = {}
 for server in box.services:
-    model_metas = [models.place(name=f"Model {server.model.path}", model=server.model)]
-    if server.model_draft is not None:
-        model_metas.append(models.place(name=f"Drafter {server.model_draft.path}", model=server.model_draft))
+    model_metas = []
+    for role, model in (("Model", server.model), ("Drafter", server.model_draft)):
+        if model is None:
+            continue
+        placed = models.place(name=f"{role} {model.path}", model=model)
+        models.stamp(name=f"{role} {model.path} verified", model=model, placed=placed)
+        model_metas.append(placed)
     model_metas_by_service[server.name] = model_metas
 
 vram.fits(name="The services fit their GPUs' memory", box=box)

@@ -22,6 +22,7 @@ speculation.supported(
     name=f"llama-server supports --spec-type {server.spec_type}", server=server, prefix=box.llama_cpp.prefix
 )
 drafter = models.place(name=f"Drafter {server.model_draft.path}", model=server.model_draft)
+models.stamp(name=f"Drafter {server.model_draft.path} verified", model=server.model_draft, placed=drafter)
 speculation.drafter_architecture(
     name=f"Drafter is a {server.model_draft.architecture} GGUF", model=server.model_draft
 )

@@ -9,11 +9,13 @@ from pathlib import Path
 
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, FunctionCommand, OperationError, operation
-from pyinfra.facts.files import Sha256File
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.files import File, FileContents, Sha256File
 
 from facts.gguf import GgufHeader
 from gpubox import gguf_header
 from gpubox.spec import ModelFile
+from gpubox.verified import STAMP_DIR, stamp_path, stamp_text, stamp_vouches
 
 # Read the head in growing steps: a small vocab fits in 4 MiB, Gemma's 262k-token vocab does not.
 HEAD_STEPS = (4 << 20, 32 << 20, 128 << 20)
@@ -98,6 +100,15 @@ def verify_script(model: ModelFile, part: str) -> str:
     ])  # fmt: skip
 
 
+def verified_by_stamp(model: ModelFile) -> bool:
+    """Whether the file is unchanged (size, mtime, ctime) since its sha256 was verified."""
+    info = host.get_fact(File, path=model.path)
+    if not info:
+        return False
+    stamp = host.get_fact(FileContents, path=stamp_path(model.path))
+    return stamp_vouches(stamp, model.path, model.sha256, info["size"], info["mtime"], info["ctime"])
+
+
 @operation()
 def place(model: ModelFile):  # type: ignore[no-untyped-def]
     """A no-op when the host file's sha256 matches; else upload or download to .part, verify, rename.
@@ -105,6 +116,9 @@ def place(model: ModelFile):  # type: ignore[no-untyped-def]
     The GGUF never goes through `files.put`: its `--diff` fetches and decodes a changed remote file,
     which breaks on a multi-GB binary. The checksum fact decides instead.
     """
+    if verified_by_stamp(model):
+        host.noop(f"{model.path} is unchanged since its sha256 {model.sha256[:12]} was verified")
+        return
     found = host.get_fact(Sha256File, path=model.path)
     if found == model.sha256:
         host.noop(f"{model.path} has sha256 {model.sha256[:12]}")
@@ -131,3 +145,24 @@ def place(model: ModelFile):  # type: ignore[no-untyped-def]
     if model.source_is_url:
         yield FunctionCommand(check_remote_architecture, (part, model.architecture), {})
     yield f"chmod 0644 {shlex.quote(part)} && mv -f {shlex.quote(part)} {shlex.quote(model.path)}"
+
+
+@operation()
+def stamp(model: ModelFile, placed: OperationMeta | None = None):  # type: ignore[no-untyped-def]
+    """Record that the file's sha256 is verified, so later runs need not hash it again.
+
+    Separate from `place` so that stamping a file placed by hand restarts nothing. The sha256 is
+    taken from `place`'s verification when it just placed the file, else from the Sha256File fact.
+    """
+    info = host.get_fact(File, path=model.path)
+    if not info or verified_by_stamp(model):
+        host.noop(f"{model.path}: stamp up to date" if info else f"{model.path}: not placed yet")
+        return
+    just_placed = state.is_executing and placed is not None and placed.did_change()
+    if not just_placed and host.get_fact(Sha256File, path=model.path) != model.sha256:
+        if state.is_executing:
+            raise OperationError(f"{model.path} changed after it was verified: rerun the deploy")
+        host.noop(f"{model.path}: stamped once it is placed")
+        return
+    text = stamp_text(model.path, model.sha256, info["size"], info["mtime"], info["ctime"])
+    yield f"mkdir -p {STAMP_DIR} && printf %s {shlex.quote(text)} > {shlex.quote(stamp_path(model.path))}"

@@ -152,7 +152,7 @@ def make_gpubox_operation_tests(base_import_path: str, operation_path: str, test
             state.cwd = str(REPO_ROOT)
             for key, value in test_data.get("state", {}).items():
                 setattr(state, key, value)
-            host = GpuboxFakeHost(state, facts=test_data.get("facts", {}))
+            host = GpuboxFakeHost(state, facts=parse_value(test_data.get("facts", {})))
 
             args = parse_value(test_data.get("args", []))
             kwargs = parse_value(test_data.get("kwargs", {}))
