@@ -346,3 +346,39 @@ def test_the_seed_recipe_with_a_gemma4_mtp_drafter(deployer: Deployer, tmp_path:
     assert "--spec-draft-n-max 2" in deployer.sh(f"cat {UNIT}")
     assert deployer.starts() == starts + 1
     record("tiny_gemma4_mtp_surgical_s", round(elapsed, 1))
+
+
+def test_planner_matches_the_deployed_llama_servers_buffers(deployer: Deployer, smollm2: Path) -> None:
+    """The VRAM planner's terms for the deployed SmolLM2 (q8_0 KV, flash attention, ctx 4096) against
+    the buffers the host's own llama-server logs at load (a benchmark: printed, 5% checked)."""
+    from gpubox.gguf_header import read_gguf_header
+    from gpubox.vram import (
+        MIB,
+        compute_buffer_bytes,
+        kv_cache_split,
+        kv_cells,
+        model_shape,
+        parse_memory_breakdown,
+        weight_split,
+    )
+
+    port = free_port()
+    log = deployer.sh(
+        f"{PREFIX}/current/llama-server --model {MODEL} --ctx-size 4096 --cache-type-k q8_0 --cache-type-v q8_0"
+        f" --flash-attn on --parallel 1 --port {port} -lv 4 > /tmp/buffers.log 2>&1 & server=$!;"
+        " for i in $(seq 120); do grep -q 'model loaded' /tmp/buffers.log && break; sleep 0.5; done;"
+        " kill $server; cat /tmp/buffers.log"
+    )
+    measured = parse_memory_breakdown(log)
+    header = read_gguf_header(smollm2)
+    shape, cells = model_shape(header), kv_cells(4096, 1, 0)
+    weights = weight_split(header, 0).cpu_bytes / MIB
+    kv = kv_cache_split(shape, cells, "q8_0", "q8_0", flash_attn=True, gpu_layers=0).cpu_bytes / MIB
+    compute = compute_buffer_bytes(shape, cells.full, flash_attn=True) / MIB
+    logged = {"weights": measured.total("model"), "KV": measured.total("KV"), "compute": measured.total("compute")}
+    planned = {"weights": weights, "KV": kv, "compute": compute}
+    print({name: f"planned {planned[name]:.1f} MiB, logged {logged[name]:.1f} MiB" for name in planned})
+    record("planner_vs_deployed_llama_server_mib", {name: [round(planned[name], 1), round(logged[name], 1)]
+                                                    for name in planned})  # fmt: skip
+    assert logged["KV"] > 0 and logged["weights"] > 0
+    assert abs(sum(planned.values()) - sum(logged.values())) <= 0.05 * sum(logged.values())
