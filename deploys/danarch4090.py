@@ -34,4 +34,4 @@ for server in box.services:
     unit_meta, restart_meta = service.llama_server(
         server, box.llama_cpp.prefix, changed=[*build_metas, *model_metas]
     )
-    smoke.smoke_test(server, restart_meta)
+    smoke.smoke_test(server, restart_meta, box.llama_cpp, build_metas)

@@ -53,6 +53,33 @@ def current_link(build: LlamaCppBuild) -> str:
     return f"{build.prefix}/current"
 
 
+def previous_link(build: LlamaCppBuild) -> str:
+    """What `current` pointed at before the last switch: a failed smoke test switches back to it."""
+    return f"{build.prefix}/previous"
+
+
+def _switch_lines(build: LlamaCppBuild, flavor: Flavor) -> list[str]:
+    """Remember the active build as `previous`, then point `current` at this one (renames only)."""
+    current = shlex.quote(current_link(build))
+    previous = shlex.quote(previous_link(build))
+    target = f"builds/{build_name(build, flavor)}"
+    return [
+        f'if [ -L {current} ] && [ "$(readlink {current})" != {target} ]; then '
+        f'ln -sfn "$(readlink {current})" {previous}.new && mv -T {previous}.new {previous}; fi',
+        f"ln -sfn {target} {current}.new && mv -T {current}.new {current}",
+    ]
+
+
+def rollback_script(build: LlamaCppBuild) -> str:
+    """Point `current` back at `previous` (after a smoke test missed on a new build)."""
+    current = shlex.quote(current_link(build))
+    previous = shlex.quote(previous_link(build))
+    return (
+        f'if [ -L {previous} ]; then ln -sfn "$(readlink {previous})" {current}.new '
+        f"&& mv -T {current}.new {current}; fi"
+    )
+
+
 def resolve_flavor(build: LlamaCppBuild, gpus: Sequence[Gpu], toolkit: CudaToolkit | None) -> Flavor:
     """CUDA when asked (`on`), or when `auto` finds both GPUs and nvcc; refuse `on` without nvcc."""
     if build.cuda == "off":
@@ -150,8 +177,6 @@ def build_script(
     work = shlex.quote(work_dir(build, flavor))
     final = shlex.quote(install_dir(build, flavor))
     staging = shlex.quote(f"{install_dir(build, flavor)}.partial")
-    current = shlex.quote(current_link(build))
-    current_tmp = shlex.quote(f"{current_link(build)}.new")
     configure = shlex.join(cmake_configure_args(build, flavor, architectures, nvcc, ccache))
     parallel = f" -j {build.jobs}" if build.jobs else ""
     targets = " ".join(shlex.quote(target) for target in build.targets)
@@ -178,16 +203,14 @@ def build_script(
         f"cp -a {work}/bin/. {staging}/",
         f"{staging}/llama-server --version >> {log} 2>&1 || fail 'the built llama-server does not run'",
         f"rm -rf {final} && mv -T {staging} {final}",
-        f"ln -sfn builds/{build_name(build, flavor)} {current_tmp} && mv -T {current_tmp} {current}",
+        *_switch_lines(build, flavor),
         f"echo \"installed {install_dir(build, flavor)}; current -> builds/{build_name(build, flavor)}\"",
     ])  # fmt: skip
 
 
 def switch_script(build: LlamaCppBuild, flavor: Flavor) -> str:
     """Point `current` at an already installed build (a rollback or a flavor switch)."""
-    current = shlex.quote(current_link(build))
-    current_tmp = shlex.quote(f"{current_link(build)}.new")
-    return f"ln -sfn builds/{build_name(build, flavor)} {current_tmp} && mv -T {current_tmp} {current}"
+    return "\n".join(_switch_lines(build, flavor))
 
 
 def reports_commit(reported: str | None, commit: str) -> bool:

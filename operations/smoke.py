@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pyinfra import host
@@ -14,8 +15,9 @@ from pyinfra.operations.util import any_changed
 from rich.console import Console
 
 from facts.gpu import NvidiaComputeApps, NvidiaGpus
+from gpubox.build import rollback_script
 from gpubox.smoke import GpuProcesses, SmokeResult, command_transport, run_smoke, smoke_table
-from gpubox.spec import LlamaServer
+from gpubox.spec import LlamaCppBuild, LlamaServer
 
 from .service import previous_unit_path, unit_path
 
@@ -100,7 +102,8 @@ def _raise_miss(server: LlamaServer, outcome: SmokeOutcome) -> None:
         failures += outcome.result.failures
     raise OperationError(
         f"{server.unit_name} failed its smoke test: " + "; ".join(failures)
-        + f". The previous unit ({previous_unit_path(server)}) was restored and the service restarted."
+        + f". The previous unit ({previous_unit_path(server)}) was restored (and the previous llama.cpp build, "
+        f"when this run had switched it) and the service restarted."
     )
 
 
@@ -110,8 +113,11 @@ def fail_on_miss(server: LlamaServer, outcome: SmokeOutcome):  # type: ignore[no
 
 
 @deploy("llama-server smoke test")
-def smoke_test(server: LlamaServer, restart_meta: object) -> SmokeOutcome:
-    """After a restart only: smoke; on a miss, restore `{unit}.prev`, restart, and fail the deploy."""
+def smoke_test(
+    server: LlamaServer, restart_meta: object, build: LlamaCppBuild | None = None, build_metas: Sequence[object] = ()
+) -> SmokeOutcome:
+    """After a restart only: smoke; on a miss, restore `{unit}.prev` (and, when this run switched the
+    llama.cpp build, `current` back to `previous`), restart, and fail the deploy."""
     outcome = SmokeOutcome()
     if server.smoke is None:
         return outcome
@@ -127,6 +133,13 @@ def smoke_test(server: LlamaServer, restart_meta: object) -> SmokeOutcome:
         commands=[f"if [ -f {previous} ]; then cp -p {previous} {shlex.quote(unit_path(server))}; fi"],
         _if=missed,
     )
+    if build is not None and build_metas:
+        build_switched = any_changed(*build_metas)  # type: ignore[arg-type]
+        server_ops.shell(
+            name=f"Roll back {build.prefix}/current to the previous build",
+            commands=[rollback_script(build)],
+            _if=lambda: missed() and build_switched(),
+        )
     systemd.daemon_reload(name="systemd daemon-reload after rollback", _if=missed)
     systemd.service(
         name=f"Restart {server.unit_name} on its previous unit",

@@ -227,6 +227,28 @@ def test_smoke_failure_rolls_back_to_the_previous_unit(deployer: Deployer) -> No
     assert "--spec-draft-n-max 2" in deployer.sh(f"tr '\\0' ' ' < /proc/{deployer.main_pid()}/cmdline")
 
 
+def test_smoke_failure_after_a_build_switch_rolls_the_build_back(
+    deployer: Deployer, llama_repo: tuple[Path, str]
+) -> None:
+    """A new llama.cpp commit whose service misses its smoke test: unit and `current` both go back."""
+    repo, commit = llama_repo
+    same_tree = {**os.environ, "GIT_AUTHOR_NAME": "gpubox e2e", "GIT_AUTHOR_EMAIL": "e2e@gpubox.invalid",
+                 "GIT_COMMITTER_NAME": "gpubox e2e", "GIT_COMMITTER_EMAIL": "e2e@gpubox.invalid",
+                 "GIT_AUTHOR_DATE": "2026-01-01T00:00:00+0000", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00+0000"}
+    new_commit = subprocess.run(
+        ["git", "-C", str(repo), "commit-tree", f"{commit}^{{tree}}", "-p", commit, "-m", "e2e: a new commit"],
+        env=same_tree, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    result, _ = deployer.run(FULL, "-y", spec_draft_n_max=2, commit=new_commit, min_tokens_per_second=100000)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "building llama.cpp" in output and smoke_numbers(output)["verdict"] == "FAILED"
+    assert deployer.sh(f"readlink {PREFIX}/current") == f"builds/{commit}-cpu"
+    assert deployer.sh(f"test -x {PREFIX}/builds/{new_commit}-cpu/llama-server && echo kept") == "kept"
+    deployer.wait_healthy(deployer.base["port"])
+    assert deployer.sh(f"readlink -f /proc/{deployer.main_pid()}/exe").startswith(f"{PREFIX}/builds/{commit}-cpu/")
+
+
 def test_model_with_wrong_checksum_is_refused(deployer: Deployer) -> None:
     before = (deployer.file_state(MODEL), deployer.main_pid())
     result, _ = deployer.run(FULL, "-y", spec_draft_n_max=2, model_sha256="0" * 64)
