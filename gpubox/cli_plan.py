@@ -53,21 +53,18 @@ def headers_for_box(box: Box, headers_dir: Path) -> tuple[dict[str, GgufHeader],
     """Read each model's header on the controller; return them by host path, and what was missing."""
     headers: dict[str, GgufHeader] = {}
     missing: list[str] = []
-    for service in box.services:
-        for model in (service.model, service.model_draft):
-            if model is None or model.path in headers:
-                continue
-            path = header_path_for(model, headers_dir)
-            if path is None:
-                missing.append(
-                    f"{service.name}: no header for {model.path}: set its source to a local file, or put a "
-                    f"header-only GGUF at {headers_dir / Path(model.path).name}"
-                )
-                continue
-            try:
-                headers[model.path] = load_model_header(path)
-            except (OSError, GgufError) as error:
-                missing.append(f"{service.name}: {path}: {error}")
+    for service, model in box.models():
+        path = header_path_for(model, headers_dir)
+        if path is None:
+            missing.append(
+                f"{service.name}: no header for {model.path}: set its source to a local file, or put a "
+                f"header-only GGUF at {headers_dir / Path(model.path).name}"
+            )
+            continue
+        try:
+            headers[model.path] = load_model_header(path)
+        except (OSError, GgufError) as error:
+            missing.append(f"{service.name}: {path}: {error}")
     return headers, missing
 
 

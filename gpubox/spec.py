@@ -512,6 +512,15 @@ class Box(Spec):
         refuse(type(self).__name__, problems)
         return self
 
+    def models(self) -> list[tuple[LlamaServer, ModelFile]]:
+        """Every model file of the box once (by host path), with the first service that uses it."""
+        seen: dict[str, tuple[LlamaServer, ModelFile]] = {}
+        for service in self.services:
+            for model in (service.model, service.model_draft):
+                if model is not None:
+                    seen.setdefault(model.path, (service, model))
+        return list(seen.values())
+
     def service(self, name: str) -> LlamaServer:
         for service in self.services:
             if service.name == name:

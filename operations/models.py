@@ -6,6 +6,7 @@ import hashlib
 import shlex
 from functools import cache
 from pathlib import Path
+from typing import Any, Literal
 
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, FunctionCommand, OperationError, operation
@@ -100,9 +101,8 @@ def verify_script(model: ModelFile, part: str) -> str:
     ])  # fmt: skip
 
 
-def verified_by_stamp(model: ModelFile) -> bool:
-    """Whether the file is unchanged (size, mtime, ctime) since its sha256 was verified."""
-    info = host.get_fact(File, path=model.path)
+def verified_by_stamp(model: ModelFile, info: dict[str, Any] | None | Literal[False]) -> bool:
+    """Whether the file (`info`: its File fact) is unchanged (size, mtime, ctime) since its sha256 was verified."""
     if not info:
         return False
     stamp = host.get_fact(FileContents, path=stamp_path(model.path))
@@ -116,7 +116,7 @@ def place(model: ModelFile):  # type: ignore[no-untyped-def]
     The GGUF never goes through `files.put`: its `--diff` fetches and decodes a changed remote file,
     which breaks on a multi-GB binary. The checksum fact decides instead.
     """
-    if verified_by_stamp(model):
+    if verified_by_stamp(model, host.get_fact(File, path=model.path)):
         host.noop(f"{model.path} is unchanged since its sha256 {model.sha256[:12]} was verified")
         return
     found = host.get_fact(Sha256File, path=model.path)
@@ -155,7 +155,7 @@ def stamp(model: ModelFile, placed: OperationMeta | None = None):  # type: ignor
     taken from `place`'s verification when it just placed the file, else from the Sha256File fact.
     """
     info = host.get_fact(File, path=model.path)
-    if not info or verified_by_stamp(model):
+    if not info or verified_by_stamp(model, info):
         host.noop(f"{model.path}: stamp up to date" if info else f"{model.path}: not placed yet")
         return
     just_placed = state.is_executing and placed is not None and placed.did_change()

@@ -20,16 +20,11 @@ from .models import local_source, remote_header
 def _headers(box: Box) -> dict[str, GgufHeader]:
     """Each model's header: from the controller file when there is one, else from the host's file."""
     headers: dict[str, GgufHeader] = {}
-    for server in box.services:
-        for model in (server.model, server.model_draft):
-            if model is None or model.path in headers:
-                continue
-            if model.source is not None and not model.source_is_url and local_source(model).is_file():
-                headers[model.path] = load_model_header(local_source(model))
-                continue
-            header = remote_header(model.path)
-            if header is not None:
-                headers[model.path] = header
+    for _, model in box.models():
+        source = local_source(model) if model.source is not None and not model.source_is_url else None
+        header = load_model_header(source) if source is not None and source.is_file() else remote_header(model.path)
+        if header is not None:
+            headers[model.path] = header
     return headers
 
 
@@ -40,7 +35,8 @@ def fits(box: Box):  # type: ignore[no-untyped-def]
     if not gpus or not any(server.gpus for server in box.services):
         host.noop("no GPU services on this host: no VRAM budget to check")
         return
-    plan = plan_box(box, _headers(box), [(gpu.index, gpu.memory_total_mib or 0) for gpu in gpus])
+    headers = _headers(box)
+    plan = plan_box(box, headers, [(gpu.index, gpu.memory_total_mib or 0) for gpu in gpus])
     console = Console(width=120, record=True, stderr=True)
     for gpu in plan.gpus:
         console.print(gpu_table(host.name, gpu))
@@ -50,7 +46,7 @@ def fits(box: Box):  # type: ignore[no-untyped-def]
     if plan.problems:
         raise OperationError("cannot plan the VRAM budget: " + "; ".join(plan.problems))
     if not plan.fits:
-        print_refusal(console, HostBox(host=host.name, box=box, problems=[]), plan, _headers(box))
+        print_refusal(console, HostBox(host=host.name, box=box, problems=[]), plan, headers)
         raise OperationError(
             "the services do not fit their GPUs' memory (table above): change what it suggests, "
             "or pin a service to another GPU"

@@ -3,6 +3,7 @@
 from gpubox.testbed.assets import (
     cache_dir,
     ccache_dir,
+    inventory_config,
     llama_cpp_repo,
     local_llama_server,
     sha256_file,
@@ -22,4 +23,5 @@ __all__ = [
     "local_llama_server",
     "sha256_file",
     "smollm2_gguf",
+    "inventory_config",
 ]

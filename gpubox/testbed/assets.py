@@ -217,3 +217,22 @@ def local_llama_server() -> Path:
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     return binary
+
+
+def inventory_config(host_name: str, host_data: dict[str, object]) -> dict[str, object]:
+    """What inventory/testbed.py reads (GPUBOX_TESTBED_CONFIG) for a booted test host: its connection,
+    the llama.cpp repo (bound at /srv/llama.cpp.git) and commit, SmolLM2, a free port, the shared ccache."""
+    from gpubox.testbed.host import free_port
+
+    _, commit = llama_cpp_repo()
+    model = smollm2_gguf()
+    return {
+        "host_name": host_name,
+        "host_data": host_data,
+        "repo": "file:///srv/llama.cpp.git",
+        "commit": commit,
+        "model_sha256": sha256_file(model),
+        "model_source": str(model),
+        "port": free_port(),
+        "ccache_dir": "/var/cache/ccache-shared",
+    }

@@ -19,7 +19,7 @@ import pytest
 
 from gpubox.smoke import requests_transport, run_smoke
 from gpubox.spec import SmokeThresholds
-from gpubox.testbed import TestHost, free_port
+from gpubox.testbed import TestHost, free_port, inventory_config
 
 pytestmark = pytest.mark.e2e
 
@@ -121,21 +121,9 @@ def ops_reporting(output: str) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def deployer(
-    test_host: TestHost, llama_repo: tuple[Path, str], smollm2: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Deployer:
-    from gpubox.testbed import sha256_file
-
-    _, commit = llama_repo
+def deployer(test_host: TestHost, tmp_path_factory: pytest.TempPathFactory) -> Deployer:
     base = {
-        "host_name": test_host.pyinfra_host_name(),
-        "host_data": test_host.pyinfra_host_data(),
-        "repo": "file:///srv/llama.cpp.git",
-        "commit": commit,
-        "model_sha256": sha256_file(smollm2),
-        "model_source": str(smollm2),
-        "port": free_port(),
-        "ccache_dir": "/var/cache/ccache-shared",
+        **inventory_config(test_host.pyinfra_host_name(), test_host.pyinfra_host_data()),
         "jobs": os.cpu_count() or 2,
     }
     return Deployer(test_host, tmp_path_factory.mktemp("e2e") / "config.json", base)
