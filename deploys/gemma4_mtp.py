@@ -27,5 +27,5 @@ speculation.drafter_architecture(
     name=f"Drafter is a {server.model_draft.architecture} GGUF", model=server.model_draft
 )
 vram.fits(name="The services fit their GPUs' memory", box=box)
-unit_meta, restart_meta = service.llama_server(server, box.llama_cpp.prefix, changed=[drafter], ensure_user=False)
+restart_meta = service.llama_server(server, box.llama_cpp.prefix, changed=[drafter], ensure_user=False)
 smoke.smoke_test(server, restart_meta)

@@ -9,13 +9,12 @@ from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.facts import FactBase
 from typing_extensions import override
 
-from gpubox.cuda import CudaToolkit as CudaToolkitRecord
-from gpubox.cuda import nvcc_probe_command, parse_nvcc_probe
+from gpubox.cuda import Nvcc, nvcc_probe_command, parse_nvcc_probe
 
 
-class CudaToolkit(FactBase[CudaToolkitRecord | None]):
+class CudaToolkit(FactBase[Nvcc | None]):
     """
-    ``nvcc``'s path and release (``gpubox.cuda.CudaToolkit``), looking on PATH, then in
+    ``nvcc``'s path and release (``gpubox.cuda.Nvcc``), looking on PATH, then in
     ``/usr/local/cuda/bin`` and ``/opt/cuda/bin`` (Arch); None when there is no nvcc.
     """
 
@@ -24,7 +23,7 @@ class CudaToolkit(FactBase[CudaToolkitRecord | None]):
         return nvcc_probe_command()
 
     @override
-    def process(self, output: list[str]) -> CudaToolkitRecord | None:
+    def process(self, output: list[str]) -> Nvcc | None:
         try:
             return parse_nvcc_probe(output)
         except ValueError as error:

@@ -11,9 +11,9 @@ from typing_extensions import override
 from gpubox import gguf_header
 
 
-class GgufHeader(FactBase[gguf_header.GgufHeader | gguf_header.GgufHeaderError | None]):
+class GgufHeader(FactBase[gguf_header.GgufFile | gguf_header.GgufHeaderError | None]):
     """
-    Architecture, name, size, metadata and tensor infos of a GGUF (``gpubox.gguf_header.GgufHeader``).
+    Architecture, name, size, metadata and tensor infos of a GGUF (``gpubox.gguf_header.GgufFile``).
 
     Reads only the first ``head_bytes`` of the file (gzip + base64 on the host), never the whole
     model. None when there is no file at ``path``; a ``gpubox.gguf_header.GgufHeaderError`` record
@@ -26,5 +26,5 @@ class GgufHeader(FactBase[gguf_header.GgufHeader | gguf_header.GgufHeaderError |
         return gguf_header.gguf_head_command(path, head_bytes)
 
     @override
-    def process(self, output: list[str]) -> gguf_header.GgufHeader | gguf_header.GgufHeaderError | None:
+    def process(self, output: list[str]) -> gguf_header.GgufFile | gguf_header.GgufHeaderError | None:
         return gguf_header.parse_gguf_head_output(output)

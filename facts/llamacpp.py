@@ -14,10 +14,10 @@ from typing_extensions import override
 from gpubox import llamacpp
 
 
-class LlamaCppCheckout(FactBase[llamacpp.LlamaCppCheckout | None]):
+class LlamaCppCheckout(FactBase[llamacpp.SourceCheckout | None]):
     """
     HEAD's full sha, the uncommitted changes and the origin URL of a git checkout
-    (``gpubox.llamacpp.LlamaCppCheckout``); None when ``path`` has no ``.git``.
+    (``gpubox.llamacpp.SourceCheckout``); None when ``path`` has no ``.git``.
     Fails with git's message when git cannot read it (e.g. "detected dubious ownership").
     """
 
@@ -26,16 +26,16 @@ class LlamaCppCheckout(FactBase[llamacpp.LlamaCppCheckout | None]):
         return llamacpp.checkout_command(path)
 
     @override
-    def process(self, output: list[str]) -> llamacpp.LlamaCppCheckout | None:
+    def process(self, output: list[str]) -> llamacpp.SourceCheckout | None:
         try:
             return llamacpp.parse_checkout(output)
         except llamacpp.GitCheckoutError as error:
             raise FactProcessError(str(error)) from error
 
 
-class LlamaServerVersion(FactBase[llamacpp.LlamaServerVersion | None]):
+class LlamaServerVersion(FactBase[llamacpp.ServerVersion | None]):
     """
-    ``llama-server --version`` of the binary at ``path`` (``gpubox.llamacpp.LlamaServerVersion``);
+    ``llama-server --version`` of the binary at ``path`` (``gpubox.llamacpp.ServerVersion``);
     None when there is no file there. Fails with the binary's output when it prints no version
     (e.g. it cannot load a shared library).
     """
@@ -45,7 +45,7 @@ class LlamaServerVersion(FactBase[llamacpp.LlamaServerVersion | None]):
         return llamacpp.server_version_command(path)
 
     @override
-    def process(self, output: list[str]) -> llamacpp.LlamaServerVersion | None:
+    def process(self, output: list[str]) -> llamacpp.ServerVersion | None:
         if not any(line.strip() for line in output):
             return None
         try:

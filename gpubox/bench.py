@@ -4,8 +4,9 @@ Two ways to run:
 
 - against a running server (`gpubox bench --url`): its configuration is fixed, so the sweep is the
   number of requests in flight and the prompt length;
-- by starting temporary local llama-server instances with a service's own command line
-  (`server_argv`), overriding `--parallel`, the drafter flags and `--port` per configuration.
+- by starting temporary local llama-server instances of variants of a service
+  (`bench_variant`: the service with the configuration's slots, drafter and a loopback port),
+  each rendered by the service's own flag table.
 
 Per configuration: single-stream tok/s (llama-server's own `timings.predicted_per_second`, median
 of sequential requests), aggregate tok/s (generated tokens / wall seconds with `parallel` requests
@@ -34,6 +35,7 @@ from typing import IO, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 from rich.table import Table
 
+from gpubox.servers.llama import LlamaServer
 from gpubox.smoke import (
     CompletionTimings,
     Transport,
@@ -42,8 +44,8 @@ from gpubox.smoke import (
     requests_transport,
     wait_until_healthy,
 )
-from gpubox.spec import LlamaServer, problems_from
-from gpubox.unit import flag_groups, server_argv, server_environment
+from gpubox.spec import problems_from
+from gpubox.unit import server_environment
 
 ContextFill = Literal["short", "long"]
 Objective = Literal["single", "aggregate"]
@@ -61,11 +63,6 @@ _FILLER = (
     "door. Nobody noticed the small boat drifting past the breakwater, its sail torn and its deck empty, "
     "until the keeper rang the bell three times. "
 )
-# Flags a bench configuration sets itself; the service's values are dropped first.
-_OVERRIDDEN_FLAGS = frozenset({
-    "--parallel", "-np", "--port", "--host", "--api-key-file", "--api-key",
-    "--spec-type", "--model-draft", "-md", "--spec-draft-model", "--spec-draft-n-max", "--spec-draft-ngl",
-})  # fmt: skip
 SERVER_START_TIMEOUT_S = 300.0
 
 
@@ -250,23 +247,19 @@ def measure(
     )
 
 
-def bench_server_argv(service: LlamaServer, prefix: str, binary: str, config: BenchConfig, port: int) -> list[str]:
-    """The service's command line with the bench's binary, slots, drafter flags and a loopback port.
+def bench_variant(service: LlamaServer, config: BenchConfig, port: int) -> LlamaServer:
+    """The service as one bench configuration runs it: its slots, its drafter (or none), 127.0.0.1:`port`.
 
-    The API key file is dropped: the temporary server listens on 127.0.0.1 only.
+    A copy, not a validated spec: the sweep deliberately runs what the rules refuse (drafting at
+    parallel > 1) to measure it. The API key file is dropped: the server listens on loopback only.
     """
-    groups = flag_groups(server_argv(service, prefix))
-    kept = [word for group in groups[1:] if group[0] not in _OVERRIDDEN_FLAGS for word in group]
-    argv = [binary, *kept, "--parallel", str(config.parallel), "--host", "127.0.0.1", "--port", str(port)]
+    update: dict[str, object] = {"parallel": config.parallel, "host": "127.0.0.1", "port": port, "api_key_file": None}
     if config.draft:
-        argv += ["--spec-type", service.spec_type if service.drafts else "draft-simple"]
-        if service.model_draft is not None:
-            argv += ["--model-draft", service.model_draft.path]
-        if service.spec_draft_ngl is not None:
-            argv += ["--spec-draft-ngl", str(service.spec_draft_ngl)]
-        if config.draft_n_max is not None:
-            argv += ["--spec-draft-n-max", str(config.draft_n_max)]
-    return argv
+        update["spec_type"] = service.spec_type if service.drafts else "draft-simple"
+        update["spec_draft_n_max"] = config.draft_n_max
+    elif config.draft is not None:
+        update |= LlamaServer.DRAFTING_OFF
+    return service.model_copy(update=update)
 
 
 def free_port() -> int:
@@ -361,7 +354,6 @@ def _measure_each(
 
 def bench_local(
     service: LlamaServer,
-    prefix: str,
     binary: str,
     configs: Sequence[BenchConfig],
     *,
@@ -386,7 +378,7 @@ def bench_local(
         by_server.setdefault(config.server_key, []).append(config)
     for server_configs in by_server.values():
         port = free_port()
-        argv = bench_server_argv(service, prefix, binary, server_configs[0], port)
+        argv = bench_variant(service, server_configs[0], port).argv(binary)
         log_path = (log_dir or Path("/tmp")) / f"gpubox-bench-{service.name}-{port}.log"
         with open(log_path, "w+b") as log, local_server(argv, env, port, log) as transport:
             results += _measure_each(
@@ -490,7 +482,7 @@ def suggested_changes(service: LlamaServer, best: BenchConfig) -> dict[str, obje
     """
     target: dict[str, object] = {"parallel": best.parallel}
     if best.draft is False and service_has_drafter(service):
-        target |= {"spec_type": "none", "model_draft": None, "spec_draft_n_max": None, "spec_draft_ngl": None}
+        target |= LlamaServer.DRAFTING_OFF
         if service.smoke is not None and service.smoke.min_acceptance is not None:
             target["smoke.min_acceptance"] = None
     if best.draft:

@@ -8,21 +8,23 @@ tested without a host. The layout under the prefix:
     {prefix}/builds/{commit}-{flavor} the installed bin directory (binaries + the shared libraries)
     {prefix}/current                  symlink to the active build, switched atomically
     {prefix}/logs/build-{commit}-{flavor}.log
+
+Each build keeps `llama-server.version` and `llama-server.help` beside its binary (the facts read
+them instead of running the binary on every deploy), and a switch prunes all but `keep_builds`.
 """
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 from typing import Literal
 
-from gpubox.cuda import CudaToolkit
+from gpubox.cuda import Nvcc
 from gpubox.gpu import Gpu, cuda_architectures
+from gpubox.llamacpp import HELP_CACHE_SUFFIX, VERSION_CACHE_SUFFIX
+from gpubox.quoting import shell_join, shell_word
 from gpubox.spec import LlamaCppBuild
 
 Flavor = Literal["cpu", "cuda"]
-
-CUDA_SEARCH_PATHS = ("PATH", "/usr/local/cuda/bin", "/opt/cuda/bin")
 
 
 class BuildRefused(ValueError):
@@ -58,29 +60,57 @@ def previous_link(build: LlamaCppBuild) -> str:
     return f"{build.prefix}/previous"
 
 
+# ninja prints `[n/N] ...` per step; print a line per 5 % of them, so the controller shows progress.
+_PROGRESS_AWK = (
+    "awk -F'[][/]' '/^\\[[0-9]+\\/[0-9]+\\]/ { step = int($2 * 20 / $3); if (step > shown) "
+    "{ shown = step; printf \"llama.cpp build: %d/%d steps (%d%%)\\n\", $2, $3, step * 5; fflush() } }'"
+)
+
+
+def prune_lines(build: LlamaCppBuild) -> list[str]:
+    """Remove installed builds (and their work trees and logs) beyond `keep_builds`, newest kept first.
+
+    `current` and `previous` are always kept. One directory a line (a newline is refused in paths).
+    """
+    prefix = shell_word(build.prefix)
+    others = build.keep_builds - 2
+    return [
+        f'current=$(readlink {prefix}/current || true); previous=$(readlink {prefix}/previous || true); kept=0',
+        f"ls -1td {prefix}/builds/*/ 2>/dev/null | while IFS= read -r dir; do",
+        '  name=$(basename "$dir")',
+        '  if [ "builds/$name" = "$current" ] || [ "builds/$name" = "$previous" ]; then continue; fi',
+        f"  if [ $kept -lt {others} ]; then kept=$((kept + 1)); continue; fi",
+        f'  rm -rf "$dir" {prefix}/work/"$name" {prefix}/logs/build-"$name".log && echo "pruned builds/$name"',
+        "done",
+    ]
+
+
 def _switch_lines(build: LlamaCppBuild, flavor: Flavor) -> list[str]:
     """Remember the active build as `previous`, then point `current` at this one (renames only)."""
-    current = shlex.quote(current_link(build))
-    previous = shlex.quote(previous_link(build))
-    target = f"builds/{build_name(build, flavor)}"
+    current = shell_word(current_link(build))
+    current_new = shell_word(f"{current_link(build)}.new")
+    previous = shell_word(previous_link(build))
+    previous_new = shell_word(f"{previous_link(build)}.new")
+    target = shell_word(f"builds/{build_name(build, flavor)}")
     return [
         f'if [ -L {current} ] && [ "$(readlink {current})" != {target} ]; then '
-        f'ln -sfn "$(readlink {current})" {previous}.new && mv -T {previous}.new {previous}; fi',
-        f"ln -sfn {target} {current}.new && mv -T {current}.new {current}",
+        f'ln -sfn "$(readlink {current})" {previous_new} && mv -T {previous_new} {previous}; fi',
+        f"ln -sfn {target} {current_new} && mv -T {current_new} {current}",
     ]
 
 
 def rollback_script(build: LlamaCppBuild) -> str:
     """Point `current` back at `previous` (after a smoke test missed on a new build)."""
-    current = shlex.quote(current_link(build))
-    previous = shlex.quote(previous_link(build))
+    current = shell_word(current_link(build))
+    current_new = shell_word(f"{current_link(build)}.new")
+    previous = shell_word(previous_link(build))
     return (
-        f'if [ -L {previous} ]; then ln -sfn "$(readlink {previous})" {current}.new '
-        f"&& mv -T {current}.new {current}; fi"
+        f'if [ -L {previous} ]; then ln -sfn "$(readlink {previous})" {current_new} '
+        f"&& mv -T {current_new} {current}; fi"
     )
 
 
-def resolve_flavor(build: LlamaCppBuild, gpus: Sequence[Gpu], toolkit: CudaToolkit | None) -> Flavor:
+def resolve_flavor(build: LlamaCppBuild, gpus: Sequence[Gpu], toolkit: Nvcc | None) -> Flavor:
     """CUDA when asked (`on`), or when `auto` finds both GPUs and nvcc; refuse `on` without nvcc."""
     if build.cuda == "off":
         return "cpu"
@@ -146,13 +176,13 @@ def fetch_script(build: LlamaCppBuild) -> str:
 
     A full sha can be fetched with `--depth 1`; the origin URL is (re)set to the spec's repo.
     """
-    src = shlex.quote(src_dir(build))
-    repo = shlex.quote(build.repo)
-    commit = shlex.quote(build.commit)
+    src = shell_word(src_dir(build))
+    repo = shell_word(build.repo)
+    commit = shell_word(build.commit)
     return "\n".join([
         "set -eu",
         f"mkdir -p {src}",
-        f"if [ ! -d {src}/.git ]; then git init -q {src}; fi",
+        f"if [ ! -d {shell_word(f'{src_dir(build)}/.git')} ]; then git init -q {src}; fi",
         f"git -C {src} remote add origin {repo} 2>/dev/null || git -C {src} remote set-url origin {repo}",
         f"git -C {src} fetch -q --depth 1 origin {commit}",
         f"git -C {src} -c advice.detachedHead=false checkout -q --detach {commit}",
@@ -169,48 +199,61 @@ def build_script(
 ) -> str:
     """Configure, build and install into a fresh builds/ directory, then switch `current`.
 
-    Output goes to the log (ninja's [N/M] lines show progress); on failure the last lines are
-    printed with the log's path, and neither `current` nor the running services are touched:
-    the install is a rename of a complete directory and the switch a rename of a symlink.
+    Output goes to the log; a line per 5 % of ninja's steps goes to stdout, for the controller to
+    show while the build runs. On failure the last lines are printed with the log's path, and
+    neither `current` nor the running services are touched: the install is a rename of a complete
+    directory and the switch a rename of a symlink. Older builds are pruned after the switch.
     """
-    log = shlex.quote(log_path(build, flavor))
-    work = shlex.quote(work_dir(build, flavor))
-    final = shlex.quote(install_dir(build, flavor))
-    staging = shlex.quote(f"{install_dir(build, flavor)}.partial")
-    configure = shlex.join(cmake_configure_args(build, flavor, architectures, nvcc, ccache))
-    parallel = f" -j {build.jobs}" if build.jobs else ""
-    targets = " ".join(shlex.quote(target) for target in build.targets)
+    log = shell_word(log_path(build, flavor))
+    failed = shell_word(f"{log_path(build, flavor)}.failed")  # the pipe to the progress filter hides cmake's status
+    work = shell_word(work_dir(build, flavor))
+    final = shell_word(install_dir(build, flavor))
+    staging_dir = f"{install_dir(build, flavor)}.partial"
+    staging = shell_word(staging_dir)
+    configure = shell_join(cmake_configure_args(build, flavor, architectures, nvcc, ccache))
+    parallel = f" -j {int(build.jobs)}" if build.jobs else ""
+    targets = shell_join(build.targets)
+    current = shell_word(f"builds/{build_name(build, flavor)}")
     # Paths under the prefix are hashed relative to it, so the same commit built under another
     # prefix (another host's, a test machine's) hits the same ccache entries.
-    env = f"export CCACHE_COMPILERCHECK=content CCACHE_BASEDIR={shlex.quote(build.prefix)}"
+    env = f"export CCACHE_COMPILERCHECK=content CCACHE_BASEDIR={shell_word(build.prefix)}"
     if build.ccache_dir is not None:
-        env += f" CCACHE_DIR={shlex.quote(build.ccache_dir)}"
+        env += f" CCACHE_DIR={shell_word(build.ccache_dir)}"
     if nvcc is not None:
-        env += f" PATH={shlex.quote(nvcc.rsplit('/', 1)[0])}:$PATH"
+        env += f" PATH={shell_word(nvcc.rsplit('/', 1)[0])}:$PATH"
     return "\n".join([
         "set -eu",
         env,
-        "mkdir -p " + " ".join(shlex.quote(f"{build.prefix}/{part}") for part in ("logs", "builds", "work")),
+        "mkdir -p " + shell_join(f"{build.prefix}/{part}" for part in ("logs", "builds", "work")),
         f": > {log}",
         "fail() {",
-        f"  echo \"llama.cpp build failed: $1; full log: {log_path(build, flavor)}\" >&2",
+        f"  printf 'llama.cpp build failed: %s; full log: %s\\n' \"$1\" {log} >&2",
         f"  tail -n 25 {log} >&2",
         "  exit 1",
         "}",
         f"{configure} >> {log} 2>&1 || fail configure",
-        f"cmake --build {work} --target {targets}{parallel} >> {log} 2>&1 || fail build",
+        f"rm -f {failed}",
+        f"{{ cmake --build {work} --target {targets}{parallel} 2>&1 || echo $? > {failed}; }} "
+        f"| tee -a {log} | {_PROGRESS_AWK}",
+        f"if [ -e {failed} ]; then rm -f {failed}; fail build; fi",
         f"rm -rf {staging} && mkdir -p {staging}",
-        f"cp -a {work}/bin/. {staging}/",
-        f"{staging}/llama-server --version >> {log} 2>&1 || fail 'the built llama-server does not run'",
+        f"cp -a {shell_word(f'{work_dir(build, flavor)}/bin/.')} {shell_word(f'{staging_dir}/')}",
+        f"{shell_word(f'{staging_dir}/llama-server')} --version > "
+        f"{shell_word(f'{staging_dir}/llama-server{VERSION_CACHE_SUFFIX}')} 2>&1 "
+        "|| fail 'the built llama-server does not run'",
+        f"{shell_word(f'{staging_dir}/llama-server')} --help > "
+        f"{shell_word(f'{staging_dir}/llama-server{HELP_CACHE_SUFFIX}')} 2>&1 "
+        "|| fail 'the built llama-server --help failed'",
         f"rm -rf {final} && mv -T {staging} {final}",
         *_switch_lines(build, flavor),
-        f"echo \"installed {install_dir(build, flavor)}; current -> builds/{build_name(build, flavor)}\"",
+        f"printf 'installed %s; current -> %s\\n' {final} {current}",
+        *prune_lines(build),
     ])  # fmt: skip
 
 
 def switch_script(build: LlamaCppBuild, flavor: Flavor) -> str:
-    """Point `current` at an already installed build (a rollback or a flavor switch)."""
-    return "\n".join(_switch_lines(build, flavor))
+    """Point `current` at an already installed build (a rollback or a flavor switch), then prune."""
+    return "\n".join([*_switch_lines(build, flavor), *prune_lines(build)])
 
 
 def reports_commit(reported: str | None, commit: str) -> bool:

@@ -7,45 +7,13 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
-from rich.table import Table
 
 from gpubox import cli_client, cli_plan
 from gpubox.inventory import HostBox, InventoryError, inventory_boxes
+from gpubox.tables import problems_table, services_table, warnings_table
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
-
-
-def _services_table(boxes: list[HostBox]) -> Table:
-    table = Table(title="gpubox services")
-    for column in ("host", "service", "GPUs", "port", "spec type", "ctx", "parallel", "KV (K/V)", "FA"):
-        table.add_column(column)
-    for host_box in boxes:
-        if host_box.box is None:
-            continue
-        for service in host_box.box.services:
-            table.add_row(
-                host_box.host,
-                service.name,
-                ",".join(str(gpu) for gpu in service.gpus) or "-",
-                str(service.port),
-                service.spec_type,
-                str(service.ctx_size),
-                str(service.parallel),
-                f"{service.cache_type_k}/{service.cache_type_v}",
-                service.flash_attn,
-            )
-    return table
-
-
-def _problems_table(boxes: list[HostBox]) -> Table:
-    table = Table(title="refused", title_style="bold red")
-    for column in ("host", "field", "what to change"):
-        table.add_column(column, overflow="fold")
-    for host_box in boxes:
-        for problem in host_box.problems:
-            table.add_row(host_box.host, problem.field, problem.message)
-    return table
 
 
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
@@ -55,13 +23,16 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
     except InventoryError as error:
         console.print(f"[bold red]refused[/]: {error}", highlight=False)
         if error.problems:
-            console.print(_problems_table([HostBox(host="(inventory)", box=None, problems=error.problems)]))
+            console.print(problems_table([HostBox(host="(inventory)", box=None, problems=error.problems)]))
         return EXIT_REFUSED
     refused = [host_box for host_box in boxes if host_box.problems]
     if refused:
-        console.print(_problems_table(refused))
+        console.print(problems_table(refused))
         return EXIT_REFUSED
-    console.print(_services_table(boxes))
+    console.print(services_table(boxes))
+    warnings = warnings_table(boxes)
+    if warnings is not None:
+        console.print(warnings)  # accepted: the exit code stays 0
     return EXIT_OK
 
 

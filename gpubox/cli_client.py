@@ -33,9 +33,11 @@ from gpubox.bench import (
     sweep,
     write_plot,
 )
+from gpubox.box import Box
 from gpubox.inventory import InventoryError, inventory_boxes
+from gpubox.servers.llama import LlamaServer
 from gpubox.smoke import requests_transport, run_smoke, smoke_table
-from gpubox.spec import Box, LlamaServer, SmokeThresholds
+from gpubox.spec import SmokeThresholds
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -214,7 +216,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
             assert service is not None and box is not None
             target = f"{args.host or 'host'}/{service.name}"
             results = bench_local(
-                service, args.prefix or box.llama_cpp.prefix, args.llama_server, configs, n_predict=args.n_predict,
+                service, args.llama_server, configs, n_predict=args.n_predict,
                 long_tokens=long_tokens, single_runs=args.runs, aggregate_rounds=args.rounds, roofline=roofline,
                 progress=progress,
             )  # fmt: skip
@@ -258,7 +260,6 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     bench.add_argument("--host", help="inventory host")
     bench.add_argument("--service", help="the host's service")
     bench.add_argument("--llama-server", help="llama-server binary to start temporary servers with")
-    bench.add_argument("--prefix", help="llama.cpp prefix for server_argv (default: the box's)")
     bench.add_argument("--quick", action="store_true", help="few configurations (slow CPU runs)")
     bench.add_argument("--parallel", type=_int_list, help=f"slots to sweep (default {DEFAULT_PARALLELS})")
     bench.add_argument(

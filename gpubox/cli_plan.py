@@ -3,55 +3,38 @@
 A model's header is read from its ``source`` when that is a file on the controller, otherwise from
 ``--headers DIR/<basename of the model's path>`` (a header-only GGUF, see
 ``scripts/make-gemma4-headers``). GPUs are the box's ``expected_gpus``.
+
+``--json`` prints one JSON document instead of the tables (see :func:`plan_json`), for scripts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
-from gpubox.gguf_header import GgufError, GgufHeader
+from gpubox.box import Box
+from gpubox.gguf_header import GgufError, GgufFile
 from gpubox.inventory import HostBox, InventoryError, inventory_boxes
-from gpubox.spec import Box
+from gpubox.spec import Problem
+from gpubox.tables import explain_terms, gpu_table, mib, print_refusal, problems_table
 from gpubox.vram import (
-    CUDA_CONTEXT_MIB,
     DEFAULT_HEADERS_DIR,
-    MIB,
     BoxPlan,
-    GpuBudget,
     header_path_for,
     load_model_header,
     plan_box,
-    what_to_change,
 )
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
 
-TERM_EXPLANATIONS: dict[str, str] = {
-    "weights": "target tensors on the GPU: offloaded layers + output head (a tied head is a GPU copy of "
-    "token_embd, which itself stays on the CPU)",
-    "draft weights": "drafter tensors on the GPU (a gemma4-assistant reads the target's token_embd)",
-    "KV cache": "cells x (K + V row bytes) per layer with its own cache; sliding-window layers hold "
-    "n_swa + n_ubatch cells per slot, shared-KV layers nothing",
-    "draft KV": "drafter's own KV (0 for a gemma4-assistant: it shares the target's last layers)",
-    "compute": "llama.cpp's compute buffers for one n_ubatch batch (logits, activations, attention "
-    "mask or KQ), calibrated against llama-server's logged buffers",
-    "headroom": f"CUDA context, cuBLAS workspace, FA pool: {CUDA_CONTEXT_MIB} MiB per process per GPU "
-    "(an estimate; re-measured by the GPU validation run)",
-}
-
-
-def _mib(value: int) -> str:
-    return f"{value / MIB:,.0f}"
-
-
-def headers_for_box(box: Box, headers_dir: Path) -> tuple[dict[str, GgufHeader], list[str]]:
+def headers_for_box(box: Box, headers_dir: Path) -> tuple[dict[str, GgufFile], list[str]]:
     """Read each model's header on the controller; return them by host path, and what was missing."""
-    headers: dict[str, GgufHeader] = {}
+    headers: dict[str, GgufFile] = {}
     missing: list[str] = []
     for service, model in box.models():
         path = header_path_for(model, headers_dir)
@@ -68,84 +51,110 @@ def headers_for_box(box: Box, headers_dir: Path) -> tuple[dict[str, GgufHeader],
     return headers, missing
 
 
-def gpu_table(host: str, gpu: GpuBudget) -> Table:
-    verdict = "[green]fits[/]" if gpu.fits else "[bold red]over budget[/]"
-    table = Table(title=f"{host} GPU {gpu.index}: {_mib(gpu.total_bytes)} MiB, {verdict}")
-    names = list(TERM_EXPLANATIONS)
-    for column in ("service", *names, "total"):
-        table.add_column(column + (" MiB" if column != "service" else ""), justify="right")
-    for share in gpu.shares:
-        table.add_row(share.service, *(_mib(share.terms.get(name, 0)) for name in names), _mib(share.total))
-    free_style = "green" if gpu.fits else "bold red"
-    table.add_row(
-        "[bold]GPU[/]",
-        *("" for _ in names),
-        f"{_mib(gpu.used_bytes)} used / [{free_style}]{_mib(gpu.free_bytes)} free[/]",
-    )
-    return table
+def _problem_json(problem: Problem) -> dict[str, str | None]:
+    return {"field": problem.field, "message": problem.message}
 
 
-def _explain(console: Console) -> None:
-    for name, text in TERM_EXPLANATIONS.items():
-        console.print(f"  [bold]{name}[/]: {text}", highlight=False)
+def _term_key(name: str) -> str:
+    return name.lower().replace(" ", "_")  # "draft KV" -> "draft_kv"
 
 
-def print_refusal(console: Console, host_box: HostBox, plan: BoxPlan, headers: dict[str, GgufHeader]) -> None:
-    box = host_box.box
-    assert box is not None
-    for gpu in plan.gpus:
-        if gpu.fits:
-            continue
-        over = -gpu.free_bytes
-        console.print(
-            f"[bold red]refused[/]: {host_box.host} GPU {gpu.index} is over budget by {_mib(over)} MiB; "
-            f"any one of these fits:",
-            highlight=False,
-        )
-        for share in gpu.shares:
-            service = box.service(share.service)
-            draft = headers.get(service.model_draft.path) if service.model_draft else None
-            for suggestion in what_to_change(service, headers[service.model.path], draft, over):
-                console.print(f"  {share.service}: {suggestion}", highlight=False)
+def plan_json(host: str, plan: BoxPlan | None, problems: list[dict[str, str | None]]) -> dict[str, Any]:
+    """One host's plan for ``--json``: per GPU, each service's terms, the total, capacity, fits (bytes)."""
+    gpus = [
+        {
+            "index": gpu.index,
+            "capacity_bytes": gpu.total_bytes,
+            "used_bytes": gpu.used_bytes,
+            "free_bytes": gpu.free_bytes,
+            "fits": gpu.fits,
+            "services": [
+                {
+                    "service": share.service,
+                    "terms_bytes": {_term_key(name): value for name, value in share.terms.items()},
+                    "total_bytes": share.total,
+                }
+                for share in gpu.shares
+            ],
+        }
+        for gpu in (plan.gpus if plan is not None else ())
+    ]
+    fits = plan is not None and plan.fits and not problems
+    return {"host": host, "fits": fits, "gpus": gpus, "problems": problems}
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    """Print each host's GPU budget; refuse (exit 2) when a GPU is over budget or a header is missing."""
+    """Print each host's GPU budget; refuse (exit 2) when a box is refused, a GPU is over budget or a
+    header is missing. With ``--json``, print one JSON document and nothing else on stdout."""
+    as_json: bool = getattr(args, "json", False)
     try:
         boxes = inventory_boxes(args.inventory)
     except InventoryError as error:
+        if as_json:
+            refusals = [_problem_json(problem) for problem in error.problems]
+            print(json.dumps({"hosts": [], "error": str(error), "problems": refusals}, indent=2))
+            return EXIT_REFUSED
         console.print(f"[bold red]refused[/]: {error}", highlight=False)
+        if error.problems:
+            console.print(problems_table([HostBox(host="(inventory)", box=None, problems=error.problems)]))
         return EXIT_REFUSED
     code = EXIT_OK
+    hosts: list[dict[str, Any]] = []
+    refused_boxes = [host_box for host_box in boxes if host_box.box is None or host_box.problems]
+    if refused_boxes:
+        code = EXIT_REFUSED
+        if not as_json:
+            console.print(problems_table(refused_boxes))
+        hosts += [
+            plan_json(host_box.host, None, [_problem_json(problem) for problem in host_box.problems])
+            for host_box in refused_boxes
+        ]
     for host_box in boxes:
-        if host_box.box is None or host_box.problems:
-            console.print(f"[bold red]refused[/]: {host_box.host}: run `gpubox check` first", highlight=False)
-            code = EXIT_REFUSED
-            continue
         box = host_box.box
+        if box is None or host_box.problems:
+            continue
         if not box.expected_gpus:
-            console.print(f"{host_box.host}: no expected_gpus: nothing to budget against", highlight=False)
+            if not as_json:
+                console.print(f"{host_box.host}: no expected_gpus: nothing to budget against", highlight=False)
+            hosts.append(plan_json(host_box.host, None, []) | {"fits": True})
             continue
         headers, missing = headers_for_box(box, Path(args.headers))
         plan = plan_box(box, headers, [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus])
-        for problem in (*missing, *plan.problems):
-            console.print(f"[bold red]refused[/]: {host_box.host}: {problem}", highlight=False)
-        for gpu in plan.gpus:
-            console.print(gpu_table(host_box.host, gpu))
-        for service_plan in plan.services:
-            cells = service_plan.kv_cells
-            console.print(
-                f"{service_plan.service}: KV cells {cells.full} full-attention / {cells.swa} sliding-window; "
-                f"on the CPU: {_mib(service_plan.cpu_weights)} MiB weights, {_mib(service_plan.cpu_kv_cache)} MiB KV",
-                highlight=False,
-            )
-            for note in service_plan.notes:
-                console.print(f"  note: {note}", highlight=False)
-        _explain(console)
         if missing or not plan.fits:
-            print_refusal(console, host_box, plan, headers)
             code = EXIT_REFUSED
+        if as_json:
+            problems: list[dict[str, str | None]] = [
+                {"field": None, "message": text} for text in (*missing, *plan.problems)
+            ]
+            hosts.append(plan_json(host_box.host, plan, problems + [_problem_json(p) for p in plan.refused]))
+            continue
+        print_plan(console, host_box.host, box, plan, headers, missing)
+    if as_json:
+        print(json.dumps({"hosts": hosts}, indent=2))
     return code
+
+
+def print_plan(
+    console: Console, host: str, box: Box, plan: BoxPlan, headers: dict[str, GgufFile], missing: list[str]
+) -> None:
+    """One host's tables: what kept it from planning, the fields its headers refuse, each GPU's budget."""
+    for problem in (*missing, *plan.problems):
+        console.print(f"[bold red]refused[/]: {host}: {problem}", highlight=False)
+    if plan.refused:
+        console.print(problems_table([HostBox(host=host, box=box, problems=list(plan.refused))]))
+    for gpu in plan.gpus:
+        console.print(gpu_table(host, gpu))
+    for service_plan in plan.services:
+        cells = service_plan.kv_cells
+        console.print(
+            f"{service_plan.service}: KV cells {cells.full} full-attention / {cells.swa} sliding-window; "
+            f"on the CPU: {mib(service_plan.cpu_weights)} MiB weights, {mib(service_plan.cpu_kv_cache)} MiB KV",
+            highlight=False,
+        )
+        for note in service_plan.notes:
+            console.print(f"  note: {note}", highlight=False)
+    explain_terms(console)
+    print_refusal(console, host, box, plan, headers)  # only the GPUs over budget, only planned services
 
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -155,5 +164,10 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         "--headers",
         default=str(DEFAULT_HEADERS_DIR),
         help="directory of header-only GGUFs named like the models' basenames (default: %(default)s)",
+    )
+    plan.add_argument(
+        "--json",
+        action="store_true",
+        help="print the plan as JSON (per host and GPU: each service's terms, total, capacity, fits; problems)",
     )
     plan.set_defaults(run=cmd_plan)

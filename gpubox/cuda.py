@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from gpubox.gpu import Record
+from gpubox.records import Record
 
 # Where CUDA installs nvcc when it is not on PATH: NVIDIA's packages, and Arch's cuda package.
 NVCC_CANDIDATES = ("/usr/local/cuda/bin/nvcc", "/opt/cuda/bin/nvcc")
@@ -14,7 +14,7 @@ _RELEASE_RE = re.compile(r"Cuda compilation tools, release (\d+\.\d+), (V[\w.]+)
 _BUILD_RE = re.compile(r"^Build (\S+)")
 
 
-class CudaToolkit(Record):
+class Nvcc(Record):
     nvcc_path: str
     release: str
     """``major.minor``, e.g. ``"13.0"``."""
@@ -40,7 +40,7 @@ def nvcc_probe_command() -> str:
     )
 
 
-def parse_nvcc_version(nvcc_path: str, lines: Sequence[str]) -> CudaToolkit:
+def parse_nvcc_version(nvcc_path: str, lines: Sequence[str]) -> Nvcc:
     """Parse ``nvcc --version``, whose last lines are like
     ``Cuda compilation tools, release 13.0, V13.0.88`` and ``Build cuda_13.0.r13.0/compiler.36424714_0``.
     """
@@ -54,7 +54,7 @@ def parse_nvcc_version(nvcc_path: str, lines: Sequence[str]) -> CudaToolkit:
     if release_match is None:
         output = "\n".join(lines).strip() or "(no output)"
         raise ValueError(f"{nvcc_path} --version printed no CUDA release: {output}")
-    return CudaToolkit(
+    return Nvcc(
         nvcc_path=nvcc_path,
         release=release_match.group(1),
         version=release_match.group(2).removeprefix("V"),
@@ -62,7 +62,7 @@ def parse_nvcc_version(nvcc_path: str, lines: Sequence[str]) -> CudaToolkit:
     )
 
 
-def parse_nvcc_probe(lines: Sequence[str]) -> CudaToolkit | None:
+def parse_nvcc_probe(lines: Sequence[str]) -> Nvcc | None:
     """Output of :func:`nvcc_probe_command`: None when no nvcc was found."""
     lines = [line for line in lines if line.strip()]
     if not lines:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
-import shlex
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,8 @@ from typing import Any, Literal
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 from pydantic import StrictBool, StrictInt
 
-from gpubox.gpu import Record
+from gpubox.quoting import shell_word
+from gpubox.records import Record
 
 DEFAULT_HEAD_BYTES = 32 * 1024 * 1024
 """Enough for the header of models with a 262k-token vocabulary (several MB of token strings)."""
@@ -78,7 +78,7 @@ class TensorInfo(Record):
         return count
 
 
-class GgufHeader(Record):
+class GgufFile(Record):
     version: int
     file_size: int
     architecture: str | None
@@ -261,7 +261,7 @@ def _tensor_info(reader: _Reader) -> TensorInfo:
     )
 
 
-def _parse(head: bytes, file_size: int) -> GgufHeader:
+def _parse(head: bytes, file_size: int) -> GgufFile:
     reader = _Reader(head, _endianness(head))
     reader.take(4)
     version = reader.unpack("I")
@@ -280,7 +280,7 @@ def _parse(head: bytes, file_size: int) -> GgufHeader:
     data_offset = -(-reader.position // alignment) * alignment
     architecture = metadata.get(Keys.General.ARCHITECTURE)
     name = metadata.get(Keys.General.NAME)
-    return GgufHeader(
+    return GgufFile(
         version=version,
         file_size=file_size,
         architecture=architecture if isinstance(architecture, str) else None,
@@ -292,7 +292,7 @@ def _parse(head: bytes, file_size: int) -> GgufHeader:
     )
 
 
-def parse_gguf_header(head: bytes, file_size: int) -> GgufHeader:
+def parse_gguf_header(head: bytes, file_size: int) -> GgufFile:
     """Parse a GGUF header from ``head``, the first bytes (or all) of a file of ``file_size`` bytes.
 
     Raises NotGgufError (no magic), TruncatedGgufError (the file ends inside its header, or before
@@ -325,7 +325,7 @@ def parse_gguf_header(head: bytes, file_size: int) -> GgufHeader:
     return header
 
 
-def read_gguf_header(path: str | Path, head_bytes: int = DEFAULT_HEAD_BYTES) -> GgufHeader:
+def read_gguf_header(path: str | Path, head_bytes: int = DEFAULT_HEAD_BYTES) -> GgufFile:
     """Parse the header of a local GGUF file, reading only its head (more only if the header needs it)."""
     file_size = Path(path).stat().st_size
     with open(path, "rb") as file:
@@ -337,12 +337,12 @@ def read_gguf_header(path: str | Path, head_bytes: int = DEFAULT_HEAD_BYTES) -> 
                 head += file.read(max(len(head), 1 << 20))
 
 
-def header_from_fact(data: GgufHeader | dict[str, Any]) -> GgufHeader:
-    """A typed header from ``host.get_fact(GgufHeader, ...)`` or from its JSON form."""
-    return data if isinstance(data, GgufHeader) else GgufHeader.model_validate(data)
+def header_from_fact(data: GgufFile | dict[str, Any]) -> GgufFile:
+    """A typed header from ``host.get_fact(GgufFile, ...)`` or from its JSON form."""
+    return data if isinstance(data, GgufFile) else GgufFile.model_validate(data)
 
 
-def check_architecture(header: GgufHeader, expected: str, *, role: str = "model", path: str | None = None) -> None:
+def check_architecture(header: GgufFile, expected: str, *, role: str = "model", path: str | None = None) -> None:
     """Refuse a GGUF whose ``general.architecture`` is not ``expected``.
 
     ``role`` names what the GGUF is meant to be (``drafter``, ``model``) in the message.
@@ -364,7 +364,7 @@ def gguf_head_command(path: str, head_bytes: int = DEFAULT_HEAD_BYTES) -> str:
 
     Prints nothing when there is no file at ``path``.
     """
-    quoted = shlex.quote(path)
+    quoted = shell_word(path)
     return (
         f"! test -f {quoted} || if test -r {quoted}; then stat -L -c %s {quoted} && "
         f"head -c {int(head_bytes)} {quoted} | gzip -c | base64 -w0 && echo; "
@@ -372,7 +372,7 @@ def gguf_head_command(path: str, head_bytes: int = DEFAULT_HEAD_BYTES) -> str:
     )
 
 
-def parse_gguf_head_output(lines: Sequence[str]) -> GgufHeader | GgufHeaderError | None:
+def parse_gguf_head_output(lines: Sequence[str]) -> GgufFile | GgufHeaderError | None:
     """Output of :func:`gguf_head_command`: the header, an error record, or None (no file)."""
     lines = [line.strip() for line in lines if line.strip()]
     if not lines:

@@ -3,7 +3,9 @@
 The probe command prints one of three things, and :func:`parse_gpu_probe` tells them apart:
 
 - ``NO_NVIDIA_SMI``: the host has no ``nvidia-smi``; it has no usable NVIDIA GPU: ``[]``.
-- the CSV rows of ``--query-gpu``: one :class:`Gpu` per row.
+- the CSV rows of ``--query-gpu``: one :class:`Gpu` per row; then the line ``NVIDIA_SMI_MINOR_NUMBERS``
+  and the ``GPU <bus id>`` / ``Minor Number : N`` lines of ``nvidia-smi -q`` (the query has no field for
+  the minor number, which names the device node ``/dev/nvidia<N>``), matched to the rows by PCI bus id.
 - whatever ``nvidia-smi`` printed, then ``NVIDIA_SMI_FAILED rc=N``: the tool is there but the
   driver does not answer. That is a broken box, not a box without GPUs, so it raises
   :class:`NvidiaSmiError` instead of returning an empty list.
@@ -13,13 +15,14 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from gpubox.records import Record
 
 NO_NVIDIA_SMI = "NO_NVIDIA_SMI"
 NVIDIA_SMI_FAILED = "NVIDIA_SMI_FAILED"
+MINOR_NUMBERS_MARKER = "NVIDIA_SMI_MINOR_NUMBERS"
 
 GPU_QUERY_FIELDS = (
     "index",
@@ -38,19 +41,11 @@ COMPUTE_APPS_QUERY_FIELDS = ("pid", "gpu_uuid", "used_memory")
 _NOT_AVAILABLE = {"[N/A]", "N/A", "[Not Supported]", "Not Supported", "[Unknown Error]", ""}
 _MIB_RE = re.compile(r"^(\d+)(?:\s*MiB)?$")
 _FAILED_RE = re.compile(rf"^{NVIDIA_SMI_FAILED} rc=(\d+)$")
-
-
-class Record(BaseModel):
-    """Base of gpubox's fact records: immutable, strict, and JSON-encodable by pyinfra.
-
-    pyinfra's CLI (``pyinfra @host fact ...``) and pyinfra-testing serialise fact data with
-    ``pyinfra_cli.util.json_encode``, which calls ``to_json()`` on objects it does not know.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+# `nvidia-smi -q`: a GPU's block starts with an unindented `GPU 00000000:00:06.0`; inside it, indented,
+# `Minor Number : 0` (`N/A` where the driver has no device node for it, e.g. under WSL).
+_Q_GPU_RE = re.compile(r"^GPU\s+([0-9A-Fa-f]+:[0-9A-Fa-f]+:[0-9A-Fa-f]+\.[0-9A-Fa-f]+)\s*$")
+_Q_MINOR_RE = re.compile(r"^\s+Minor Number\s*:\s*(\S.*?)\s*$")
+_BUS_ID_RE = re.compile(r"^([0-9A-Fa-f]+):([0-9A-Fa-f]+):([0-9A-Fa-f]+)\.([0-9A-Fa-f]+)$")
 
 
 class Gpu(Record):
@@ -64,6 +59,8 @@ class Gpu(Record):
     memory_free_mib: int | None
     compute_capability: str | None
     """``major.minor`` as nvidia-smi prints it, e.g. ``"9.0"`` for an H100/H200."""
+    minor_number: int | None = None
+    """The driver's minor number: the GPU's device node is ``/dev/nvidia<minor_number>`` (not the index)."""
 
 
 class ComputeApp(Record):
@@ -98,8 +95,22 @@ def nvidia_smi_query_command(query: str, fields: Sequence[str]) -> str:
     )
 
 
+# The lines of `nvidia-smi -q` that carry each GPU's bus id and minor number.
+MINOR_NUMBERS_GREP = "grep -E '^GPU |Minor Number'"
+
+
 def gpu_probe_command() -> str:
-    return nvidia_smi_query_command("query-gpu", GPU_QUERY_FIELDS)
+    """The ``--query-gpu`` CSV, then (one round trip) the bus id and minor number lines of ``nvidia-smi -q``.
+
+    A failing ``nvidia-smi -q`` (or ``grep`` finding nothing) leaves the minor numbers unknown (None),
+    it does not fail the fact; a failing query still ends with ``NVIDIA_SMI_FAILED rc=N``.
+    """
+    query_call = f"nvidia-smi --query-gpu={','.join(GPU_QUERY_FIELDS)} --format=csv,noheader,nounits"
+    minor_numbers = f"{{ echo {MINOR_NUMBERS_MARKER}; nvidia-smi -q 2>/dev/null | {MINOR_NUMBERS_GREP}; true; }}"
+    return (
+        f"if ! command -v nvidia-smi >/dev/null 2>&1; then echo {NO_NVIDIA_SMI}; "
+        f'else {query_call} 2>&1 && {minor_numbers} || echo "{NVIDIA_SMI_FAILED} rc=$?"; fi'
+    )
 
 
 def compute_apps_probe_command() -> str:
@@ -193,10 +204,54 @@ def _probe_rows(lines: Sequence[str]) -> list[str] | None:
     return stripped
 
 
+def bus_id_key(bus_id: str) -> str:
+    """A PCI bus id in one spelling: nvidia-smi's ``00000000:00:06.0`` and /proc's ``0000:00:06.0`` agree."""
+    match = _BUS_ID_RE.match(bus_id.strip())
+    if match is None:
+        raise ValueError(f"not a PCI bus id: {bus_id!r}")
+    domain, bus, device, function = match.groups()
+    return f"{int(domain, 16):04x}:{int(bus, 16):02x}:{int(device, 16):02x}.{int(function, 16):x}"
+
+
+def parse_minor_numbers(lines: Iterable[str]) -> dict[str, int | None]:
+    """``nvidia-smi -q`` (whole, or only its ``GPU <bus id>`` and ``Minor Number`` lines) -> bus id -> minor.
+
+    The keys are :func:`bus_id_key` spellings; ``N/A`` reads as None. Real output of a 2x H200 box:
+    ``tests/fixtures/nvidia-smi/nvidia-smi-q-h200x2.txt`` and ``minor-numbers-h200x2.txt``.
+    """
+    minors: dict[str, int | None] = {}
+    current: str | None = None
+    for line in lines:
+        gpu = _Q_GPU_RE.match(line.rstrip())
+        if gpu is not None:
+            current = bus_id_key(gpu.group(1))
+            continue
+        minor = _Q_MINOR_RE.match(line)
+        if minor is not None and current is not None and current not in minors:
+            value = optional_value(minor.group(1))
+            if value is not None and not value.isdigit():
+                raise ValueError(f"not a minor number: {line!r}")
+            minors[current] = None if value is None else int(value)
+    return minors
+
+
+def with_minor_numbers(gpus: Iterable[Gpu], minors: Mapping[str, int | None]) -> list[Gpu]:
+    """Each GPU with the minor number listed for its PCI bus id (None when not listed)."""
+    return [gpu.model_copy(update={"minor_number": minors.get(bus_id_key(gpu.pci_bus_id))}) for gpu in gpus]
+
+
 def parse_gpu_probe(lines: Sequence[str]) -> list[Gpu]:
-    """Output of :func:`gpu_probe_command` -> the GPUs; ``[]`` without nvidia-smi; raises NvidiaSmiError."""
+    """Output of :func:`gpu_probe_command` -> the GPUs; ``[]`` without nvidia-smi; raises NvidiaSmiError.
+
+    Output without the minor-number part (an older probe) gives GPUs whose ``minor_number`` is None.
+    """
     rows = _probe_rows(lines)
-    return [] if rows is None else parse_gpu_csv(rows)
+    if rows is None:
+        return []
+    if MINOR_NUMBERS_MARKER not in rows:
+        return parse_gpu_csv(rows)
+    split = rows.index(MINOR_NUMBERS_MARKER)
+    return with_minor_numbers(parse_gpu_csv(rows[:split]), parse_minor_numbers(rows[split + 1 :]))
 
 
 def parse_compute_apps_probe(lines: Sequence[str]) -> list[ComputeApp]:

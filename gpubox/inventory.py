@@ -1,21 +1,24 @@
 """Read a pyinfra inventory file without connecting to anything.
 
-An inventory is a Python file whose top-level lists (or tuples) of hosts are groups; a host is a
-name or a `(name, data)` pair, and a gpubox host carries its `Box` under the data key `box`.
-This mirrors pyinfra's own reading of such files, so `gpubox check` and `gpubox plan` see what
+An inventory is a Python file whose top-level lists of hosts are groups; a host is a name or a
+`(name, data)` pair, and a gpubox host carries its `Box` under the data key `box`, set in the
+file or in `group_data/*.py` beside it. pyinfra's own loader reads it (host data merged with the
+groups' data as a deploy sees it), so `gpubox check` and `gpubox plan` see what
 `pyinfra INVENTORY ...` would.
 """
 
 from __future__ import annotations
 
-import runpy
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from gpubox.spec import Box, Problem, problems_from
+from gpubox.box import Box
+from gpubox.spec import Problem, problems_from
 
 BOX_KEY = "box"
 
@@ -44,56 +47,73 @@ class HostBox:
     problems: list[Problem]
 
 
-def _host_entries(value: object) -> list[tuple[str, dict[str, Any]]] | None:
-    """The hosts of one top-level variable, or None when it is not a host group."""
-    if not isinstance(value, list | tuple) or not value:
-        return None
-    entries: list[tuple[str, dict[str, Any]]] = []
-    for item in value:
-        if isinstance(item, str):
-            entries.append((item, {}))
-        elif (
-            isinstance(item, tuple)
-            and len(item) == 2
-            and isinstance(item[0], str)
-            and isinstance(item[1], dict)
-        ):
-            entries.append((item[0], dict(item[1])))
-        else:
-            return None
-    return entries
+def _import_pyinfra_cli_without_gevent_patching() -> None:
+    """Import ``pyinfra_cli`` without its package ``__init__``'s ``gevent.monkey.patch_all()``.
 
+    The pyinfra CLI patches the whole stdlib for gevent when its package is imported. Building an
+    inventory needs none of it (it executes the inventory and group data files and builds
+    ``Inventory``), and the gpubox CLI goes on to run subprocesses and HTTP clients (bench, smoke)
+    that must not inherit a late patch (gevent warns that patching ``ssl`` after it is imported can
+    break it). Inside a pyinfra run the package is already imported and patched: nothing to do.
+    """
+    if "pyinfra_cli" in sys.modules:
+        return
+    from gevent import monkey
 
-def load_inventory(path: str | Path) -> list[InventoryHost]:
-    """Import the inventory file and return its hosts with their groups and merged data."""
-    inventory_path = Path(path)
-    if not inventory_path.is_file():
-        raise InventoryError(f"{inventory_path}: no such inventory file")
+    patch_all = monkey.patch_all
+    monkey.patch_all = lambda *args, **kwargs: None
     try:
-        namespace = runpy.run_path(str(inventory_path))
-    except ValidationError as error:
-        raise InventoryError(
-            f"{inventory_path}: a spec in the inventory is refused while it imports",
-            problems_from(error),
-        ) from error
-    except Exception as error:  # noqa: BLE001 - any import failure is the user's to see, named
+        import pyinfra_cli  # noqa: F401
+    finally:
+        monkey.patch_all = patch_all
+
+
+def _pyinfra_hosts(inventory_path: Path) -> list[InventoryHost]:
+    """Build the inventory with pyinfra's own CLI loader: the file's groups, then ``group_data/``.
+
+    ``make_inventory_from_files`` is what ``pyinfra INVENTORY ...`` calls (``pyinfra_cli.cli``,
+    with ``cwd`` the working directory): group data from ``./group_data`` and from the inventory's
+    own directory's ``group_data`` (``all.py``, ``<group>.py``, ``<inventory name>.py``). The
+    import is lazy because this is the CLI's adapter, not the pure core: ``gpubox`` imports no
+    pyinfra at module level (the deploy's modules are the only ones that run inside pyinfra).
+    Like the pyinfra CLI, the loader keeps each file's compiled code by path for the process.
+    """
+    from pyinfra.api.state import State
+    from pyinfra.context import ctx_state
+
+    _import_pyinfra_cli_without_gevent_patching()
+    from pyinfra_cli.exceptions import UnexpectedExternalError
+    from pyinfra_cli.inventory import make_inventory_from_files
+
+    try:
+        with ctx_state.use(State()):  # exec_file records the file it runs on the current state
+            inventory = make_inventory_from_files(str(inventory_path), cwd=os.getcwd())
+    except UnexpectedExternalError as wrapped:  # pyinfra wraps whatever the file raised
+        error, where = wrapped.exception, Path(wrapped.filename)
+        if isinstance(error, ValidationError):
+            raise InventoryError(
+                f"{where}: a spec in the inventory is refused while it imports", problems_from(error)
+            ) from error
+        raise InventoryError(f"{where}: the inventory does not import: {type(error).__name__}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - anything else pyinfra raises while loading, named
         raise InventoryError(
             f"{inventory_path}: the inventory does not import: {type(error).__name__}: {error}"
         ) from error
-    hosts: dict[str, InventoryHost] = {}
-    for group, value in namespace.items():
-        if group.startswith("_"):
-            continue
-        entries = _host_entries(value)
-        if entries is None:
-            continue
-        for name, data in entries:
-            host = hosts.setdefault(name, InventoryHost(name=name))
-            host.groups.append(group)
-            host.data.update(data)
+    return [
+        InventoryHost(name=host.name, groups=list(host.groups), data=host.data.dict()) for host in inventory
+    ]
+
+
+def load_inventory(path: str | Path) -> list[InventoryHost]:
+    """The inventory's hosts with their groups and their data merged as pyinfra merges it (host,
+    then its groups' data, then ``all``, including ``group_data/`` files beside the inventory)."""
+    inventory_path = Path(path)
+    if not inventory_path.is_file():
+        raise InventoryError(f"{inventory_path}: no such inventory file")
+    hosts = _pyinfra_hosts(inventory_path)
     if not hosts:
         raise InventoryError(f"{inventory_path}: no host lists found (a group is a top-level list of hosts)")
-    return list(hosts.values())
+    return hosts
 
 
 def box_of(host: InventoryHost) -> HostBox | None:

@@ -7,10 +7,10 @@ before a deploy writes a unit that crash-loops on start.
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Iterable, Sequence
 
-from gpubox.gpu import Record
+from gpubox.quoting import shell_word
+from gpubox.records import Record
 
 # --- llama-server --version ----------------------------------------------------------------------
 
@@ -21,7 +21,7 @@ _VERSION_RE = re.compile(
 _BUILT_WITH_RE = re.compile(r"^built with (?P<built_with>.+)$")
 
 
-class LlamaServerVersion(Record):
+class ServerVersion(Record):
     version: str
     """``0.5.0-dev``, or the build number (``4200``) for builds made before llama.cpp had versions."""
     build: int | None
@@ -38,13 +38,18 @@ class LlamaServerVersion(Record):
         return " ".join(parts)
 
 
+VERSION_CACHE_SUFFIX = ".version"
+HELP_CACHE_SUFFIX = ".help"
+
+
 def server_version_command(binary: str) -> str:
-    """``--version`` prints to stderr; nothing at all when the binary is missing."""
-    quoted = shlex.quote(binary)
-    return f"! test -e {quoted} || {quoted} --version 2>&1 || true"
+    """``--version`` (it prints to stderr), or what the build saved of it beside the binary (its directory
+    is named after the commit, so the saved text is the binary's); nothing at all when the binary is missing."""
+    quoted, cached = shell_word(binary), shell_word(binary + VERSION_CACHE_SUFFIX)
+    return f"! test -e {quoted} || cat {cached} 2>/dev/null || {quoted} --version 2>&1 || true"
 
 
-def parse_server_version(lines: Sequence[str]) -> LlamaServerVersion:
+def parse_server_version(lines: Sequence[str]) -> ServerVersion:
     """Parse ``llama-server --version`` (with stderr), skipping backend lines printed before it.
 
     Raises ValueError, with the output, when no version line is in it (e.g. a shared library is
@@ -66,7 +71,7 @@ def parse_server_version(lines: Sequence[str]) -> LlamaServerVersion:
     version = version_match.group("version")
     if build is None and version.isdigit():
         build = version
-    return LlamaServerVersion(
+    return ServerVersion(
         version=version,
         build=None if build is None else int(build),
         commit=None if commit == "unknown" else commit,
@@ -102,8 +107,10 @@ class ServerFlags(Record):
 
 
 def server_help_command(binary: str) -> str:
-    quoted = shlex.quote(binary)
-    return f"! test -e {quoted} || {quoted} --help 2>&1 || true"
+    """``--help``, or what the build saved of it beside the binary: a no-op deploy runs no binary (on a
+    GPU host each start loads the CUDA libraries)."""
+    quoted, cached = shell_word(binary), shell_word(binary + HELP_CACHE_SUFFIX)
+    return f"! test -e {quoted} || cat {cached} 2>/dev/null || {quoted} --help 2>&1 || true"
 
 
 def _option_names_and_argument(spec: str) -> tuple[list[str], str]:
@@ -167,34 +174,27 @@ def parse_server_help(lines: Iterable[str]) -> ServerFlags:
     )
 
 
-def _is_flag(token: str) -> bool:
-    if not token.startswith("-") or token == "-":
-        return False
-    try:
-        float(token)
-    except ValueError:
-        return True
-    return False  # a negative number, e.g. `--seed -1`
-
-
 def _normalised(flag: str) -> str:
     # llama.cpp's parser turns `_` into `-` in long options (common/arg.cpp).
     return flag.replace("_", "-") if flag.startswith("--") else flag
 
 
-def unsupported_flags(argv: Sequence[str], flags: ServerFlags) -> list[str]:
-    """The flags of a llama-server command line (``argv[0]`` is the binary) it would reject."""
-    return [token for token in argv[1:] if _is_flag(token) and not flags.supports(_normalised(token))]
+def unsupported_flags(used: Sequence[str], flags: ServerFlags) -> list[str]:
+    """The flags of a command line (``Service.command_flags()``) the binary would reject."""
+    return [flag for flag in used if not flags.supports(_normalised(flag))]
 
 
 class UnsupportedServerArgumentError(ValueError):
     """The llama-server binary on the host cannot run the command line the deploy asks for."""
 
 
-def check_argv_supported(argv: Sequence[str], flags: ServerFlags, version: str) -> None:
-    """Raise UnsupportedServerArgumentError naming each flag ``llama-server`` (``version``) rejects."""
+def check_flags_supported(used: Sequence[str], flags: ServerFlags, version: str) -> None:
+    """Raise UnsupportedServerArgumentError naming each flag ``llama-server`` (``version``) rejects.
+
+    ``used``: the flags a service's command line uses, from its flag table and ``extra_args``.
+    """
     problems = []
-    for flag in unsupported_flags(argv, flags):
+    for flag in unsupported_flags(used, flags):
         hint = flags.removed.get(_normalised(flag))
         problems.append(f"{flag} ({hint})" if hint else flag)
     if problems:
@@ -228,7 +228,7 @@ _RC_RE = re.compile(r"^@@rc=(\d+)$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 
 
-class LlamaCppCheckout(Record):
+class SourceCheckout(Record):
     path: str
     """The checkout's directory as the host's ``pwd`` prints it."""
     commit: str
@@ -250,7 +250,7 @@ def checkout_command(path: str) -> str:
     Prints nothing when ``path`` has no ``.git``. Does not set ``safe.directory``: a checkout that
     git refuses to trust fails loudly rather than being read past that protection.
     """
-    quoted = shlex.quote(path)
+    quoted = shell_word(path)
     sections = (
         ("path", "pwd"),
         ("head", "git rev-parse HEAD"),
@@ -281,7 +281,7 @@ def _sections(lines: Iterable[str]) -> dict[str, tuple[list[str], int]]:
     return sections
 
 
-def parse_checkout(lines: Sequence[str]) -> LlamaCppCheckout | None:
+def parse_checkout(lines: Sequence[str]) -> SourceCheckout | None:
     """Output of :func:`checkout_command`; None when empty (not a checkout)."""
     if not any(line.strip() for line in lines):
         return None
@@ -299,7 +299,7 @@ def parse_checkout(lines: Sequence[str]) -> LlamaCppCheckout | None:
         raise GitCheckoutError(f"git status failed in {path}: {' '.join(status).strip()}")
     origin, origin_rc = sections["origin"]
     changes = tuple(line for line in status if line.strip())
-    return LlamaCppCheckout(
+    return SourceCheckout(
         path=path,
         commit=commit,
         dirty=bool(changes),

@@ -14,19 +14,18 @@ Field names are the pinned llama-server's (tools/server): `/completion` takes `p
 from __future__ import annotations
 
 import json
-import shlex
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 
-import requests
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
 from gpubox.gpu import ComputeApp
 from gpubox.promtext import PrometheusTextError, parse_prometheus_text
+from gpubox.quoting import shell_join
 from gpubox.spec import SmokeThresholds
 
 METRIC_DRAFT_TOKENS = "llamacpp:spec_decode_num_draft_tokens_total"
@@ -65,6 +64,8 @@ CommandRunner = Callable[[str], tuple[str, int]]
 
 def requests_transport(base_url: str, api_key: str | None = None) -> Transport:
     """HTTP from this machine; one `requests.Session` per thread, so the bench may call it concurrently."""
+    import requests  # here, not at the top: a deploy smokes over the host's curl and need not load it
+
     root = base_url.rstrip("/")
     headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
     local = threading.local()
@@ -108,10 +109,10 @@ def curl_command(
     if body is not None:
         words += ["-H", "Content-Type: application/json", "--data-binary", json.dumps(body)]
     words.append(base_url.rstrip("/") + path)
-    command = shlex.join(words)
+    command = shell_join(words)
     if api_key_file is None:
         return command
-    header = shlex.join(["sed", "-n", "1s/^/Authorization: Bearer /p", api_key_file])
+    header = shell_join(["sed", "-n", "1s/^/Authorization: Bearer /p", api_key_file])
     return f"{header} | {command}"
 
 

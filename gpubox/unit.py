@@ -1,99 +1,89 @@
-"""Render a deterministic systemd unit for one llama-server service.
+"""Render a deterministic, hardened systemd unit for any gpubox service.
 
-The command line is built once (`server_argv`) and used by the unit, by the flag check against
-the installed binary's `--help`, and by the bench and GPU validation that start the same command
-without systemd.
+The command line comes from the service's flag table (`Service.argv`); every value written into
+the unit goes through `gpubox.quoting`, one escaper per directive: an ExecStart word, an
+Environment assignment, a path-list entry, and `unit_safe` for the rest (device nodes, networks).
+
+Every unit is born hardened (`systemd-analyze security --offline=yes` exposure <= 2.0, asserted
+by tests/test_hardening.py for each unit type); `hardening` says what each service gets and why.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 
-from gpubox.spec import LlamaServer
+from gpubox.gpu import Gpu
+from gpubox.quoting import environment_assignment, exec_word, path_list_entry, unit_safe
+from gpubox.servers.base import Service, flag_of
+from gpubox.spec import is_loopback
 
-# Characters that make systemd split or reinterpret an ExecStart word.
-_NEEDS_QUOTES = re.compile(r"[\s\"'\\;]")
-_NUMBER = re.compile(r"^-[0-9.]+$")
 HOME_PREFIXES = ("/home/", "/root/", "/run/user/")
 
+# Device nodes every CUDA process opens besides its GPUs' own /dev/nvidia<minor>. Measured on an
+# H200: hiding either (or the GPU's node) makes CUDA find no device. /dev/nvidia-uvm-tools and
+# /dev/nvidia-caps/* are not needed. systemd resolves a DeviceAllow= path when it starts the unit, so
+# /dev/nvidia-uvm must exist by then (a udev rule running `nvidia-modprobe -u -c=0`, or any earlier CUDA
+# process run as root, makes it): the service can't, as NoNewPrivileges voids the setuid nvidia-modprobe.
+NVIDIA_SHARED_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm")
 
-def binary_path(prefix: str, program: str = "llama-server") -> str:
-    """The program in the active build: `{prefix}/current` is switched atomically per build."""
-    return f"{prefix}/current/{program}"
+# What llama.cpp must still do after `~@resources` is denied: pin its threads (ggml's
+# pthread_setaffinity_np, --cpu-mask/--numa), raise their priority (pthread_setschedparam,
+# --prio) and the process's (setpriority, --prio). In systemd 252 @resources also holds
+# setrlimit, nice, ioprio_set, sched_setattr/_setparam, mbind, set_mempolicy, migrate_pages and
+# move_pages: those stay denied.
+SCHEDULING_SYSCALLS = ("sched_setaffinity", "sched_setscheduler", "setpriority")
 
 
-def _gpu_layers(value: int | str) -> str:
-    return str(value)
+def service_gpus(service: Service, gpus: Sequence[Gpu], field: str = "gpus") -> list[Gpu]:
+    """The host's records of the service's GPUs, in the service's order.
 
-
-def server_argv(server: LlamaServer, prefix: str) -> list[str]:
-    """llama-server's command line, every flag spelled the way the pinned llama.cpp parses it.
-
-    `--parallel` is always rendered: its default is auto (4 slots), which is the parallel trap.
+    `gpus` are the host's records (the NvidiaGpus fact), found by nvidia-smi index. The unit pins
+    each GPU by its UUID and allows its device node `/dev/nvidia<minor_number>` (the driver's minor
+    number, not the index), so a GPU the host lacks, or a record without either, is refused: a
+    ValueError naming `field` and listing the host's GPUs.
     """
-    argv = [binary_path(prefix), "--model", server.model.path]
-    if server.model_draft is not None:
-        argv += ["--model-draft", server.model_draft.path]
-    if server.spec_type != "none":
-        argv += ["--spec-type", server.spec_type]
-    if server.spec_draft_n_max is not None:
-        argv += ["--spec-draft-n-max", str(server.spec_draft_n_max)]
-    if server.spec_draft_ngl is not None:
-        argv += ["--spec-draft-ngl", _gpu_layers(server.spec_draft_ngl)]
-    argv += [
-        "--ctx-size", str(server.ctx_size),
-        "--n-gpu-layers", _gpu_layers(server.n_gpu_layers),
-        "--cache-type-k", server.cache_type_k,
-        "--cache-type-v", server.cache_type_v,
-        "--parallel", str(server.parallel),
-        "--flash-attn", server.flash_attn,
-        "--cont-batching" if server.cont_batching else "--no-cont-batching",
-        "--jinja" if server.jinja else "--no-jinja",
-    ]  # fmt: skip
-    if server.fit is not None:
-        argv += ["--fit", server.fit]
-    argv += ["--host", server.host, "--port", str(server.port)]
-    if server.metrics:
-        argv.append("--metrics")
-    if server.api_key_file is not None:
-        argv += ["--api-key-file", server.api_key_file]
-    argv += list(server.extra_args)
-    return argv
+    by_index = {gpu.index: gpu for gpu in gpus}
+    problems = []
+    for index in service.gpus:
+        gpu = by_index.get(index)
+        if gpu is None:
+            problems.append(f"GPU {index} is not on the host")
+        elif not gpu.uuid:
+            problems.append(f"GPU {index} has no UUID in the host's GPU facts")
+        elif gpu.minor_number is None:
+            problems.append(f"GPU {index}'s minor number (its /dev/nvidiaN) is unknown")
+    if problems:
+        host_gpus = ", ".join(
+            f"{gpu.index} ({gpu.uuid or 'no UUID'}, "
+            f"{'no minor number' if gpu.minor_number is None else f'/dev/nvidia{gpu.minor_number}'})"
+            for gpu in sorted(gpus, key=lambda gpu: gpu.index)
+        )
+        raise ValueError(
+            f"{field}={list(service.gpus)}: {'; '.join(problems)}. The unit allows only its GPUs' device nodes "
+            f"and pins them by UUID. The host's GPUs: {host_gpus or 'none (no nvidia-smi)'}"
+        )
+    return [by_index[index] for index in service.gpus]
 
 
-def server_environment(server: LlamaServer) -> dict[str, str]:
+def server_environment(service: Service, gpus: Sequence[Gpu] = ()) -> dict[str, str]:
     """The service's environment: which GPUs it sees (none when it has no GPUs).
 
-    CUDA numbers devices fastest-first unless told otherwise; PCI bus order makes the indices
-    the same as nvidia-smi's, which the spec's `gpus` and the GPU facts use.
+    With the host's GPU records (what the unit gets) each GPU is named by its UUID: inside the unit
+    only its GPUs' device nodes exist, so CUDA numbers what it sees from 0 and an nvidia-smi index
+    would name the wrong GPU or none; a UUID names the same GPU with or without that wall. Without
+    records (a process started outside a unit, such as the bench's temporary servers) the nvidia-smi
+    indices: PCI bus order makes CUDA's numbering the same as nvidia-smi's.
     """
-    return {
-        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-        "CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in server.gpus),
-    }
+    if service.gpus and gpus:
+        visible = ",".join(gpu.uuid for gpu in service_gpus(service, gpus))
+    else:
+        visible = ",".join(str(gpu) for gpu in service.gpus)
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible}
 
 
-def systemd_quote(word: str) -> str:
-    """Quote one ExecStart word so systemd passes it through unchanged.
-
-    systemd expands `%` specifiers and `$` variables in ExecStart, so both are doubled.
-    """
-    escaped = word.replace("%", "%%").replace("$", "$$")
-    if escaped and not _NEEDS_QUOTES.search(escaped):
-        return escaped
-    escaped = escaped.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
-def read_only_paths(server: LlamaServer) -> list[str]:
-    """Directories of the model files (and API key file), mounted read-only for the service."""
-    files = [server.model.path]
-    if server.model_draft is not None:
-        files.append(server.model_draft.path)
-    if server.api_key_file is not None:
-        files.append(server.api_key_file)
-    directories = {path.rsplit("/", 1)[0] or "/" for path in files}
-    return sorted(directories)
+def read_only_paths(service: Service) -> list[str]:
+    """Directories of the files the service reads (models, key file), mounted read-only for it."""
+    return sorted({path.rsplit("/", 1)[0] or "/" for path in service.read_only_files()})
 
 
 def _protect_home(paths: list[str]) -> str:
@@ -106,49 +96,140 @@ def flag_groups(argv: list[str]) -> list[list[str]]:
     """Split a command line into the program and one group per flag with its values (one per line)."""
     groups: list[list[str]] = [[argv[0]]]
     for word in argv[1:]:
-        if word.startswith("-") and not _NUMBER.match(word):
+        if flag_of(word) is not None:
             groups.append([word])
         else:
             groups[-1].append(word)
     return groups
 
 
-def render_unit(server: LlamaServer, prefix: str) -> str:
-    """The unit file's whole text; the same spec always renders the same bytes."""
-    argv = server_argv(server, prefix)
-    exec_start = " \\\n    ".join(" ".join(systemd_quote(word) for word in group) for group in flag_groups(argv))
+def ip_address_allow(service: Service) -> list[str]:
+    """Who may talk to the service (`IPAddressAllow=`; everything else is `IPAddressDeny=any`).
+
+    Always this machine (`localhost`: 127.0.0.0/8 and ::1, where the smoke test and a local proxy
+    connect from); beyond loopback, the service's `allow_from` networks (required there by its rule).
+    """
+    allowed = ["localhost"]
+    if not is_loopback(service.host):
+        allowed += [unit_safe(network, "allow_from") for network in service.allow_from]
+    return allowed
+
+
+def hardening(service: Service, gpus: Sequence[Gpu]) -> list[str]:
+    """The sandbox directives of the service's unit; `gpus` are the service's own GPU records.
+
+    Every service: no capabilities, no new privileges, umask 0077, read-only OS and homes, its own
+    mounts, the kernel's tunables/modules/logs/clock/hostname out of reach, other processes
+    invisible, only IP and local sockets, no namespaces, no realtime, no SUID, the native syscall
+    ABI, and the syscalls of a system service minus @privileged and @resources (but for
+    SCHEDULING_SYSCALLS), denied with EPERM rather than SIGSYS: a library probing a denied call
+    (e.g. a NUMA call of CUDA's: Docker's default seccomp profile denies mbind/set_mempolicy with
+    EPERM too) gets an error it can handle instead of killing the server. Network: deny all but
+    `ip_address_allow`. Devices: `DevicePolicy=closed` (null, zero, random, tty, ...) plus, for a
+    GPU service, exactly its GPUs' nodes and the two every CUDA process needs.
+
+    Left out of GPU services, kept for CPU-only ones (all said to break CUDA):
+    - `PrivateDevices=yes`: a private /dev without /dev/nvidia*; `DeviceAllow=` is the wall there.
+    - `MemoryDenyWriteExecute=yes`: CUDA JIT-compiles PTX (a build without the card's exact arch) into
+      writable+executable memory. The GPU machine experiment tells whether it holds for an exact-arch build.
+    - `ProcSubset=pid`: NVML (and CUDA) read /proc/driver/nvidia.
+    Left out of every service:
+    - `PrivateNetwork=yes`: the service is a network listener.
+    - `PrivateUsers=yes`: a user namespace around the NVIDIA driver is untried, and the exposure target
+      holds without it (worth 0.2).
+    - `AF_NETLINK` in RestrictAddressFamilies: llama.cpp opens no netlink socket (its HTTP server binds
+      through getaddrinfo, whose AI_ADDRCONFIG probe falls back when netlink is refused), and NVML/CUDA
+      are not known to need one; only on GPU services could it be needed, so if the GPU machine
+      experiment shows CUDA failing without it, it is added for GPU services only.
+    - `IPAddressAllow=any`-style openness: `allow_from=('any',)` is an explicit decision of the spec.
+    Not enforced by every host: a systemd-nspawn test host applies the seccomp filter, MDWE, the umask
+    and the capability sets, but neither `IPAddressAllow/Deny` nor `DevicePolicy` (tests/test_unit.py
+    and tests/test_hardening.py prove those by rendering).
+    """
+    cpu_only = not gpus
+    model_dirs = read_only_paths(service)
+    lines = [
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "AmbientCapabilities=",
+        "UMask=0077",
+        "ProtectSystem=strict",
+        f"ProtectHome={_protect_home(model_dirs)}",
+        "PrivateTmp=yes",
+        "PrivateMounts=yes",
+    ]
+    if model_dirs:
+        lines.append(f"ReadOnlyPaths={' '.join(path_list_entry(path) for path in model_dirs)}")
+    lines += [
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "ProtectProc=invisible",
+    ]
+    if cpu_only:
+        lines += ["ProcSubset=pid", "PrivateDevices=yes"]
+    lines.append("DevicePolicy=closed")
+    nodes = [*NVIDIA_SHARED_NODES, *(f"/dev/nvidia{gpu.minor_number}" for gpu in gpus)]
+    lines += [f"DeviceAllow={unit_safe(node, 'a device node')} rw" for node in nodes] if gpus else []
+    lines += [
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+    ]
+    if cpu_only:
+        lines.append("MemoryDenyWriteExecute=yes")
+    lines += [
+        "RemoveIPC=yes",
+        "KeyringMode=private",
+        "SystemCallArchitectures=native",
+        "SystemCallFilter=@system-service",
+        "SystemCallFilter=~@privileged @resources",
+        f"SystemCallFilter={' '.join(SCHEDULING_SYSCALLS)}",
+        "SystemCallErrorNumber=EPERM",
+        "IPAddressDeny=any",
+        f"IPAddressAllow={' '.join(ip_address_allow(service))}",
+    ]
+    return lines
+
+
+def render_unit(service: Service, binary: str, gpus: Sequence[Gpu] = ()) -> str:
+    """The unit file's whole text; the same spec and GPU records always render the same bytes.
+
+    `gpus` are the host's GPU records (the NvidiaGpus fact; only the service's own GPUs are used):
+    a service with GPUs needs each one's record with its UUID and minor number (`service_gpus`
+    raises ValueError otherwise).
+    """
+    own_gpus = service_gpus(service, gpus)
+    groups = flag_groups(service.argv(binary))
+    exec_start = " \\\n    ".join(" ".join(exec_word(word) for word in group) for group in groups)
     environment = "\n".join(
-        f"Environment={systemd_quote(f'{key}={value}')}"
-        for key, value in sorted(server_environment(server).items())
+        f"Environment={environment_assignment(key, value)}"
+        for key, value in sorted(server_environment(service, own_gpus).items())
     )
-    model_dirs = read_only_paths(server)
-    gpus = ",".join(str(gpu) for gpu in server.gpus) or "none"
+    sandbox = "\n".join(hardening(service, own_gpus))
+    gpu_list = ",".join(str(gpu) for gpu in service.gpus) or "none"
     return f"""\
 # Managed by gpubox: edits are overwritten on the next deploy.
 [Unit]
-Description=llama-server {server.name} (gpubox; GPUs: {gpus})
+Description={service.PROGRAM} {service.name} (gpubox; GPUs: {gpu_list})
 After=network-online.target
 Wants=network-online.target
 
 [Service]
 Type=simple
-User={server.user}
-Group={server.user}
+User={service.user}
+Group={service.user}
 {environment}
 ExecStart={exec_start}
 Restart=on-failure
 RestartSec=3
 TimeoutStopSec=30
-NoNewPrivileges=yes
-ProtectSystem=strict
-ProtectHome={_protect_home(model_dirs)}
-PrivateTmp=yes
-ReadOnlyPaths={" ".join(model_dirs)}
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectControlGroups=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
+{sandbox}
 
 [Install]
 WantedBy=multi-user.target

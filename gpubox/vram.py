@@ -1,6 +1,6 @@
 """VRAM planner: what a llama-server service puts on each GPU, from its models' GGUF headers.
 
-Pure core (no pyinfra): the deploy passes headers read on the host (the ``GgufHeader`` fact) and
+Pure core (no pyinfra): the deploy passes headers read on the host (the ``GgufFile`` fact) and
 GPU totals from its GPU facts; ``gpubox plan`` passes headers read on the controller and the
 box's ``expected_gpus``. Every term follows what the pinned llama.cpp allocates at load, read in
 its source (paths relative to the llama.cpp tree):
@@ -16,8 +16,11 @@ its source (paths relative to the llama.cpp tree):
   ``GGML_PAD(min(n_ctx_seq, n_swa * (unified ? n_seq : 1) + n_ubatch), 256)`` cells per stream
   (``--swa-full`` off); Gemma 3n/4 layers past ``n_layer - shared_kv_layers`` reuse earlier layers'
   cache and a ``gemma4-assistant`` drafter shares every KV layer with its target (the ``share``
-  callback in ``src/llama-model.cpp``), so both cost nothing.
-* compute buffer: see :class:`ComputeCalibration`.
+  callback in ``src/llama-model.cpp``), so both cost nothing. Any other drafter's KV is typed by
+  ``--spec-draft-type-k/-v`` (default f16), not by the target's ``--cache-type-k/-v``
+  (``common_base_params_to_speculative`` in ``common/speculative.cpp``).
+* compute buffer: see :class:`ComputeCalibration`; one ``n_ubatch`` batch, ``n_ubatch =
+  min(ctx_size, batch_size, ubatch_size)`` (``src/llama-context.cpp``).
 * headroom: see :data:`CUDA_CONTEXT_MIB`.
 """
 
@@ -27,15 +30,18 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from gpubox.box import Box
 from gpubox.gguf_header import (
     ArraySummary,
-    GgufHeader,
+    GgufFile,
     MetadataValue,
     TruncatedGgufError,
     parse_gguf_header,
     read_gguf_header,
 )
-from gpubox.spec import Box, GpuLayers, LlamaServer, ModelFile
+from gpubox.servers.base import flag_of
+from gpubox.servers.llama import CacheType, GpuLayers, LlamaServer
+from gpubox.spec import ModelFile, Problem
 
 MIB = 1024 * 1024
 
@@ -60,6 +66,22 @@ SWA_PAD = 256
 
 DEFAULT_N_UBATCH = 512
 """llama-server's default ``--ubatch-size`` (``common/common.h``: ``n_ubatch = 512``)."""
+
+DEFAULT_N_BATCH = 2048
+"""llama-server's default ``--batch-size`` (``common/common.h``: ``n_batch = 2048``)."""
+
+DEFAULT_DRAFT_CACHE_TYPE: CacheType = "f16"
+"""A drafter's KV type unless ``--spec-draft-type-k/-v`` say otherwise (``common/common.h``:
+``speculative.draft.cache_type_k/v = GGML_TYPE_F16``; ``--help``: "(default: f16)")."""
+
+CONTEXT_OVERRIDE_FLAGS = frozenset(
+    {"--rope-scaling", "--rope-scale", "--rope-freq-scale", "--yarn-orig-ctx", "--override-kv"}
+)
+"""``extra_args`` flags that extend or restate the trained context. LlamaServer has no typed RoPE
+fields, so these in ``extra_args`` count as the user's explicit context override. (In the pinned
+source only YaRN with a custom scale re-adjusts ``n_ctx_train``, in ``llama_init_from_model``,
+and ``--override-kv <arch>.context_length=int:N`` replaces it; a linear ``--rope-scale`` is taken
+as stated intent.) ``--override-kv`` counts only when it overrides ``context_length``."""
 
 CUDA_CONTEXT_MIB = 600
 """Headroom per llama-server process on each GPU it uses, outside llama.cpp's logged buffers: the
@@ -167,7 +189,7 @@ def _swa_layers(value: MetadataValue | None, n_layer: int, n_swa: int) -> list[b
     return [False] * n_layer
 
 
-def _vocab_size(header: GgufHeader) -> int:
+def _vocab_size(header: GgufFile) -> int:
     tokens = header.get("tokenizer.ggml.tokens")
     if isinstance(tokens, ArraySummary):
         return tokens.length
@@ -177,7 +199,7 @@ def _vocab_size(header: GgufHeader) -> int:
     return embd.shape[1] if embd is not None and len(embd.shape) > 1 else 0
 
 
-def model_shape(header: GgufHeader) -> ModelShape:
+def model_shape(header: GgufFile) -> ModelShape:
     """Hyperparameters from ``{arch}.*`` keys, with llama.cpp's defaults where a key is absent."""
     arch = header.architecture or "unknown"
     n_layer = header.block_count or 0
@@ -244,7 +266,7 @@ class WeightSplit:
     """No ``output.weight``: the head is a GPU copy of ``token_embd``."""
 
 
-def weight_split(header: GgufHeader, n_gpu_layers: GpuLayers | None) -> WeightSplit:
+def weight_split(header: GgufFile, n_gpu_layers: GpuLayers | None) -> WeightSplit:
     """Weight bytes on the GPU and on the CPU for ``-ngl n_gpu_layers``."""
     n_layer = header.block_count or 0
     offloaded = gpu_layer_count(n_gpu_layers, n_layer)
@@ -353,6 +375,86 @@ def kv_cache_split(
         else:
             cpu += size
     return KvSplit(gpu_bytes=int(gpu), cpu_bytes=int(cpu), cells=cells, layers_with_cache=count)
+
+
+# --------------------------------------------------------------------------- batch sizes, trained context
+
+
+def effective_n_ubatch(server: LlamaServer) -> int:
+    """The micro-batch llama.cpp reserves its compute buffers for.
+
+    ``n_batch = min(n_ctx, batch_size)`` (causal models), ``n_ubatch = min(n_batch, ubatch_size)``
+    (``llama_context`` ctor); the reserve uses ``min(n_ctx, n_ubatch)`` tokens.
+    """
+    n_batch = min(server.ctx_size, server.batch_size or DEFAULT_N_BATCH)
+    return max(1, min(n_batch, server.ubatch_size or DEFAULT_N_UBATCH))
+
+
+def overrides_trained_context(server: LlamaServer) -> bool:
+    """``extra_args`` that scale RoPE or override ``<arch>.context_length`` (see CONTEXT_OVERRIDE_FLAGS)."""
+    words = list(server.extra_args)
+    for position, word in enumerate(words):
+        flag = flag_of(word)
+        if flag not in CONTEXT_OVERRIDE_FLAGS:
+            continue
+        if flag != "--override-kv":
+            return True
+        value = word.split("=", 1)[1] if "=" in word else (words[position + 1] if position + 1 < len(words) else "")
+        if ".context_length=" in value:
+            return True
+    return False
+
+
+def _uses_kv_unified(server: LlamaServer) -> bool:
+    return any(arg in ("-kvu", "--kv-unified") for arg in server.extra_args)
+
+
+def trained_context_problems(server: LlamaServer, target_header: GgufFile, where: str = "") -> list[Problem]:
+    """Refuse a per-slot context above the model's trained context (``<arch>.context_length``).
+
+    llama-server caps every slot at ``n_ctx_train`` (``n_ctx_slot()`` in
+    ``tools/server/server-context.cpp``) but ``llama_context`` still allocates KV for the whole
+    ``n_ctx``: the cells above the cap are never used (SmolLM2 on an H200: 3.7 GB instead of 0.9).
+    Not refused when ``extra_args`` scale RoPE or override the context (:func:`overrides_trained_context`).
+    ``where`` prefixes the field (``services.0``).
+    """
+    trained = target_header.context_length
+    if not trained or overrides_trained_context(server):
+        return []
+    unified = _uses_kv_unified(server)
+    shape = model_shape(target_header)
+    cells = kv_cells(server.ctx_size, server.parallel, shape.n_swa, kv_unified=unified)
+    # a unified cache is one pool the slots share, each capped at n_ctx_train
+    usable = trained * server.parallel if unified else trained
+    allocated = cells.n_ctx if unified else cells.n_ctx_seq
+    if allocated <= usable:
+        return []
+    used = kv_cells(usable * (1 if unified else server.parallel), server.parallel, shape.n_swa, kv_unified=unified)
+    n_layer = shape.n_layer
+
+    def kv_mib(of: KvCells) -> float:
+        split = kv_cache_split(
+            shape, of, server.cache_type_k, server.cache_type_v, flash_attn=server.flash_attn != "off",
+            gpu_layers=n_layer,
+        )  # fmt: skip
+        return (split.gpu_bytes + split.cpu_bytes) / MIB
+
+    field_name = f"{where}.ctx_size" if where else "ctx_size"
+    per_slot = "the shared KV pool" if unified else f"the per-slot context {cells.n_ctx_seq}"
+    return [
+        Problem(
+            field=field_name,
+            message=(
+                f"{per_slot} (ctx_size={server.ctx_size} / parallel={server.parallel}) is above the model's "
+                f"trained context {trained} ({target_header.architecture}.context_length): llama-server caps "
+                f"each slot at {trained} tokens but still allocates KV for all {cells.n_ctx} cells "
+                f"({kv_mib(cells):,.0f} MiB of KV instead of {kv_mib(used):,.0f}). Set ctx_size="
+                f"{trained * server.parallel} (trained context x parallel), or extend the context on purpose "
+                f"with RoPE scaling in extra_args (e.g. --rope-scaling yarn --rope-scale 4 --yarn-orig-ctx "
+                f"{trained})"
+            ),
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- compute buffer
@@ -467,29 +569,29 @@ class ServicePlan:
         }
 
 
-def _drafter_shares_target_kv(draft_header: GgufHeader | None) -> bool:
+def _drafter_shares_target_kv(draft_header: GgufFile | None) -> bool:
     return draft_header is not None and draft_header.architecture == "gemma4-assistant"
 
 
 def plan_service(
     server: LlamaServer,
-    target_header: GgufHeader,
-    draft_header: GgufHeader | None = None,
+    target_header: GgufFile,
+    draft_header: GgufFile | None = None,
     *,
-    n_ubatch: int = DEFAULT_N_UBATCH,
+    n_ubatch: int | None = None,
     calibration: ComputeCalibration = DEFAULT_COMPUTE,
     kv_unified: bool | None = None,
     swa_full: bool | None = None,
 ) -> ServicePlan:
     """What ``server`` allocates, from its models' headers.
 
-    ``kv_unified``/``swa_full`` default to whether ``extra_args`` passes ``--kv-unified`` /
-    ``--swa-full`` (llama-server's defaults are off when ``--parallel`` is given, which gpubox always
-    renders).
+    ``n_ubatch`` defaults to the server's own (:func:`effective_n_ubatch`); ``kv_unified``/``swa_full``
+    default to whether ``extra_args`` passes ``--kv-unified`` / ``--swa-full`` (llama-server's
+    defaults are off when ``--parallel`` is given, which gpubox always renders).
     """
-    unified = (
-        kv_unified if kv_unified is not None else any(arg in ("-kvu", "--kv-unified") for arg in server.extra_args)
-    )
+    if n_ubatch is None:
+        n_ubatch = effective_n_ubatch(server)
+    unified = kv_unified if kv_unified is not None else _uses_kv_unified(server)
     full_swa = swa_full if swa_full is not None else "--swa-full" in server.extra_args
     flash_attn = server.flash_attn != "off"
     notes: list[str] = []
@@ -524,11 +626,12 @@ def plan_service(
         draft_shape = model_shape(draft_header)
         draft_split = weight_split(draft_header, server.spec_draft_ngl)
         shares = _drafter_shares_target_kv(draft_header)
+        # a separate drafter's context has its own cache types (default f16), not the target's
         draft_kv_split = kv_cache_split(
             draft_shape,
             cells,
-            server.cache_type_k,
-            server.cache_type_v,
+            server.spec_draft_type_k or DEFAULT_DRAFT_CACHE_TYPE,
+            server.spec_draft_type_v or DEFAULT_DRAFT_CACHE_TYPE,
             flash_attn=flash_attn,
             gpu_layers=draft_split.gpu_layers,
             shares_target_cache=shares,
@@ -599,15 +702,18 @@ class BoxPlan:
     services: tuple[ServicePlan, ...]
     gpus: tuple[GpuBudget, ...]
     problems: tuple[str, ...] = field(default=())
+    """What kept the plan from being made (a missing header, a GPU the box lacks)."""
+    refused: tuple[Problem, ...] = field(default=())
+    """Fields the headers refuse (a per-slot context above the trained context), named like check's."""
 
     @property
     def fits(self) -> bool:
-        return not self.problems and all(gpu.fits for gpu in self.gpus)
+        return not self.problems and not self.refused and all(gpu.fits for gpu in self.gpus)
 
 
 def plan_box(
     box: Box,
-    headers: dict[str, GgufHeader],
+    headers: dict[str, GgufFile],
     gpus: list[LogicalGpu],
     *,
     calibration: ComputeCalibration = DEFAULT_COMPUTE,
@@ -619,10 +725,13 @@ def plan_box(
     is how ``--split-mode layer`` spreads layers over GPUs of equal size.
     """
     problems: list[str] = []
+    refused: list[Problem] = []
     plans: list[ServicePlan] = []
     shares: dict[int, list[GpuShare]] = {index: [] for index, _ in gpus}
-    for server in box.services:
+    for position, server in enumerate(box.services):
         target = headers.get(server.model.path)
+        if target is not None:
+            refused += trained_context_problems(server, target, f"services.{position}")
         draft = headers.get(server.model_draft.path) if server.model_draft is not None else None
         if target is None or (server.model_draft is not None and draft is None):
             missing = [m.path for m in (server.model, server.model_draft) if m is not None and m.path not in headers]
@@ -641,23 +750,28 @@ def plan_box(
     budgets = tuple(
         GpuBudget(index=index, total_bytes=total_mib * MIB, shares=tuple(shares[index])) for index, total_mib in gpus
     )
-    return BoxPlan(services=tuple(plans), gpus=budgets, problems=tuple(problems))
+    return BoxPlan(services=tuple(plans), gpus=budgets, problems=tuple(problems), refused=tuple(refused))
 
 
-def what_to_change(server: LlamaServer, target: GgufHeader, draft: GgufHeader | None, over_bytes: int) -> list[str]:
+def what_to_change(server: LlamaServer, target: GgufFile, draft: GgufFile | None, over_bytes: int) -> list[str]:
     """Concrete changes that would each free ``over_bytes`` on the service's GPU, computed, not guessed."""
     plan = plan_service(server, target, draft)
     suggestions: list[str] = []
+    own_draft_kv = plan.draft_kv_cache > 0
+    draft_k = server.spec_draft_type_k or DEFAULT_DRAFT_CACHE_TYPE
     for cache_type in ("q8_0", "q4_0"):
-        if CACHE_TYPE_BYTES[cache_type] < CACHE_TYPE_BYTES[server.cache_type_k]:
-            cheaper = server.model_copy(
-                update={"cache_type_k": cache_type, "cache_type_v": cache_type, "flash_attn": "on"}
-            )
+        if CACHE_TYPE_BYTES[cache_type] < CACHE_TYPE_BYTES[server.cache_type_k] or (
+            own_draft_kv and CACHE_TYPE_BYTES[cache_type] < CACHE_TYPE_BYTES[draft_k]
+        ):
+            update: dict[str, object] = {"cache_type_k": cache_type, "cache_type_v": cache_type, "flash_attn": "on"}
+            names = "cache_type_k/cache_type_v"
+            if own_draft_kv:  # a separate drafter's cache has its own types (default f16)
+                update |= {"spec_draft_type_k": cache_type, "spec_draft_type_v": cache_type}
+                names += "/spec_draft_type_k/spec_draft_type_v"
+            cheaper = server.model_copy(update=update)
             saved = plan.gpu_total - plan_service(cheaper, target, draft).gpu_total
             if saved >= over_bytes:
-                suggestions.append(
-                    f"cache_type_k/cache_type_v={cache_type!r} (with flash_attn='on') saves {saved / MIB:.0f} MiB"
-                )
+                suggestions.append(f"{names}={cache_type!r} (with flash_attn='on') saves {saved / MIB:.0f} MiB")
                 break
     low, high = CTX_PAD * server.parallel, server.ctx_size
     while high - low > CTX_PAD * server.parallel:
@@ -686,7 +800,7 @@ def what_to_change(server: LlamaServer, target: GgufHeader, draft: GgufHeader | 
 # --------------------------------------------------------------------------- headers on the controller
 
 
-def load_model_header(path: str | Path) -> GgufHeader:
+def load_model_header(path: str | Path) -> GgufFile:
     """The header of a local GGUF: a full model, or a header-only copy flagged ``gpubox.header_only``.
 
     A header-only copy's file ends before the tensor data its header describes; it reports the

@@ -1,6 +1,6 @@
 """The local test host's box: the seed's service shape, on the CPU with SmolLM2 drafting for itself.
 
-`scripts/demo` and the e2e tests boot a systemd-nspawn host (gpubox.testbed) and write its
+`scripts/demo` and the e2e tests boot a systemd-nspawn host (tests.testbed) and write its
 connection, the llama.cpp repo and commit, the model, and the knobs the tests turn (drafter
 settings, thresholds, checksums) to the JSON file named by GPUBOX_TESTBED_CONFIG.
 """
@@ -44,6 +44,7 @@ gemma4 = LlamaServer(
     cont_batching=True,
     jinja=True,
     port=config["port"],
+    api_key_file=config.get("api_key_file"),
     fit="off",
     smoke=SmokeThresholds(
         # Honest for a shared 2-core CPU: SmolLM2 drafting for itself decoded at 47-58 tok/s alone
@@ -62,6 +63,7 @@ box = Box(
     llama_cpp=LlamaCppBuild(
         repo=config["repo"],
         commit=config["commit"],
+        prefix=config.get("prefix", "/opt/llama.cpp"),
         cuda="auto",
         targets=("llama-server",),
         ccache_dir=config.get("ccache_dir"),

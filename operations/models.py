@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import hashlib
-import shlex
+from collections.abc import Sequence
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
+from weakref import WeakKeyDictionary
 
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, FunctionCommand, OperationError, operation
 from pyinfra.api.operation import OperationMeta
+from pyinfra.context import ctx_state
 from pyinfra.facts.files import File, FileContents, Sha256File
 
 from facts.gguf import GgufHeader
+from facts.models import UrlContentLength, VerifiedStamps
 from gpubox import gguf_header
+from gpubox.models import StampedModel, size_mib, transfer_plan
+from gpubox.quoting import shell_word
 from gpubox.spec import ModelFile
 from gpubox.verified import STAMP_DIR, stamp_path, stamp_text, stamp_vouches
+
+from .host_facts import fact_once, forget
 
 # Read the head in growing steps: a small vocab fits in 4 MiB, Gemma's 262k-token vocab does not.
 HEAD_STEPS = (4 << 20, 32 << 20, 128 << 20)
@@ -60,7 +68,7 @@ def check_local_source(model: ModelFile) -> Path:
     return source
 
 
-def remote_header(path: str) -> gguf_header.GgufHeader | None:
+def remote_header(path: str) -> gguf_header.GgufFile | None:
     """The GGUF header of a host file, reading only as much of its head as the header needs."""
     for head_bytes in HEAD_STEPS:
         fact = host.get_fact(GgufHeader, path=path, head_bytes=head_bytes)
@@ -89,37 +97,103 @@ def check_remote_architecture(path: str, expected: str) -> None:
 
 def verify_script(model: ModelFile, part: str) -> str:
     """Compare the .part's sha256 with the spec's; on a mismatch delete it and keep the old file."""
-    quoted = shlex.quote(part)
+    quoted = shell_word(part)
+    sha256 = shell_word(model.sha256)
     return "\n".join([
-        f"found=$(sha256sum {quoted} | cut -d' ' -f1)",
-        f'if [ "$found" != {model.sha256} ]; then',
+        # From stdin: for a file name with a backslash or newline, sha256sum puts a backslash before the hash.
+        f"found=$(sha256sum < {quoted} | cut -d' ' -f1)",
+        f'if [ "$found" != {sha256} ]; then',
         f"  rm -f {quoted}",
-        f'  echo "sha256 mismatch for {model.path}: the source gave $found, the spec says {model.sha256}; '
-        f'kept the existing file, deleted the .part" >&2',
+        "  printf 'sha256 mismatch for %s: the source gave %s, the spec says %s; "
+        f"kept the existing file, deleted the .part\\n' {shell_word(model.path)} \"$found\" {sha256} >&2",
         "  exit 1",
         "fi",
     ])  # fmt: skip
 
 
-def verified_by_stamp(model: ModelFile, info: dict[str, Any] | None | Literal[False]) -> bool:
+FileInfo = dict[str, Any] | None | Literal[False]
+
+# One run's hashes of host files, by (host, path, size, mtime, ctime): `place` and `stamp` both ask
+# for a file the stamp does not vouch for (and the surgical deploy's drafter check too), and pyinfra
+# runs each operation's checks twice in a run without -y (to plan, then to execute). Keyed by the
+# run's State, so a new run (or a test's FakeState) starts empty; a file that changed since has
+# another stat, so it is hashed again.
+_RUN_HASHES: WeakKeyDictionary[Any, dict[tuple[str, str, int, datetime, datetime], str | None]] = WeakKeyDictionary()
+
+
+def host_sha256(path: str, info: FileInfo) -> str | None:
+    """The sha256 of a host file (`info`: its File fact), hashed at most once per run for one stat;
+    None when there is no file."""
+    if not info:
+        return None
+    hashes = _RUN_HASHES.setdefault(ctx_state.get(), {})
+    key = (host.name, path, info["size"], info["mtime"], info["ctime"])
+    if key not in hashes:
+        hashes[key] = host.get_fact(Sha256File, path=path)
+    return hashes[key]
+
+
+def verified_by_stamp(model: ModelFile, info: FileInfo) -> bool:
     """Whether the file (`info`: its File fact) is unchanged (size, mtime, ctime) since its sha256 was verified."""
     if not info:
         return False
-    stamp = host.get_fact(FileContents, path=stamp_path(model.path))
+    stamp = fact_once(FileContents, path=stamp_path(model.path))
     return stamp_vouches(stamp, model.path, model.sha256, info["size"], info["mtime"], info["ctime"])
+
+
+def has_sha256(model: ModelFile) -> bool:
+    """Whether the host file has the spec's sha256: the stamp's word where it vouches, else one hash per run."""
+    info = fact_once(File, path=model.path)
+    return verified_by_stamp(model, info) or host_sha256(model.path, info) == model.sha256
+
+
+def log_transfer(model: ModelFile, found: str | None, source: Path | None) -> None:
+    """Say what placing the file will change and transfer (a dry run shows it): sha256 old -> new,
+    the source, the bytes (a download's Content-Length from a HEAD request on the host; what is
+    left when it resumes a cut run's .part)."""
+    assert model.source is not None
+    part = host.get_fact(File, path=f"{model.path}.part")
+    part_bytes = part["size"] if part else None
+    if source is not None:
+        source_bytes: int | None = source.stat().st_size
+    else:
+        source_bytes = host.get_fact(UrlContentLength, url=model.source)
+    plan = transfer_plan(
+        path=model.path,
+        found=found,
+        sha256=model.sha256,
+        source=str(source) if source is not None else model.source,
+        is_url=source is None,
+        source_bytes=source_bytes,
+        part_bytes=part_bytes,
+    )
+    for line in plan:
+        host.log(line)
 
 
 @operation()
 def place(model: ModelFile):  # type: ignore[no-untyped-def]
-    """A no-op when the host file's sha256 matches; else upload or download to .part, verify, rename.
-
-    The GGUF never goes through `files.put`: its `--diff` fetches and decodes a changed remote file,
-    which breaks on a multi-GB binary. The checksum fact decides instead.
     """
-    if verified_by_stamp(model, host.get_fact(File, path=model.path)):
+    Place a checksummed model file: a no-op when the host file's sha256 matches (its verified stamp's
+    word, else one hash per run); else upload or download to ``{path}.part``, verify, rename.
+
+    + model: the ``ModelFile`` (host path, sha256, source: a controller file or an https URL, architecture)
+
+    The GGUF never goes through ``files.put``: its ``--diff`` fetches and decodes a changed remote file,
+    which breaks on a multi-GB binary. The checksum decides instead; a dry run logs the sha256 change,
+    the source and the bytes to transfer.
+
+    **Example:**
+
+    .. code:: python
+
+        placed = models.place(name="Model /srv/models/m.gguf", model=box.service("gemma4").model)
+    """
+    info = fact_once(File, path=model.path)
+    if verified_by_stamp(model, info):
         host.noop(f"{model.path} is unchanged since its sha256 {model.sha256[:12]} was verified")
         return
-    found = host.get_fact(Sha256File, path=model.path)
+    found = host_sha256(model.path, info)
     if found == model.sha256:
         host.noop(f"{model.path} has sha256 {model.sha256[:12]}")
         return
@@ -133,36 +207,94 @@ def place(model: ModelFile):  # type: ignore[no-untyped-def]
     directory = model.path.rsplit("/", 1)[0] or "/"
     # A bad controller file is refused before anything happens on the host.
     source = None if model.source_is_url else check_local_source(model)
-    yield f"mkdir -p {shlex.quote(directory)}"
+    log_transfer(model, found, source)
+    forget(File, path=model.path)  # replaced below: `stamp` must stat the new file
+    yield f"mkdir -p {shell_word(directory)}"
     if source is None:
-        yield (
-            f"curl -fL --retry 3 --continue-at - --output {shlex.quote(part)} {shlex.quote(model.source)}"
-        )
+        yield f"curl -fL --retry 3 --continue-at - --output {shell_word(part)} {shell_word(model.source)}"
     else:
         # With sudo, pyinfra uploads to its temp dir and copies into place as root.
         yield FileUploadCommand(str(source), part)
     yield verify_script(model, part)
     if model.source_is_url:
         yield FunctionCommand(check_remote_architecture, (part, model.architecture), {})
-    yield f"chmod 0644 {shlex.quote(part)} && mv -f {shlex.quote(part)} {shlex.quote(model.path)}"
+    yield f"chmod 0644 {shell_word(part)} && mv -f {shell_word(part)} {shell_word(model.path)}"
 
 
 @operation()
 def stamp(model: ModelFile, placed: OperationMeta | None = None):  # type: ignore[no-untyped-def]
-    """Record that the file's sha256 is verified, so later runs need not hash it again.
-
-    Separate from `place` so that stamping a file placed by hand restarts nothing. The sha256 is
-    taken from `place`'s verification when it just placed the file, else from the Sha256File fact.
     """
-    info = host.get_fact(File, path=model.path)
+    Record that the file's sha256 is verified (its size, mtime and ctime in a stamp), so later runs
+    need not hash it again.
+
+    + model: the ``ModelFile``
+    + placed: ``place``'s op meta: when it just placed the file, its verification is the sha256's proof
+
+    Separate from ``place`` so that stamping a file placed by hand restarts nothing. Otherwise the
+    sha256 is the hash ``place`` took of this very file in this run: a file is hashed at most once.
+
+    **Example:**
+
+    .. code:: python
+
+        models.stamp(name="Model /srv/models/m.gguf verified", model=model, placed=placed)
+    """
+    info = fact_once(File, path=model.path)
     if not info or verified_by_stamp(model, info):
         host.noop(f"{model.path}: stamp up to date" if info else f"{model.path}: not placed yet")
         return
     just_placed = state.is_executing and placed is not None and placed.did_change()
-    if not just_placed and host.get_fact(Sha256File, path=model.path) != model.sha256:
+    if not just_placed and host_sha256(model.path, info) != model.sha256:
         if state.is_executing:
             raise OperationError(f"{model.path} changed after it was verified: rerun the deploy")
         host.noop(f"{model.path}: stamped once it is placed")
         return
     text = stamp_text(model.path, model.sha256, info["size"], info["mtime"], info["ctime"])
-    yield f"mkdir -p {STAMP_DIR} && printf %s {shlex.quote(text)} > {shlex.quote(stamp_path(model.path))}"
+    yield f"mkdir -p {shell_word(STAMP_DIR)} && printf %s {shell_word(text)} > {shell_word(stamp_path(model.path))}"
+
+
+@operation()
+def unused(in_box: Sequence[str], remove: bool = False):  # type: ignore[no-untyped-def]
+    """Report the model files gpubox placed (they have a stamp) that are no longer in the box; delete
+    them, with their stamps, when ``remove``.
+
+    + in_box: the host paths of the box's models
+    + remove: delete them (host data ``gpubox_remove_unused_models``); else only report them
+
+    A file that a unit (``*.service``) or a kept previous unit (``*.service.prev``: what a failed
+    smoke test restores) still names is kept: deleting it would break that unit's start.
+
+    **Example:**
+
+    .. code:: python
+
+        models.unused(name="Models no longer in the box", in_box=[model.path for _, model in box.models()])
+    """
+    keep = set(in_box)
+    stamped = [StampedModel.model_validate(item) for item in host.get_fact(VerifiedStamps) or []]
+    kept, removed = [], 0
+    for item in stamped:
+        if item.path in keep:
+            continue
+        if item.size is None:
+            if remove:  # the file is gone: only its stamp is left
+                removed += 1
+                yield f"rm -f {shell_word(item.stamp)}"
+            continue
+        gone = f"{item.path} is no longer in the box ({size_mib(item.size)})"
+        if not remove:
+            host.log(f"{gone}: set remove_unused_models to delete it (pyinfra --data gpubox_remove_unused_models=true)")
+        elif item.units:
+            host.log(f"{gone}, but {', '.join(item.units)} still names it (a rollback would start it): kept")
+        else:
+            host.log(f"{gone}: deleting it and its stamp")
+            removed += 1
+            yield f"rm -f {shell_word(item.path)} {shell_word(item.stamp)}"
+            continue
+        kept.append(item.path)
+    if not removed:
+        host.noop(
+            f"kept {len(kept)} model file(s) no longer in the box: {', '.join(kept)}"
+            if kept
+            else "every model file gpubox placed is in the box"
+        )

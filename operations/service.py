@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import shlex
 from io import StringIO
 
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, OperationError, deploy, operation
-from pyinfra.facts.files import FileContents
+from pyinfra.facts.files import File, FileContents
+from pyinfra.facts.server import Users
 from pyinfra.operations import server as server_ops
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 from pyinfra.operations.util.files import generate_color_diff
 
+from facts.gpu import NvidiaGpus
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion
+from facts.systemd import StaleProcess
 from gpubox import llamacpp as records
-from gpubox.llamacpp import UnsupportedServerArgumentError, check_argv_supported
-from gpubox.spec import LlamaServer
-from gpubox.unit import binary_path, render_unit, server_argv
+from gpubox.gpu import gpus_from_fact
+from gpubox.inventory import InventoryError, box_from_host_data
+from gpubox.llamacpp import UnsupportedServerArgumentError, check_flags_supported, unsupported_flags
+from gpubox.quoting import shell_word
+from gpubox.servers.llama import LlamaServer, binary_path
+from gpubox.unit import render_unit, service_gpus
+
+from .host_facts import fact_once
 
 UNIT_DIR = "/etc/systemd/system"
 
@@ -33,7 +40,22 @@ def previous_unit_path(server: LlamaServer) -> str:
 
 @operation()
 def flags_supported(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
-    """Refuse, before the unit is written, a flag the installed llama-server's `--help` lacks."""
+    """
+    Refuse, before the unit is written, a flag the installed llama-server's ``--help`` lacks.
+
+    + server: the service whose flags (its flag table's rendered flags and ``extra_args``) are checked
+    + prefix: the llama.cpp build prefix; its ``current/llama-server`` is asked
+
+    **Example:**
+
+    .. code:: python
+
+        service.flags_supported(
+            name="Flags of gemma4.service exist in the installed llama-server",
+            server=box.service("gemma4"),
+            prefix="/opt/llama.cpp",
+        )
+    """
     binary = binary_path(prefix)
     flags = host.get_fact(LlamaServerFlags, path=binary)
     if flags is None:
@@ -43,25 +65,59 @@ def flags_supported(server: LlamaServer, prefix: str):  # type: ignore[no-untype
         return
     # The records, or their JSON form (a pyinfra-testing fixture): both are validated into records.
     flags = records.ServerFlags.model_validate(flags)
-    version = host.get_fact(LlamaServerVersion, path=binary)
-    if version is not None:
-        version = records.LlamaServerVersion.model_validate(version)
-    try:
-        check_argv_supported(server_argv(server, prefix), flags, str(version))
-    except UnsupportedServerArgumentError as error:
-        raise OperationError(f"{server.unit_name}: {error}") from error
+    if unsupported_flags(server.command_flags(), flags):
+        # Only a refusal names the binary's version: a passing check costs no second round trip.
+        version = host.get_fact(LlamaServerVersion, path=binary)
+        if version is not None:
+            version = records.ServerVersion.model_validate(version)
+        try:
+            check_flags_supported(server.command_flags(), flags, str(version))
+        except UnsupportedServerArgumentError as error:
+            raise OperationError(f"{server.unit_name}: {error}") from error
     host.noop(f"every flag of {server.unit_name} is in {binary} --help")
     yield from ()
 
 
+def _gpus_field(server: LlamaServer) -> str:
+    """`services.N.gpus`: where the host's Box (its data's `box`) declares the service's GPUs."""
+    try:
+        box = box_from_host_data(host.data.get("box"), host.name)
+    except InventoryError:
+        return "gpus"
+    names = [service.name for service in box.services]
+    return f"services.{names.index(server.name)}.gpus" if server.name in names else "gpus"
+
+
 @operation()
 def unit(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
-    """Write the unit atomically (upload beside it, rename over), keeping the old one as `.prev`.
+    """
+    Write the service's unit atomically (upload beside it, rename over), keeping the old one as ``.prev``.
 
-    With `--diff` the change is shown as a text diff of the unit.
+    + server: the service whose unit is rendered
+    + prefix: the llama.cpp build prefix the unit's ``ExecStart`` runs from (``{prefix}/current``)
+
+    With ``--diff`` the change is shown as a text diff of the unit. A service pinned to a GPU the host's
+    ``NvidiaGpus`` fact lacks, or lists without its UUID or minor number, is refused (``services.N.gpus``).
+
+    **Example:**
+
+    .. code:: python
+
+        service.unit(
+            name="Unit /etc/systemd/system/gemma4.service", server=box.service("gemma4"), prefix="/opt/llama.cpp"
+        )
     """
     path = unit_path(server)
-    text = render_unit(server, prefix)
+    # The unit allows exactly the service's GPUs' device nodes and pins them by UUID: from the host's records.
+    host_gpus = gpus_from_fact(fact_once(NvidiaGpus)) if server.gpus else []
+    try:
+        service_gpus(server, host_gpus)
+    except ValueError:
+        try:  # again, naming the field as the host's Box has it (only a refusal reads the Box)
+            service_gpus(server, host_gpus, field=_gpus_field(server))
+        except ValueError as error:
+            raise OperationError(f"{server.unit_name}: {error}") from error
+    text = render_unit(server, binary_path(prefix, server.PROGRAM), host_gpus)
     old_lines = host.get_fact(FileContents, path=path)
     new_lines = text.splitlines()
     if old_lines is not None and [line.rstrip("\n") for line in old_lines] == new_lines:
@@ -72,20 +128,112 @@ def unit(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
         for line in generate_color_diff([f"{line}\n" for line in old_lines or []], text.splitlines(True)):
             host.log(f"  {line}")
     staged = f"{path}.gpubox-new"
-    quoted = shlex.quote(path)
+    quoted = shell_word(path)
     yield FileUploadCommand(StringIO(text), staged)
-    keep_previous = f"cp -p {quoted} {shlex.quote(previous_unit_path(server))}; " if old_lines is not None else ""
-    yield f"chmod 0644 {shlex.quote(staged)} && {keep_previous}mv -f {shlex.quote(staged)} {quoted}"
+    keep_previous = f"cp -p {quoted} {shell_word(previous_unit_path(server))}; " if old_lines is not None else ""
+    yield f"chmod 0644 {shell_word(staged)} && {keep_previous}mv -f {shell_word(staged)} {quoted}"
+
+
+KEY_FILE_MODE = 640  # as pyinfra's File fact reads modes: rw for root, r for the service's group
+
+
+def api_key_script(key_file: str, group: str) -> str:
+    """Create a random key in `key_file` unless it has one, owned root:`group`, mode 0640.
+
+    The key is made and written inside the script (`printf` is a shell builtin): it is never in an
+    argv, the script's text or its output, so neither `ps`, `--diff` nor pyinfra's -vvv can show it.
+    """
+    path, directory = shell_word(key_file), shell_word(key_file.rsplit("/", 1)[0] or "/")
+    staged = shell_word(f"{key_file}.new")
+    return "\n".join([
+        "set -eu",
+        "umask 022",  # new parents 0755: the service must traverse them
+        f"mkdir -p {directory} && chmod 0711 {directory}",
+        "umask 077",
+        f"if [ ! -s {path} ]; then",
+        "  key=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')",
+        f'  printf \'%s\\n\' "$key" > {staged} && mv -f {staged} {path}',
+        "fi",
+        f"chown root:{shell_word(group)} {path} && chmod 0640 {path}",
+    ])  # fmt: skip
+
+
+@operation()
+def api_key(server: LlamaServer):  # type: ignore[no-untyped-def]
+    """
+    Create the service's API key once: random, in a bare file readable by root and the service's group.
+
+    + server: a service with ``generate_api_key`` (``api_key_file="generate"``); its ``api_key_file``
+      is where the key goes. An existing key is kept; only its owner and mode are put right.
+
+    **Example:**
+
+    .. code:: python
+
+        service.api_key(name="API key of gemma4.service", server=server)
+    """
+    assert server.api_key_file is not None
+    info = host.get_fact(File, path=server.api_key_file)
+    owned = info and (info["user"], info["group"], info["mode"]) == ("root", server.user, KEY_FILE_MODE)
+    if owned and info["size"] > 0:
+        host.noop(f"{server.api_key_file} holds a key, readable by root and {server.user} only")
+        return
+    yield api_key_script(server.api_key_file, server.user)
+
+
+@operation()
+def running_current(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
+    """
+    Count as a change when the running process predates its unit, models, key or build: a deploy cut
+    between writing one of them and the restart. The next run then restarts (and smokes) it.
+
+    + server: the service
+    + prefix: the llama.cpp build prefix (the process must run ``{prefix}/current``'s binary)
+
+    **Example:**
+
+    .. code:: python
+
+        service.running_current(name="gemma4.service runs what is on disk", server=server, prefix="/opt/llama.cpp")
+    """
+    reasons = host.get_fact(
+        StaleProcess,
+        unit_name=server.unit_name,
+        unit_path=unit_path(server),
+        files=tuple(server.read_only_files()),
+        binary=binary_path(prefix, server.PROGRAM),
+    )
+    if not reasons:
+        host.noop(f"{server.unit_name} runs what is on disk (or is not running)")
+        return
+    host.log(f"{server.unit_name} must restart: " + "; ".join(reasons))
+    yield "true"
 
 
 @deploy("llama-server service")
 def llama_server(  # type: ignore[no-untyped-def]
     server: LlamaServer, prefix: str, changed: list | None = None, ensure_user: bool = True  # type: ignore[type-arg]
 ):
-    """The service user, the flag check, the unit, and a restart only when the unit, a model or the
-    build it uses changed (`changed`: their op metas); enabled at boot. Returns
-    [unit meta, restart meta] so a smoke test can run only after a restart."""
-    if ensure_user:
+    """
+    The service user, the flag check, the unit, and a restart only when the unit, a model or the
+    build it uses changed; enabled at boot.
+
+    + server: the service
+    + prefix: the llama.cpp build prefix
+    + changed: op metas (build, models) whose change restarts the service too
+    + ensure_user: create the service's system user (the surgical deploy skips it)
+
+    Returns the restart's op meta, so a smoke test runs only after a restart; None when nothing the
+    service depends on will change in this run (then no reload or restart is planned).
+
+    **Example:**
+
+    .. code:: python
+
+        restart = service.llama_server(box.service("gemma4"), "/opt/llama.cpp", changed=[*build_metas, placed])
+    """
+    # pyinfra's user operation reads three facts (users, groups, OS); a user that exists needs none of it.
+    if ensure_user and server.user not in fact_once(Users):
         server_ops.user(
             name=f"Service user {server.user}",
             user=server.user,
@@ -97,17 +245,25 @@ def llama_server(  # type: ignore[no-untyped-def]
     flags_supported(
         name=f"Flags of {server.unit_name} exist in the installed llama-server", server=server, prefix=prefix
     )
+    key_metas = [api_key(name=f"API key of {server.unit_name}", server=server)] if server.generate_api_key else []
     unit_meta = unit(name=f"Unit {unit_path(server)}", server=server, prefix=prefix)
-    restart_needed = any_changed(unit_meta, *(changed or []))
-    systemd.daemon_reload(name="systemd daemon-reload", _if=restart_needed)
-    restart_meta = systemd.service(
-        name=f"Restart {server.unit_name}",
-        service=server.unit_name,
-        running=True,
-        restarted=True,
-        _if=restart_needed,
-    )
+    stale_meta = running_current(name=f"{server.unit_name} runs what is on disk", server=server, prefix=prefix)
+    restart_on = [unit_meta, stale_meta, *key_metas, *(changed or [])]
+    # When pyinfra checks for changes before running (a dry run, or a run that asks to confirm), it has
+    # already run every operation's checks: on a converged host nothing will change, so the reload and
+    # the restart are not planned at all and the dry run reads "nothing to do", not "conditional change".
+    # With -y nothing is checked ahead, and asking would load every fact twice: they stay conditional.
+    restart_meta = None
+    if not state.should_check_for_changes() or any(meta.will_change for meta in restart_on):
+        systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(*restart_on))
+        restart_meta = systemd.service(
+            name=f"Restart {server.unit_name}",
+            service=server.unit_name,
+            running=True,
+            restarted=True,
+            _if=any_changed(*restart_on),
+        )
     systemd.service(
         name=f"{server.unit_name} running and enabled at boot", service=server.unit_name, running=True, enabled=True
     )
-    return [unit_meta, restart_meta]
+    return restart_meta

@@ -1,24 +1,31 @@
-"""Post-restart smoke test on the host; a miss restores the previous unit and fails the deploy."""
+"""Post-restart smoke test on the host; a miss puts back what this run changed and fails the deploy.
+
+One operation does all of it, so a healthy deploy lists only "Smoke test <unit>" and a converged
+host (no restart) lists nothing at all: the rollback steps run, and are reported, only on a miss.
+"""
 
 from __future__ import annotations
 
-import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, OperationError, StringCommand, deploy, operation
-from pyinfra.operations import server as server_ops
-from pyinfra.operations import systemd
+from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
+from pyinfra.api.operation import OperationMeta
 from pyinfra.operations.util import any_changed
 from rich.console import Console
 
 from facts.gpu import NvidiaComputeApps, NvidiaGpus
-from gpubox.build import rollback_script
+from gpubox.build import rollback_script as build_rollback_script
+from gpubox.quoting import shell_word
+from gpubox.servers.llama import LlamaServer
 from gpubox.smoke import GpuProcesses, SmokeResult, command_transport, run_smoke, smoke_table
-from gpubox.spec import LlamaCppBuild, LlamaServer
+from gpubox.spec import LlamaCppBuild
 
+from .host_commands import connector_arguments, run
+from .host_facts import fact_once
 from .service import previous_unit_path, unit_path
 
 EXIT_MARKER = "__gpubox_exit="
@@ -26,7 +33,7 @@ EXIT_MARKER = "__gpubox_exit="
 
 @dataclass
 class SmokeOutcome:
-    """The smoke result of one deploy run, read by the rollback operations' `_if`."""
+    """The smoke result of one deploy run."""
 
     result: SmokeResult | None = None
     errors: list[str] = field(default_factory=list)
@@ -36,39 +43,42 @@ class SmokeOutcome:
         return bool(self.errors) or (self.result is not None and not self.result.passed)
 
 
-def _run_on_host(command: str) -> tuple[str, int]:
-    """Run a command on the host; its stdout and exit code (pyinfra reports success only)."""
-    _, output = host.run_shell_command(StringCommand(f"{command}; printf '\\n{EXIT_MARKER}%s\\n' \"$?\""))
+def _run_on_host(command: str, arguments: Mapping[str, Any]) -> tuple[str, int]:
+    """Run a command on the host (with the operation's `_sudo` & co.: the key file is root's and the
+    service's); its stdout and exit code (pyinfra reports success only)."""
+    script = StringCommand(f"{command}; printf '\\n{EXIT_MARKER}%s\\n' \"$?\"")
+    _, output = host.run_shell_command(script, **arguments)
     lines = output.stdout_lines
     exit_code = int(lines[-1].removeprefix(EXIT_MARKER)) if lines and lines[-1].startswith(EXIT_MARKER) else 255
     return "\n".join(lines[:-1]) + "\n", exit_code
 
 
-def _gpu_processes(server: LlamaServer) -> GpuProcesses:
-    stdout, _ = _run_on_host(f"systemctl show --property MainPID --value {shlex.quote(server.unit_name)}")
+def _gpu_processes(server: LlamaServer, arguments: Mapping[str, Any]) -> GpuProcesses:
+    stdout, _ = _run_on_host(f"systemctl show --property MainPID --value {shell_word(server.unit_name)}", arguments)
     return GpuProcesses(pid=int(stdout.strip() or 0), compute_apps=host.get_fact(NvidiaComputeApps))
 
 
-def _smoke(server: LlamaServer, outcome: SmokeOutcome) -> None:
-    """Never raises: whatever goes wrong is a miss, so the rollback operations still run."""
+def _smoke(server: LlamaServer, outcome: SmokeOutcome, arguments: Mapping[str, Any]) -> None:
+    """Never raises: whatever goes wrong is a miss, so the rollback still runs."""
     try:
-        _measure(server, outcome)
+        _measure(server, outcome, arguments)
     except Exception as error:  # noqa: BLE001
         outcome.errors.append(f"the smoke test could not run: {type(error).__name__}: {error}")
 
 
-def _measure(server: LlamaServer, outcome: SmokeOutcome) -> None:
+def _measure(server: LlamaServer, outcome: SmokeOutcome, arguments: Mapping[str, Any]) -> None:
     assert server.smoke is not None
     client_host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
     base_url = f"http://[{client_host}]:{server.port}" if ":" in client_host else f"http://{client_host}:{server.port}"
-    transport = command_transport(_run_on_host, base_url, api_key_file=server.api_key_file)
+    transport = command_transport(lambda command: _run_on_host(command, arguments), base_url,
+                                  api_key_file=server.api_key_file)
     expected_uuids: frozenset[str] = frozenset()
     gpu_probe = None
     if server.gpus:
-        gpus = {gpu.index: gpu.uuid for gpu in host.get_fact(NvidiaGpus)}
+        gpus = {gpu.index: gpu.uuid for gpu in fact_once(NvidiaGpus)}
         expected_uuids = frozenset(gpus[index] for index in server.gpus if index in gpus)
         if gpus:
-            gpu_probe = lambda: _gpu_processes(server)  # noqa: E731
+            gpu_probe = lambda: _gpu_processes(server, arguments)  # noqa: E731
     started = time.monotonic()
     result = run_smoke(transport, server.smoke, gpu_probe=gpu_probe, expected_gpu_uuids=expected_uuids)
     outcome.result = result
@@ -90,64 +100,103 @@ def summary_line(server: LlamaServer, result: SmokeResult, seconds: float) -> st
     )
 
 
-@operation(is_idempotent=False)
-def check(server: LlamaServer, outcome: SmokeOutcome):  # type: ignore[no-untyped-def]
-    """Measure tok/s (and acceptance with a drafter) of the running service against its thresholds."""
-    yield FunctionCommand(_smoke, (server, outcome), {})
+@dataclass(frozen=True)
+class Rollback:
+    """What a miss puts back besides the unit: the llama.cpp build, when this run switched it."""
+
+    build: LlamaCppBuild | None = None
+    build_switched: Callable[[], bool] = lambda: False
 
 
-def _raise_miss(server: LlamaServer, outcome: SmokeOutcome) -> None:
-    failures = list(outcome.errors)
-    if outcome.result is not None:
-        failures += outcome.result.failures
+def rollback_script(server: LlamaServer, build: LlamaCppBuild | None) -> str:
+    """Restore `{unit}.prev` (and `current` -> `previous`), reload, restart on it; stop when there is no `.prev`.
+
+    Prints what it did, one word a line (`unit-restored`, `no-previous-unit`, `build-restored`), for the message.
+    """
+    unit, previous = shell_word(unit_path(server)), shell_word(previous_unit_path(server))
+    name = shell_word(server.unit_name)
+    lines = [
+        f"if [ -f {previous} ]; then cp -p {previous} {unit} && echo unit-restored; else echo no-previous-unit; fi",
+    ]
+    if build is not None:
+        lines.append(f"{build_rollback_script(build)} && echo build-restored")
+    lines += [
+        "systemctl daemon-reload",
+        f"if [ -f {previous} ]; then systemctl restart {name}; else systemctl stop {name}; fi",
+    ]
+    return "\n".join(lines)
+
+
+def what_rollback_did(server: LlamaServer, printed: str) -> str:
+    """The sentence the failed deploy ends with: what is on the host now, not what was hoped for."""
+    words = set(printed.split())
+    build = " and llama.cpp's `current` back on the previous build" if "build-restored" in words else ""
+    if "unit-restored" in words:
+        return (
+            f"The previous unit ({previous_unit_path(server)}) was restored{build}, and {server.unit_name} "
+            f"restarted on it."
+        )
+    return (
+        f"{server.unit_name} had no previous unit to restore (its first deploy){build}: it was stopped and is "
+        f"not serving. Fix the spec or its smoke thresholds and deploy again."
+    )
+
+
+def _smoke_or_roll_back(server: LlamaServer, rollback: Rollback, arguments: Mapping[str, Any]) -> None:
+    outcome = SmokeOutcome()
+    _smoke(server, outcome, arguments)
+    if not outcome.failed:
+        return
+    build = rollback.build if rollback.build_switched() else None
+    output = run(rollback_script(server, build), dict(arguments))
+    failures = list(outcome.errors) + (outcome.result.failures if outcome.result is not None else [])
     raise OperationError(
         f"{server.unit_name} failed its smoke test: " + "; ".join(failures)
-        + f". The previous unit ({previous_unit_path(server)}) was restored (and the previous llama.cpp build, "
-        f"when this run had switched it) and the service restarted."
+        + ". " + what_rollback_did(server, output.stdout)
     )
 
 
 @operation(is_idempotent=False)
-def fail_on_miss(server: LlamaServer, outcome: SmokeOutcome):  # type: ignore[no-untyped-def]
-    yield FunctionCommand(_raise_miss, (server, outcome), {})
+def check(server: LlamaServer, rollback: Rollback | None = None):  # type: ignore[no-untyped-def]
+    """
+    Measure tok/s (and acceptance with a drafter) of the running service against its thresholds; on a
+    miss, restore ``{unit}.prev`` (and the previous llama.cpp build when this run switched it), restart
+    on it, or stop the service when it has no previous unit, and fail the deploy saying which.
+
+    + server: the service, with its ``smoke`` thresholds
+    + rollback: the build to switch back, and whether this run switched it (evaluated on a miss)
+
+    **Example:**
+
+    .. code:: python
+
+        smoke.check(name="Smoke test gemma4.service", server=server, _if=any_changed(restart))
+    """
+    yield FunctionCommand(_smoke_or_roll_back, (server, rollback or Rollback(), connector_arguments()), {})
 
 
-@deploy("llama-server smoke test")
 def smoke_test(
-    server: LlamaServer, restart_meta: object, build: LlamaCppBuild | None = None, build_metas: Sequence[object] = ()
-) -> SmokeOutcome:
-    """After a restart only: smoke; on a miss, restore `{unit}.prev` (and, when this run switched the
-    llama.cpp build, `current` back to `previous`), restart, and fail the deploy."""
-    outcome = SmokeOutcome()
-    if server.smoke is None:
-        return outcome
-    restarted = any_changed(restart_meta)  # type: ignore[arg-type]
+    server: LlamaServer,
+    restart: OperationMeta | None,
+    build: LlamaCppBuild | None = None,
+    build_metas: list[OperationMeta] | None = None,
+) -> None:
+    """
+    The smoke test, after a restart only: nothing when ``restart`` is None (nothing could change) or
+    the service has no ``smoke`` thresholds.
 
-    def missed() -> bool:
-        return outcome.failed
+    + server: the service
+    + restart: the restart's op meta (from ``service.llama_server``), or None
+    + build: the llama.cpp build, switched back on a miss when ``build_metas`` changed
+    + build_metas: the build's op metas
 
-    check(name=f"Smoke test {server.unit_name}", server=server, outcome=outcome, _if=restarted)
-    previous = shlex.quote(previous_unit_path(server))
-    server_ops.shell(
-        name=f"Roll back {server.unit_name} to its previous unit",
-        commands=[f"if [ -f {previous} ]; then cp -p {previous} {shlex.quote(unit_path(server))}; fi"],
-        _if=missed,
-    )
-    if build is not None and build_metas:
-        build_switched = any_changed(*build_metas)  # type: ignore[arg-type]
-        server_ops.shell(
-            name=f"Roll back {build.prefix}/current to the previous build",
-            commands=[rollback_script(build)],
-            _if=lambda: missed() and build_switched(),
-        )
-    systemd.daemon_reload(name="systemd daemon-reload after rollback", _if=missed)
-    systemd.service(
-        name=f"Restart {server.unit_name} on its previous unit",
-        service=server.unit_name,
-        running=True,
-        restarted=True,
-        _if=missed,
-    )
-    fail_on_miss(name=f"Fail the deploy: {server.unit_name} missed its smoke thresholds", server=server,
-                 outcome=outcome, _if=missed)
-    return outcome
+    **Example:**
+
+    .. code:: python
+
+        smoke.smoke_test(server, restart, box.llama_cpp, build_metas)
+    """
+    if restart is None or server.smoke is None:
+        return
+    rollback = Rollback(build, any_changed(*build_metas)) if build is not None and build_metas else None
+    check(name=f"Smoke test {server.unit_name}", server=server, rollback=rollback, _if=any_changed(restart))

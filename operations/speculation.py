@@ -4,20 +4,32 @@ from __future__ import annotations
 
 from pyinfra import host, state
 from pyinfra.api import OperationError, operation
-from pyinfra.facts.files import Sha256File
 
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion
 from gpubox import llamacpp as records
 from gpubox.llamacpp import check_spec_type_supported
-from gpubox.spec import LlamaServer, ModelFile
-from gpubox.unit import binary_path
+from gpubox.servers.llama import LlamaServer, binary_path
+from gpubox.spec import ModelFile
 
-from .models import check_remote_architecture
+from .models import check_remote_architecture, has_sha256
 
 
 @operation()
 def supported(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
-    """The installed llama-server's `--help` lists the service's spec type."""
+    """
+    Refuse unless the installed llama-server's ``--help`` lists the service's spec type.
+
+    + server: the service whose ``spec_type`` is looked up
+    + prefix: the llama.cpp build prefix; its ``current/llama-server`` is asked
+
+    **Example:**
+
+    .. code:: python
+
+        speculation.supported(
+            name="llama-server supports --spec-type draft-mtp", server=server, prefix="/opt/llama.cpp"
+        )
+    """
     binary = binary_path(prefix)
     flags = host.get_fact(LlamaServerFlags, path=binary)
     if flags is None:
@@ -26,7 +38,7 @@ def supported(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
     flags = records.ServerFlags.model_validate(flags)
     version = host.get_fact(LlamaServerVersion, path=binary)
     if version is not None:
-        version = records.LlamaServerVersion.model_validate(version)
+        version = records.ServerVersion.model_validate(version)
     try:
         check_spec_type_supported(server.spec_type, flags, str(version))
     except ValueError as error:
@@ -37,8 +49,20 @@ def supported(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
 
 @operation()
 def drafter_architecture(model: ModelFile):  # type: ignore[no-untyped-def]
-    """The drafter on the host is a GGUF of the declared architecture (e.g. gemma4-assistant)."""
-    if not state.is_executing and host.get_fact(Sha256File, path=model.path) != model.sha256:
+    """
+    Refuse unless the drafter on the host is a GGUF of its declared architecture.
+
+    + model: the drafter's ``ModelFile`` (``architecture``: e.g. ``gemma4-assistant``)
+
+    **Example:**
+
+    .. code:: python
+
+        speculation.drafter_architecture(name="Drafter is a gemma4-assistant GGUF", model=server.model_draft)
+    """
+    # Planning (a dry run, or the check before a run that asks to confirm): the drafter may not be
+    # placed yet. The verified stamp answers for an unchanged file; else it is hashed once per run.
+    if not state.is_executing and not has_sha256(model):
         host.noop(f"{model.path} is not placed yet: its architecture is checked once it is")
         return
     check_remote_architecture(model.path, model.architecture)

@@ -1,4 +1,5 @@
-"""Refuse a box whose services do not fit their GPUs' memory, before any unit is written."""
+"""Refuse a box whose services do not fit their GPUs' memory, or whose models' headers refuse a field
+(a per-slot context above the trained context), before any unit is written."""
 
 from __future__ import annotations
 
@@ -7,19 +8,20 @@ from pyinfra.api import OperationError, operation
 from rich.console import Console
 
 from facts.gpu import NvidiaGpus
-from gpubox.cli_plan import gpu_table, print_refusal
-from gpubox.gguf_header import GgufHeader
+from gpubox.box import Box
+from gpubox.gguf_header import GgufFile
 from gpubox.gpu import gpus_from_fact
 from gpubox.inventory import HostBox
-from gpubox.spec import Box
+from gpubox.tables import gpu_table, print_refusal, problems_table
 from gpubox.vram import load_model_header, plan_box
 
+from .host_facts import fact_once
 from .models import local_source, remote_header
 
 
-def _headers(box: Box) -> dict[str, GgufHeader]:
+def _headers(box: Box) -> dict[str, GgufFile]:
     """Each model's header: from the controller file when there is one, else from the host's file."""
-    headers: dict[str, GgufHeader] = {}
+    headers: dict[str, GgufFile] = {}
     for _, model in box.models():
         source = local_source(model) if model.source is not None and not model.source_is_url else None
         header = load_model_header(source) if source is not None and source.is_file() else remote_header(model.path)
@@ -30,14 +32,32 @@ def _headers(box: Box) -> dict[str, GgufHeader]:
 
 @operation()
 def fits(box: Box):  # type: ignore[no-untyped-def]
-    """Plan every service's VRAM (weights, KV, compute, headroom) against the host's GPUs."""
-    gpus = gpus_from_fact(host.get_fact(NvidiaGpus))
-    if not gpus or not any(server.gpus for server in box.services):
-        host.noop("no GPU services on this host: no VRAM budget to check")
-        return
+    """
+    Refuse a box whose services do not fit their GPUs: plan every service's VRAM (weights, KV,
+    compute, headroom) against the host's GPUs and print the table. On any host, GPUs or not,
+    refuse a field the models' headers refuse (``services.N.ctx_size`` above the trained context).
+
+    + box: the host's ``Box``; the models' headers come from controller files, else the host's files
+
+    **Example:**
+
+    .. code:: python
+
+        vram.fits(name="The services fit their GPUs' memory", box=box)
+    """
+    gpus = gpus_from_fact(fact_once(NvidiaGpus))
     headers = _headers(box)
     plan = plan_box(box, headers, [(gpu.index, gpu.memory_total_mib or 0) for gpu in gpus])
     console = Console(width=120, record=True, stderr=True)
+    if plan.refused:
+        console.print(problems_table([HostBox(host=host.name, box=box, problems=list(plan.refused))]))
+        raise OperationError(
+            "refused by the models' headers: "
+            + "; ".join(f"{problem.field}: {problem.message}" for problem in plan.refused)
+        )
+    if not gpus or not any(server.gpus for server in box.services):
+        host.noop("no GPU services on this host: no VRAM budget to check")
+        return
     for gpu in plan.gpus:
         console.print(gpu_table(host.name, gpu))
     if plan.problems and not state.is_executing:
@@ -46,7 +66,7 @@ def fits(box: Box):  # type: ignore[no-untyped-def]
     if plan.problems:
         raise OperationError("cannot plan the VRAM budget: " + "; ".join(plan.problems))
     if not plan.fits:
-        print_refusal(console, HostBox(host=host.name, box=box, problems=[]), plan, headers)
+        print_refusal(console, host.name, box, plan, headers)
         raise OperationError(
             "the services do not fit their GPUs' memory (table above): change what it suggests, "
             "or pin a service to another GPU"

@@ -1,21 +1,29 @@
-"""Write the config inventory/testbed.py reads, for the test host `python -m gpubox.testbed up` started."""
+"""Write the config inventory/testbed.py reads, for the test host `python -m tests.testbed up` started."""
 
 from __future__ import annotations
 
 import json
 import runpy
 import sys
+from pathlib import Path
 
-from gpubox.testbed import inventory_config
-from gpubox.testbed.__main__ import state_file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.testbed
+
+from tests.testbed import inventory_config  # noqa: E402
+from tests.testbed.__main__ import state_file  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """Print the config; each `KEY=VALUE` argument (VALUE as JSON, e.g. spec_draft_n_max=2) overrides a key."""
     state = json.loads(state_file().read_text())
     ((host_name, host_data),) = runpy.run_path(state["inventory"])["testbed"]
-    json.dump(inventory_config(host_name, host_data), sys.stdout, indent=2)
+    config = inventory_config(host_name, host_data)
+    for assignment in argv:
+        key, _, value = assignment.partition("=")
+        config[key] = json.loads(value)
+    json.dump(config, sys.stdout, indent=2)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -17,8 +17,8 @@ from gpubox.bench import (
     BenchReport,
     bench_local,
     bench_prompt,
-    bench_server_argv,
     bench_table,
+    bench_variant,
     check_suggestion,
     edit_inventory_text,
     long_prompt_tokens,
@@ -33,8 +33,9 @@ from gpubox.bench import (
 )
 from gpubox.cli import main
 from gpubox.inventory import inventory_boxes
+from gpubox.servers.llama import LlamaServer
 from gpubox.smoke import HttpResponse
-from gpubox.spec import LlamaServer, ModelFile
+from gpubox.spec import ModelFile
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "llama-server"
@@ -126,7 +127,7 @@ def test_quick_sweep_uses_the_services_n_max() -> None:
 def test_bench_argv_overrides_slots_drafter_and_port() -> None:
     service = home_service()
     drafting = BenchConfig(parallel=4, draft=True, draft_n_max=2, context="short")
-    argv = bench_server_argv(service, "/opt/llama.cpp", "/tmp/llama-server", drafting, 9123)
+    argv = bench_variant(service, drafting, 9123).argv("/tmp/llama-server")
     assert argv[0] == "/tmp/llama-server"
     assert argv.count("--parallel") == 1 and argv[argv.index("--parallel") + 1] == "4"
     assert argv[argv.index("--port") + 1] == "9123" and argv[argv.index("--host") + 1] == "127.0.0.1"
@@ -136,7 +137,7 @@ def test_bench_argv_overrides_slots_drafter_and_port() -> None:
     assert argv[argv.index("--ctx-size") + 1] == "262144" and "--cache-type-v" in argv
 
     plain = BenchConfig(parallel=1, draft=False, context="long")
-    argv = bench_server_argv(service, "/opt/llama.cpp", "/tmp/llama-server", plain, 9124)
+    argv = bench_variant(service, plain, 9124).argv("/tmp/llama-server")
     for flag in ("--spec-type", "--model-draft", "--spec-draft-n-max", "--spec-draft-ngl"):
         assert flag not in argv
 
@@ -277,7 +278,7 @@ def test_bench_local_against_a_real_llama_server(tmp_path: Path) -> None:
     from tests.test_smoke import llama_server_binary
 
     binary = llama_server_binary()
-    from gpubox.testbed import smollm2_gguf
+    from tests.testbed import smollm2_gguf
 
     model = ModelFile(path=str(smollm2_gguf()), sha256="a" * 64, architecture="llama")
     service = LlamaServer(
@@ -288,9 +289,18 @@ def test_bench_local_against_a_real_llama_server(tmp_path: Path) -> None:
         BenchConfig(parallel=2, draft=True, draft_n_max=2, context="short"),
     ]
     results = bench_local(
-        service, "/opt/llama.cpp", str(binary), configs, n_predict=16, long_tokens=64, single_runs=1,
+        service, str(binary), configs, n_predict=16, long_tokens=64, single_runs=1,
         aggregate_rounds=1, log_dir=tmp_path,
     )  # fmt: skip
     assert [result.config for result in results] == configs
     assert results[0].draft_tokens == 0 and results[1].draft_tokens > 0
     assert all(result.single_tokens_per_second > 0 for result in results)
+
+
+def test_turning_drafting_off_resets_the_draft_cache_types_too() -> None:
+    service = home_service().model_copy(update={"spec_draft_type_k": "q8_0", "spec_draft_type_v": "q8_0"})
+    variant = bench_variant(service, BenchConfig(parallel=1, draft=False, context="short"), 9125)
+    assert not [word for word in variant.argv("/bin/llama-server") if "draft" in word]
+    changes = suggested_changes(service, BenchConfig(parallel=1, draft=False, context="short"))
+    assert changes["spec_draft_type_k"] is None and changes["spec_draft_type_v"] is None
+    assert check_suggestion(service, changes) == []

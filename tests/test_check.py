@@ -76,3 +76,72 @@ def test_unusable_inventory(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
 def test_missing_inventory(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "/nonexistent/inventory.py"]) == 2
     assert "no such inventory file" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- group_data/, as pyinfra reads it
+
+BOX_IN_GROUP_DATA = """
+from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile
+box = Box(
+    llama_cpp=LlamaCppBuild(commit="a" * 40),
+    services=(LlamaServer(name="grouped", port=8181, parallel=PARALLEL, model=ModelFile(
+        path="/srv/models/m.gguf", sha256="b" * 64, architecture="llama")),),
+)
+"""
+
+
+@pytest.mark.parametrize("data_file", ["all.py", "gpus.py", "inventory.py"])
+def test_a_box_in_group_data_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str], data_file: str) -> None:
+    """pyinfra merges group_data/<group>.py (all, a group, the inventory file's name) into the host's data."""
+    inventory = write_inventory(tmp_path, 'gpus = ["gpu-box"]\n')
+    (tmp_path / "group_data").mkdir()
+    (tmp_path / "group_data" / data_file).write_text(BOX_IN_GROUP_DATA.replace("PARALLEL", "1"))
+    assert main(["check", inventory]) == 0
+    out = capsys.readouterr().out
+    assert "gpu-box" in out and "grouped" in out and "8181" in out
+
+
+def test_a_refused_box_in_group_data_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inventory = write_inventory(tmp_path, 'gpus = ["gpu-box"]\n')
+    (tmp_path / "group_data").mkdir()
+    (tmp_path / "group_data" / "gpus.py").write_text(
+        'box = {"llama_cpp": {"commit": "abc"}, "services": [{"name": "s", "model": {'
+        '"path": "/m.gguf", "sha256": "b" * 64, "architecture": "llama"}}]}\n'
+    )
+    assert main(["check", inventory]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "gpu-box" in out and "llama_cpp.commit" in out
+
+
+def test_a_box_refused_while_group_data_imports_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inventory = write_inventory(tmp_path, 'gpus = ["gpu-box"]\n')
+    (tmp_path / "group_data").mkdir()
+    (tmp_path / "group_data" / "all.py").write_text(
+        BOX_IN_GROUP_DATA.replace("PARALLEL", "4").replace("port=8181,", 'port=8181, spec_type="ngram-simple",')
+    )
+    assert main(["check", inventory]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "group_data/all.py" in out and "parallel trap" in out
+
+
+def test_group_data_that_does_not_import_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inventory = write_inventory(tmp_path, 'gpus = ["gpu-box"]\n')
+    (tmp_path / "group_data").mkdir()
+    (tmp_path / "group_data" / "all.py").write_text("import no_such_module\n")
+    assert main(["check", inventory]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "group_data/all.py" in out and "does not import" in out and "no_such_module" in out
+
+
+def test_host_data_overrides_group_data_as_in_pyinfra(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gpubox.inventory import load_inventory
+
+    inventory = write_inventory(tmp_path, 'gpus = [("gpu-box", {"port": 1}), "other"]\n')
+    (tmp_path / "group_data").mkdir()
+    (tmp_path / "group_data" / "all.py").write_text("port = 2\nregion = 'home'\n")
+    (tmp_path / "group_data" / "gpus.py").write_text("port = 3\n")
+    hosts = {host.name: host for host in load_inventory(inventory)}
+    assert hosts["gpu-box"].data["port"] == 1 and hosts["other"].data["port"] == 3
+    assert hosts["other"].data["region"] == "home" and "gpus" in hosts["other"].groups

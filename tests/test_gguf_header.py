@@ -9,7 +9,7 @@ from gpubox.gguf_header import (
     ArraySummary,
     GgufArchitectureError,
     GgufError,
-    GgufHeader,
+    GgufFile,
     GgufHeaderError,
     GgufHeadTooShortError,
     NotGgufError,
@@ -37,12 +37,12 @@ def smollm2_path() -> Path:
     cached = Path.home() / ".cache" / "gpubox" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if cached.is_file():
         return cached
-    from gpubox.testbed.assets import smollm2_gguf
+    from tests.testbed.assets import smollm2_gguf
 
     return smollm2_gguf()
 
 
-def smollm2_head() -> GgufHeader:
+def smollm2_head() -> GgufFile:
     return parse_gguf_header(SMOLLM2_HEAD.read_bytes(), SMOLLM2_SIZE)
 
 
@@ -137,7 +137,7 @@ def test_errors_are_distinct() -> None:
 
 
 def test_head_command_and_parse_on_real_files(tmp_path: Path) -> None:
-    def fact(path: Path, head_bytes: int = 32 << 20) -> GgufHeader | GgufHeaderError | None:
+    def fact(path: Path, head_bytes: int = 32 << 20) -> GgufFile | GgufHeaderError | None:
         command = gguf_head_command(str(path), head_bytes)
         output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout
         return parse_gguf_head_output(output.splitlines())

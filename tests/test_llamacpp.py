@@ -8,7 +8,7 @@ from gpubox.llamacpp import (
     GitCheckoutError,
     ServerFlags,
     UnsupportedServerArgumentError,
-    check_argv_supported,
+    check_flags_supported,
     check_spec_type_supported,
     checkout_command,
     parse_checkout,
@@ -17,7 +17,8 @@ from gpubox.llamacpp import (
     server_version_command,
     unsupported_flags,
 )
-from gpubox.spec import CacheType, SpecType
+from gpubox.servers.llama import LLAMA_SERVER_FLAGS, CacheType, LlamaServer, SpecType
+from gpubox.spec import ModelFile
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamacpp"
 HELP = parse_server_help((FIXTURES / "server-help-0c1e57098.txt").read_text().splitlines())
@@ -128,45 +129,42 @@ def test_choices() -> None:
     assert HELP.choices["--split-mode"] == ("none", "layer", "row", "tensor")
 
 
-# --- argv checks ---
+# --- the flags a service uses, against the pinned --help ---
 
-ARGV = [
-    "/opt/llama.cpp/build/bin/llama-server",
-    "--model",
-    "/x.gguf",
-    "--parallel",
-    "1",
-    "--seed",
-    "-1",
-    "-ngl",
-    "all",
-    "--ctx_size",
-    "8192",
-    "--no-webui",
-]
+MODEL = ModelFile(path="/x.gguf", sha256="a" * 64, architecture="llama")
 
 
-def test_supported_argv() -> None:
-    assert unsupported_flags(ARGV, HELP) == []
-    check_argv_supported(ARGV, HELP, VERSION)
+def test_every_spelling_in_the_flag_table_is_in_the_pinned_help() -> None:
+    spellings = [spelling for flag in LLAMA_SERVER_FLAGS for spelling in flag.spellings]
+    assert unsupported_flags(spellings, HELP) == []
+
+
+def test_supported_service() -> None:
+    service = LlamaServer(name="s", model=MODEL, extra_args=("--seed", "-1", "--no-webui", "--threads_batch", "4"))
+    assert service.command_flags()[-3:] == ["--seed", "--no-webui", "--threads_batch"]
+    assert unsupported_flags(service.command_flags(), HELP) == []  # `_` is `-` in long options, as llama.cpp reads them
+    check_flags_supported(service.command_flags(), HELP, VERSION)
 
 
 def test_unsupported_flag_names_flag_version_and_fix() -> None:
-    argv = [*ARGV, "--temperature-scale", "-0.5", "--draft-max", "16"]
-    assert unsupported_flags(argv, HELP) == ["--temperature-scale", "--draft-max"]
+    service = LlamaServer(name="s", model=MODEL, extra_args=("--temperature-scale", "-0.5", "--draft-max", "16"))
+    assert unsupported_flags(service.command_flags(), HELP) == ["--temperature-scale", "--draft-max"]
     with pytest.raises(UnsupportedServerArgumentError) as error:
-        check_argv_supported(argv, HELP, VERSION)
+        check_flags_supported(service.command_flags(), HELP, VERSION)
     message = str(error.value)
     assert "--temperature-scale" in message
     assert "--draft-max (the argument has been removed. use --spec-draft-n-max" in message
     assert VERSION in message
     assert "upgrade the pinned llama.cpp commit" in message
     assert "remove the field" in message
-    assert isinstance(error.value, ValueError)
 
 
-def test_binary_is_not_a_flag() -> None:
-    assert unsupported_flags(["-weird-binary-name"], HELP) == []
+def test_a_typed_field_missing_from_the_binary_is_refused() -> None:
+    older = HELP.model_copy(update={"flags": tuple(flag for flag in HELP.flags if flag not in ("--fit", "-fit"))})
+    service = LlamaServer(name="s", model=MODEL, fit="off")
+    with pytest.raises(UnsupportedServerArgumentError, match="does not support --fit"):
+        check_flags_supported(service.command_flags(), older, VERSION)
+    check_flags_supported(LlamaServer(name="s", model=MODEL).command_flags(), older, VERSION)
 
 
 def test_spec_type_checks() -> None:

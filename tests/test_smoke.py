@@ -323,7 +323,7 @@ def test_real_curl_refused_is_a_transport_error() -> None:
 
 def llama_server_binary() -> Path:
     """LLAMA_SERVER_BIN, or the CPU llama-server built here from the pinned llama.cpp (cached)."""
-    from gpubox.testbed import local_llama_server
+    from tests.testbed import local_llama_server
 
     configured = os.environ.get("LLAMA_SERVER_BIN")
     return Path(configured) if configured else local_llama_server()
@@ -347,7 +347,7 @@ def started_server(extra_args: list[str], log_path: Path) -> Iterator[str]:
     """A real llama-server on SmolLM2; yields its base URL."""
     binary = llama_server_binary()
     from gpubox.bench import free_port
-    from gpubox.testbed import smollm2_gguf
+    from tests.testbed import smollm2_gguf
 
     model = str(smollm2_gguf())
     port = free_port()

@@ -232,3 +232,77 @@ def test_box_one_checksum_per_model_path() -> None:
 
 def test_box_needs_a_service() -> None:
     assert "services" in refused_fields(Box, box([]))
+
+
+# ----------------------------------------------------------------------------- draft cache types, batch sizes
+
+SMOL = {"path": "/srv/models/smol.gguf", "sha256": "c" * 64, "architecture": "llama"}
+
+
+def _help_flags() -> frozenset[str]:
+    from pathlib import Path
+
+    from gpubox.llamacpp import parse_server_help
+
+    text = (Path(__file__).parent / "fixtures/llamacpp/server-help-0c1e57098.txt").read_text()
+    return frozenset(parse_server_help(text.splitlines()).flags)
+
+
+def test_draft_cache_types_and_batch_sizes_render_only_when_set() -> None:
+    plain = LlamaServer.model_validate(server(model=SMOL, model_draft=SMOL, spec_type="draft-simple")).argv("ls")
+    for flag in ("--spec-draft-type-k", "--spec-draft-type-v", "--batch-size", "--ubatch-size"):
+        assert flag not in plain
+    argv = LlamaServer.model_validate(
+        server(
+            model=SMOL, model_draft=SMOL, spec_type="draft-simple", spec_draft_type_k="q8_0",
+            spec_draft_type_v="q4_0", batch_size=2048, ubatch_size=1024,
+        )  # fmt: skip
+    ).argv("ls")
+    assert argv[argv.index("--spec-draft-type-k") + 1] == "q8_0"
+    assert argv[argv.index("--spec-draft-type-v") + 1] == "q4_0"
+    assert argv[argv.index("--batch-size") + 1] == "2048"
+    assert argv[argv.index("--ubatch-size") + 1] == "1024"
+
+
+def test_the_new_flags_and_aliases_are_the_pinned_binarys() -> None:
+    help_flags = _help_flags()
+    for field_name, spellings in {
+        "spec_draft_type_k": ("--spec-draft-type-k", "-ctkd", "--cache-type-k-draft"),
+        "spec_draft_type_v": ("--spec-draft-type-v", "-ctvd", "--cache-type-v-draft"),
+        "batch_size": ("--batch-size", "-b"),
+        "ubatch_size": ("--ubatch-size", "-ub"),
+    }.items():
+        for spelling in spellings:
+            assert spelling in help_flags, spelling
+            fields = refused_fields(LlamaServer, server(extra_args=["--alias", "x", spelling, "512"]))
+            assert set(fields) == {"extra_args.2"}
+            assert f"set {field_name} instead" in fields["extra_args.2"]
+
+
+@pytest.mark.parametrize("field_name", ["spec_draft_type_k", "spec_draft_type_v"])
+def test_draft_cache_types_need_a_drafter(field_name: str) -> None:
+    fields = refused_fields(
+        LlamaServer, server(spec_type="none", model_draft=None, spec_draft_n_max=None, **{field_name: "f16"})
+    )
+    assert set(fields) == {field_name}
+    assert "no model_draft" in fields[field_name]
+
+
+@pytest.mark.parametrize("flash_attn", ["off", "auto"])
+def test_quantized_draft_v_cache_needs_flash_attention(flash_attn: str) -> None:
+    # llama_init_from_model runs the same check on the drafter's context, with its V type
+    fields = refused_fields(
+        LlamaServer,
+        server(cache_type_k="f16", cache_type_v="f16", flash_attn=flash_attn, spec_draft_type_v="q8_0"),
+    )
+    assert set(fields) == {"flash_attn"}
+    assert "spec_draft_type_v='q8_0'" in fields["flash_attn"]
+    spec = LlamaServer.model_validate(
+        server(cache_type_k="f16", cache_type_v="f16", flash_attn="off", spec_draft_type_k="q8_0")
+    )  # a quantized K alone needs no flash attention
+    assert spec.spec_draft_type_k == "q8_0"
+
+
+@pytest.mark.parametrize(("field_name", "value"), [("spec_draft_type_k", "q8"), ("ubatch_size", 0), ("batch_size", 0)])
+def test_new_fields_take_only_valid_values(field_name: str, value: object) -> None:
+    assert field_name in refused_fields(LlamaServer, server(**{field_name: value}))

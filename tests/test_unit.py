@@ -9,12 +9,26 @@ from pathlib import Path
 import pytest
 
 from gpubox import LlamaServer, ModelFile
+from gpubox.gpu import Gpu
 from gpubox.inventory import inventory_boxes
-from gpubox.unit import render_unit, server_argv, server_environment, systemd_quote
+from gpubox.servers.llama import binary_path
+from gpubox.unit import render_unit, server_environment
+from tests.test_hardening import H200X2
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
+BINARY = binary_path("/opt/llama.cpp")
+SPECIAL_DIR = '/srv/my models/$x `y` "q" 100%'
 MODEL = ModelFile(path="/srv/models/smollm2.gguf", sha256="a" * 64, architecture="llama")
+# The seed box's RTX 4090 as the NvidiaGpus fact reads it (the record of tests/operations/vram.fits), minor 0.
+HOME_GPU_UUID = "GPU-3f1c2a77-5b0e-4c1d-9a8e-2d6f0b7c9e41"
+HOME_GPUS = (
+    Gpu(
+        index=0, uuid=HOME_GPU_UUID, name="NVIDIA GeForce RTX 4090", pci_bus_id="00000000:01:00.0",
+        driver_version="580.95.05", memory_total_mib=24564, memory_used_mib=1, memory_free_mib=24080,
+        compute_capability="8.9", minor_number=0,
+    ),
+)
 
 
 def home_service() -> LlamaServer:
@@ -25,15 +39,19 @@ def home_service() -> LlamaServer:
 
 def test_home_unit_matches_golden() -> None:
     service = home_service()
-    assert render_unit(service, "/opt/llama.cpp") == (GOLDEN / "gemma4.service").read_text()
+    assert render_unit(service, BINARY, HOME_GPUS) == (GOLDEN / "gemma4.service").read_text()
 
 
-def test_rendering_is_deterministic() -> None:
-    assert render_unit(home_service(), "/opt/llama.cpp") == render_unit(home_service(), "/opt/llama.cpp")
+def test_a_changed_field_changes_only_its_line() -> None:
+    service = home_service()
+    before = render_unit(service, BINARY, HOME_GPUS).splitlines()
+    after = render_unit(service.model_copy(update={"spec_draft_n_max": 2}), BINARY, HOME_GPUS).splitlines()
+    changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
+    assert changed == [("    --spec-draft-n-max 3 \\", "    --spec-draft-n-max 2 \\")]
 
 
 def test_home_argv_is_the_seed_recipe_as_the_pinned_llama_cpp_parses_it() -> None:
-    argv = server_argv(home_service(), "/opt/llama.cpp")
+    argv = home_service().argv(BINARY)
     assert argv[0] == "/opt/llama.cpp/current/llama-server"
     pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
     assert argv[argv.index("--flash-attn") + 1] == "on"  # the seed's bare --flash-attn no longer parses
@@ -44,10 +62,11 @@ def test_home_argv_is_the_seed_recipe_as_the_pinned_llama_cpp_parses_it() -> Non
     for flag in ("--cont-batching", "--jinja", "--metrics"):
         assert flag in argv
     assert server_environment(home_service()) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "0"}
+    assert server_environment(home_service(), HOME_GPUS)["CUDA_VISIBLE_DEVICES"] == HOME_GPU_UUID
 
 
 def test_parallel_is_always_rendered() -> None:
-    argv = server_argv(LlamaServer(name="s", model=MODEL), "/opt/llama.cpp")
+    argv = LlamaServer(name="s", model=MODEL).argv(BINARY)
     assert argv[argv.index("--parallel") + 1] == "1"
 
 
@@ -57,43 +76,36 @@ def test_no_gpus_hides_every_gpu() -> None:
 
 
 def test_api_key_never_on_the_command_line() -> None:
-    service = LlamaServer(name="s", model=MODEL, host="0.0.0.0", api_key_file="/etc/gpubox/keys")
-    argv = server_argv(service, "/opt/llama.cpp")
+    service = LlamaServer(
+        name="s", model=MODEL, host="0.0.0.0", api_key_file="/etc/gpubox/keys", allow_from=("192.168.1.0/24",)
+    )
+    argv = service.argv(BINARY)
     assert argv[argv.index("--api-key-file") + 1] == "/etc/gpubox/keys"
     assert "--api-key" not in argv
 
 
-@pytest.mark.parametrize(
-    ("word", "quoted"),
-    [
-        ("plain", "plain"),
-        ("two words", '"two words"'),
-        ("50%", "50%%"),
-        ("$HOME", "$$HOME"),
-        ('say "hi"', '"say \\"hi\\""'),
-        ("back\\slash", '"back\\\\slash"'),
-        ("", '""'),
-    ],
-)
-def test_systemd_quote(word: str, quoted: str) -> None:
-    assert systemd_quote(word) == quoted
-
-
 def test_hardening_keeps_gpus_usable() -> None:
-    text = render_unit(home_service(), "/opt/llama.cpp")
+    text = render_unit(home_service(), BINARY, HOME_GPUS)
     assert "PrivateDevices" not in text  # would hide /dev/nvidia*
+    assert "DeviceAllow=/dev/nvidia0 rw" in text.splitlines()
     for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "Restart=on-failure"):
         assert line in text.splitlines()
     assert "ProtectHome=read-only" in text  # the seed keeps its models under /home/dan
     assert "ReadOnlyPaths=/home/dan/models" in text
-    assert "ProtectHome=yes" in render_unit(LlamaServer(name="s", model=MODEL), "/opt/llama.cpp")
+    assert "ProtectHome=yes" in render_unit(LlamaServer(name="s", model=MODEL), BINARY)
 
 
 UNITS = {
     "home": home_service,
     "cpu-only": lambda: LlamaServer(name="cpu", model=MODEL, extra_args=("--alias", "a b %n $x")),
+    "special-paths": lambda: LlamaServer(
+        name="special",
+        model=ModelFile(path=SPECIAL_DIR + "/m.gguf", sha256="a" * 64, architecture="llama"),
+        api_key_file="/etc/gpubox keys/$k",
+    ),
     "remote": lambda: LlamaServer(
-        name="remote", model=MODEL, host="0.0.0.0", api_key_file="/etc/gpubox/keys", gpus=(0, 1)
+        name="remote", model=MODEL, host="0.0.0.0", api_key_file="/etc/gpubox/keys", gpus=(0, 1),
+        allow_from=("192.168.1.0/24",),
     ),
 }
 
@@ -108,9 +120,21 @@ def test_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
     assert shutil.which("systemd-analyze"), "systemd-analyze is missing: scripts/setup installs it"
     service = UNITS[name]()
     unit = tmp_path / service.unit_name
-    unit.write_text(render_unit(service, str(prefix)))
+    unit.write_text(render_unit(service, str(binary), H200X2))
     result = subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
     assert service.unit_name not in result.stderr, result.stderr
+    assert "ignoring" not in result.stderr, result.stderr  # e.g. "ReadOnlyPaths= path is not absolute, ignoring"
+
+
+def test_special_characters_reach_the_unit_intact() -> None:
+    service = UNITS["special-paths"]()
+    text = render_unit(service, BINARY)
+    escaped = SPECIAL_DIR.replace("%", "%%").replace("$", "$$").replace('"', '\\"')
+    assert f'    --model "{escaped}/m.gguf"' in text
+    read_only = next(line for line in text.splitlines() if line.startswith("ReadOnlyPaths="))
+    assert read_only == (
+        'ReadOnlyPaths="/etc/gpubox keys" "/srv/my models/$x `y` \\"q\\" 100%%"'
+    )

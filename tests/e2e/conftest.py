@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpubox.testbed import TestHost, booted_host, ccache_dir, llama_cpp_repo, smollm2_gguf
+from tests.testbed import TestHost, booted_host, ccache_dir, llama_cpp_repo, smollm2_gguf
 
 LLAMA_REPO_MOUNT = "/srv/llama.cpp.git"
 CCACHE_MOUNT = "/var/cache/ccache-shared"
@@ -24,6 +24,14 @@ def _skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "e2e test hosts need root (systemd-nspawn)"
     return None
+
+
+@pytest.fixture(scope="session")
+def can_boot_hosts() -> None:
+    """Fails (never skips) where test hosts can't boot: the e2e tests must run (CI runs them as root)."""
+    reason = _skip_reason()
+    if reason:
+        pytest.fail(f"the e2e tests must run (CI runs them as root): {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -45,15 +53,12 @@ def shared_ccache() -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_host(llama_repo: tuple[Path, str], shared_ccache: Path) -> Iterator[TestHost]:
+def test_host(can_boot_hosts: None, llama_repo: tuple[Path, str], shared_ccache: Path) -> Iterator[TestHost]:
     """A booted Debian bookworm host (one per test module), stopped and deleted afterwards.
 
     The llama.cpp repo is bound read-only at /srv/llama.cpp.git and the shared ccache
     read-write at /var/cache/ccache-shared.
     """
-    reason = _skip_reason()
-    if reason:
-        pytest.fail(f"the e2e tests must run (CI runs them as root): {reason}")
     repo, _ = llama_repo
     with booted_host(
         binds_ro=[(repo, LLAMA_REPO_MOUNT)],

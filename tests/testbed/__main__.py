@@ -1,12 +1,13 @@
 """CLI for the test bed.
 
-``python -m gpubox.testbed up [--bind-llama] [--bind SRC:DST] [--bind-ro SRC:DST]``
+``python -m tests.testbed up [--bind-llama] [--bind SRC:DST] [--bind-ro SRC:DST]``
     boot a host, print its SSH port / key / pid / inventory, and record it in a state file;
-``python -m gpubox.testbed down``
-    stop the host recorded in the state file;
-``python -m gpubox.testbed assets``
+``python -m tests.testbed down``
+    stop and delete every test host recorded in the registry (tests.testbed.registry): the one
+    ``up`` booted, and any left behind by a killed pytest or CLI run;
+``python -m tests.testbed assets``
     prepare the llama.cpp repo and the SmolLM2 model and print their paths and the commit sha;
-``python -m gpubox.testbed rootfs``
+``python -m tests.testbed rootfs``
     build (once) the cached rootfs tarball and print its path.
 """
 
@@ -14,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
-import time
 from pathlib import Path
 
-from gpubox.testbed.assets import cache_dir, ccache_dir, llama_cpp_repo, sha256_file, smollm2_gguf
-from gpubox.testbed.host import build_rootfs, create_host, remove_host_dir
+from tests.testbed.assets import cache_dir, ccache_dir, llama_cpp_repo, sha256_file, smollm2_gguf
+from tests.testbed.host import build_rootfs, create_host
+from tests.testbed.registry import reap
 
 LLAMA_REPO_MOUNT = "/srv/llama.cpp.git"
 CCACHE_MOUNT = "/var/cache/ccache-shared"
@@ -36,7 +35,15 @@ def _split_bind(spec: str) -> tuple[str, str]:
     return src, dst or src
 
 
+def _drop_stale_state() -> None:
+    """Delete the state file if the host it names is gone (reaped, or its directory deleted)."""
+    path = state_file()
+    if path.exists() and not Path(json.loads(path.read_text())["root"]).exists():
+        path.unlink()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    _drop_stale_state()
     if state_file().exists():
         print(f"a test host is already recorded in {state_file()}; run `down` first", file=sys.stderr)
         return 1
@@ -66,39 +73,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def cmd_down(args: argparse.Namespace) -> int:
-    path = state_file()
-    if not path.exists():
+    reaped = reap(orphans_only=False)
+    for line in reaped:
+        print(line)
+    _drop_stale_state()
+    if not reaped:
         print("no test host recorded", file=sys.stderr)
-        return 1
-    state = json.loads(path.read_text())
-    pid, leader = int(state["pid"]), int(state["leader_pid"])
-    if _alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        for _i in range(300):
-            if not _alive(pid):
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    if _alive(leader):
-        try:
-            status = Path(f"/proc/{leader}/status").read_text()
-        except OSError:
-            status = ""
-        if any(line.startswith("NSpid:") and line.split()[-1] == "1" for line in status.splitlines()):
-            os.kill(leader, signal.SIGKILL)
-    remove_host_dir(Path(state["root"]).parent)
-    path.unlink()
-    print(f"stopped test host (nspawn pid {pid})")
     return 0
 
 
@@ -119,7 +100,7 @@ def cmd_rootfs(_: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpubox.testbed", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tests.testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="boot a test host")
@@ -130,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=None, help="sshd port (default: a free one)")
     up.add_argument("--user", default="root", help="ssh user for the generated inventory")
     up.set_defaults(func=cmd_up)
-    sub.add_parser("down", help="stop the recorded test host").set_defaults(func=cmd_down)
+    sub.add_parser("down", help="stop and delete every recorded test host").set_defaults(func=cmd_down)
     sub.add_parser("assets", help="prepare llama.cpp repo and model").set_defaults(func=cmd_assets)
     sub.add_parser("rootfs", help="build the cached rootfs").set_defaults(func=cmd_rootfs)
     args = parser.parse_args(argv)

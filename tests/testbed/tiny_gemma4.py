@@ -127,8 +127,8 @@ ASSISTANT = TinyShape(
 
 
 def default_vocab_gguf() -> Path:
-    """The Gemma 4 vocab GGUF of the pinned llama.cpp tree (see gpubox.testbed.llama_cpp_repo)."""
-    from gpubox.testbed.assets import llama_cpp_repo
+    """The Gemma 4 vocab GGUF of the pinned llama.cpp tree (see tests.testbed.llama_cpp_repo)."""
+    from tests.testbed.assets import llama_cpp_repo
 
     repo, _ = llama_cpp_repo()
     return repo / VOCAB_FILE

@@ -1,0 +1,138 @@
+"""Model files on a host, beyond placing one: what a change would transfer, and the files gpubox
+placed that have left the box.
+
+Pure functions (no pyinfra): the facts in `facts/models.py` run the commands built here and parse
+their output here; `operations/models.py` words what it plans with `transfer_plan`.
+
+Which files are gpubox's: those with a stamp under `gpubox.verified.STAMP_DIR` (a stamp is written
+only after gpubox verified the file's sha256; its first line is the model's path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gpubox.quoting import shell_word
+from gpubox.records import Record
+from gpubox.verified import STAMP_DIR
+
+UNIT_DIR = "/etc/systemd/system"
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+class StampedModel(Record):
+    """A model file gpubox verified on the host (it has a stamp), as the stamps fact finds it."""
+
+    stamp: str
+    path: str
+    size: int | None  # None: the file is gone (the stamp outlived it)
+    units: tuple[str, ...] = ()  # unit files (`*.service`, `*.service.prev`) that name the path
+
+
+def stamps_command(stamp_dir: str = STAMP_DIR, unit_dir: str = UNIT_DIR) -> str:
+    """One line per stamp: the stamp's path, the model's size (`-`: gone), the unit files naming
+    the model (space-separated), and the model's path (last: it may hold a tab).
+
+    A unit names a path as `gpubox.quoting.exec_word` writes it (`%` and `$` doubled; inside
+    double quotes `\\` and `"` escaped): both the plain and the escaped spellings are looked for.
+    """
+    stamps = shell_word(f"{stamp_dir}/")
+    units = f"{shell_word(unit_dir)}/*.service {shell_word(unit_dir)}/*.service.prev"
+    return "; ".join([
+        f"for stamp in {stamps}*.stamp",
+        'do [ -f "$stamp" ] || continue',
+        'model=$(head -n 1 "$stamp")',
+        'size=$(stat -L -c %s -- "$model" 2>/dev/null) || size=-',
+        "escaped=$(printf '%s\\n' \"$model\" | sed -e 's/%/%%/g' -e 's/[$]/$$/g' -e 's/[\\\\\"]/\\\\&/g')",
+        f'users=$(grep -lF -e "$model" -e "$escaped" -- {units} 2>/dev/null | tr "\\n" " ")',
+        "printf '%s\\t%s\\t%s\\t%s\\n' \"$stamp\" \"$size\" \"$users\" \"$model\"",
+        "done",
+    ])  # fmt: skip
+
+
+def parse_stamps(lines: Sequence[str]) -> list[StampedModel]:
+    stamped = []
+    for line in lines:
+        fields = line.rstrip("\n").split("\t", 3)
+        if len(fields) != 4 or not fields[3]:
+            continue
+        stamp, size, units, path = fields
+        stamped.append(
+            StampedModel(stamp=stamp, path=path, size=int(size) if size.isdigit() else None, units=tuple(units.split()))
+        )
+    return stamped
+
+
+def content_length_command(url: str) -> str:
+    """The response headers of a HEAD request, redirects followed (`curl -sIL`); nothing when it fails."""
+    return f"curl -sIL --max-time 20 {shell_word(url)} 2>/dev/null || true"
+
+
+def parse_content_length(lines: Sequence[str]) -> int | None:
+    """The Content-Length of the last response (after redirects); None when it has none."""
+    length: int | None = None
+    for line in lines:
+        text = line.strip()
+        if text.upper().startswith("HTTP/"):
+            length = None  # a new response (a redirect's target)
+            continue
+        name, _, value = text.partition(":")
+        if name.strip().lower() == "content-length" and value.strip().isdigit():
+            length = int(value.strip())
+    return length
+
+
+def human_bytes(count: int) -> str:
+    """`98,190,016 bytes (93.6 MiB)`: exact, and readable."""
+    unit, name = (GIB, "GiB") if count >= GIB else (MIB, "MiB")
+    return f"{count:,} bytes ({count / unit:.1f} {name})"
+
+
+def transfer_plan(
+    *,
+    path: str,
+    found: str | None,
+    sha256: str,
+    source: str,
+    is_url: bool,
+    source_bytes: int | None = None,
+    part_bytes: int | None = None,
+) -> list[str]:
+    """What placing a changed model does, for the log (a dry run shows it): the sha256 change,
+    the source and the bytes to transfer.
+
+    `source_bytes`: the controller file's size, or the URL's Content-Length (None: unknown);
+    `part_bytes`: the size of a `{path}.part` on the host (a cut run's), None when there is none.
+    A download resumes its .part (`curl --continue-at -`); an upload starts over.
+    """
+    lines = [f"{path}: sha256 {found or 'missing'} -> {sha256}"]
+    part = f"{path}.part"
+    if not is_url:
+        size = "an unknown size" if source_bytes is None else human_bytes(source_bytes)
+        lines.append(f"  from controller file {source}: {size} to upload")
+        if part_bytes is not None:
+            lines.append(
+                f"  a cut upload left {part} at {human_bytes(part_bytes)}: uploads start over, this one replaces it"
+            )
+        return lines
+    if part_bytes is None:
+        size = "an unknown size (no Content-Length)" if source_bytes is None else human_bytes(source_bytes)
+        lines.append(f"  from {source}: {size} to download")
+    elif source_bytes is None:
+        lines.append(f"  from {source}: an unknown size to download, resuming {part} at {human_bytes(part_bytes)}")
+    elif part_bytes > source_bytes:
+        lines.append(
+            f"  from {source}: an unknown size to download: {part} ({human_bytes(part_bytes)}) is larger than "
+            f"the Content-Length ({human_bytes(source_bytes)})"
+        )
+    else:
+        lines.append(
+            f"  from {source}: {human_bytes(source_bytes - part_bytes)} left to download of "
+            f"{human_bytes(source_bytes)}, resuming {part}"
+        )
+    return lines
+
+
+def size_mib(count: int) -> str:
+    return f"{count / MIB:,.0f} MiB" if count >= 10 * MIB else f"{count / MIB:.1f} MiB"

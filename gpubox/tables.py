@@ -1,0 +1,118 @@
+"""The rich tables gpubox prints: the CLI's and the operations' (one rendering for both)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from gpubox.box import Box
+from gpubox.gguf_header import GgufFile
+from gpubox.inventory import HostBox
+from gpubox.vram import CUDA_CONTEXT_MIB, MIB, BoxPlan, GpuBudget, what_to_change
+
+TERM_EXPLANATIONS: dict[str, str] = {
+    "weights": "target tensors on the GPU: offloaded layers + output head (a tied head is a GPU copy of "
+    "token_embd, which itself stays on the CPU)",
+    "draft weights": "drafter tensors on the GPU (a gemma4-assistant reads the target's token_embd)",
+    "KV cache": "cells x (K + V row bytes) per layer with its own cache; sliding-window layers hold "
+    "n_swa + n_ubatch cells per slot, shared-KV layers nothing",
+    "draft KV": "drafter's own KV at spec_draft_type_k/v (default f16, not the target's cache types); "
+    "0 for a gemma4-assistant: it shares the target's last layers",
+    "compute": "llama.cpp's compute buffers for one n_ubatch batch (min(ctx_size, batch_size, ubatch_size); "
+    "default 512): logits, activations, attention mask or KQ, calibrated against llama-server's logged buffers",
+    "headroom": f"CUDA context, cuBLAS workspace, FA pool: {CUDA_CONTEXT_MIB} MiB per process per GPU "
+    "(an estimate; re-measured by the GPU validation run)",
+}
+
+
+def mib(value: int) -> str:
+    """Bytes as whole MiB with thousands separators."""
+    return f"{value / MIB:,.0f}"
+
+
+def services_table(boxes: list[HostBox]) -> Table:
+    """Every service of every box: where it runs and how it is configured."""
+    table = Table(title="gpubox services")
+    for column in ("host", "service", "GPUs", "port", "spec type", "ctx", "parallel", "KV (K/V)", "FA"):
+        table.add_column(column)
+    for host_box in boxes:
+        if host_box.box is None:
+            continue
+        for service in host_box.box.services:
+            table.add_row(
+                host_box.host,
+                service.name,
+                ",".join(str(gpu) for gpu in service.gpus) or "-",
+                str(service.port),
+                service.spec_type,
+                str(service.ctx_size),
+                str(service.parallel),
+                f"{service.cache_type_k}/{service.cache_type_v}",
+                service.flash_attn,
+            )
+    return table
+
+
+def warnings_table(boxes: list[HostBox]) -> Table | None:
+    """What the rules accept but a reviewer would question, in yellow; None when there is nothing."""
+    table = Table(title="warnings", title_style="bold yellow", style="yellow")
+    for column in ("host", "service", "field", "why"):
+        table.add_column(column, overflow="fold", style="yellow")
+    for host_box in boxes:
+        for service in host_box.box.services if host_box.box is not None else ():
+            for field, why in service.warnings():
+                table.add_row(host_box.host, service.name, field, why)
+    return table if table.row_count else None
+
+
+def problems_table(boxes: list[HostBox]) -> Table:
+    """Every refused field of every box, with what to change."""
+    table = Table(title="refused", title_style="bold red")
+    for column in ("host", "field", "what to change"):
+        table.add_column(column, overflow="fold")
+    for host_box in boxes:
+        for problem in host_box.problems:
+            table.add_row(host_box.host, problem.field, problem.message)
+    return table
+
+
+def gpu_table(host: str, gpu: GpuBudget) -> Table:
+    """One GPU's budget: a row per service and its terms, then used / free."""
+    verdict = "[green]fits[/]" if gpu.fits else "[bold red]over budget[/]"
+    table = Table(title=f"{host} GPU {gpu.index}: {mib(gpu.total_bytes)} MiB, {verdict}")
+    names = list(TERM_EXPLANATIONS)
+    for column in ("service", *names, "total"):
+        table.add_column(column + (" MiB" if column != "service" else ""), justify="right")
+    for share in gpu.shares:
+        table.add_row(share.service, *(mib(share.terms.get(name, 0)) for name in names), mib(share.total))
+    free_style = "green" if gpu.fits else "bold red"
+    table.add_row(
+        "[bold]GPU[/]",
+        *("" for _ in names),
+        f"{mib(gpu.used_bytes)} used / [{free_style}]{mib(gpu.free_bytes)} free[/]",
+    )
+    return table
+
+
+def explain_terms(console: Console) -> None:
+    """One line per term of the VRAM table: what it counts."""
+    for name, text in TERM_EXPLANATIONS.items():
+        console.print(f"  [bold]{name}[/]: {text}", highlight=False)
+
+
+def print_refusal(console: Console, host: str, box: Box, plan: BoxPlan, headers: dict[str, GgufFile]) -> None:
+    """Each over-budget GPU by how much, and the changes that would make each service fit."""
+    for gpu in plan.gpus:
+        if gpu.fits:
+            continue
+        over = -gpu.free_bytes
+        console.print(
+            f"[bold red]refused[/]: {host} GPU {gpu.index} is over budget by {mib(over)} MiB; "
+            f"any one of these fits:",
+            highlight=False,
+        )
+        for share in gpu.shares:
+            service = box.service(share.service)
+            draft = headers.get(service.model_draft.path) if service.model_draft else None
+            for suggestion in what_to_change(service, headers[service.model.path], draft, over):
+                console.print(f"  {share.service}: {suggestion}", highlight=False)

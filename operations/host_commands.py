@@ -1,0 +1,37 @@
+"""Commands an operation runs itself, from a `FunctionCommand`, with the operation's own connector arguments.
+
+pyinfra prints a command's output only at -vvv, and reports a command's success, not its output. A
+long build that should show progress, and a smoke test that reads answers and may roll back, run
+their commands here, with the same `_sudo` & co. the operation was called with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import OperationError, StringCommand
+from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
+from pyinfra.connectors.util import CommandOutput
+
+
+def connector_arguments() -> dict[str, Any]:
+    """The running operation's connector arguments (`_sudo`, `_sudo_user`, ...), to pass to a FunctionCommand.
+
+    Call it while the operation yields its commands: only then does the host know them.
+    """
+    arguments = host.current_op_global_arguments or {}
+    return {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
+
+
+def run(script: str, arguments: dict[str, Any], *, show_output: bool = False) -> CommandOutput:
+    """Run a script on the host; its output, shown line by line as it comes when `show_output`.
+
+    Raises OperationError with the last lines of its stderr when it fails.
+    """
+    succeeded, output = host.run_shell_command(
+        StringCommand(script), print_output=show_output, print_input=False, **arguments
+    )
+    if not succeeded:
+        raise OperationError("\n".join(output.stderr_lines[-30:]) or "the command failed")
+    return output

@@ -1,0 +1,39 @@
+"""Facts read once per deploy run.
+
+pyinfra loads a fact afresh at every `host.get_fact` (a round trip each), and runs each operation's
+checks twice in a run that plans first (without -y). The GPUs, the CUDA toolkit and the installed
+build's version are read by several operations of one run; a model's stat and stamp by its `place`
+and `stamp` operations (and the surgical deploy's checks). Each is loaded once per host and run
+here. An operation about to change what a fact read (`place` replacing a model) `forget`s it first,
+so the operations after it read the host again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pyinfra import host, state
+from pyinfra.api.facts import FactBase
+
+T = TypeVar("T")
+
+_MEMO = "_gpubox_facts_once"  # kept on the run's State: a new run (or test) starts empty
+
+
+def fact_once(fact: type[FactBase[T]], **arguments: Any) -> T:
+    """`host.get_fact(fact, **arguments)`, loaded at most once per host in this run."""
+    loaded: dict[tuple[str, type[Any], tuple[tuple[str, Any], ...]], Any] | None = getattr(state, _MEMO, None)
+    if loaded is None:
+        loaded = {}
+        setattr(state, _MEMO, loaded)  # on the run's State itself (`state` is a context proxy)
+    key = (host.name, fact, tuple(sorted(arguments.items())))
+    if key not in loaded:
+        loaded[key] = host.get_fact(fact, **arguments)
+    value: T = loaded[key]
+    return value
+
+
+def forget(fact: type[FactBase[Any]], **arguments: Any) -> None:
+    """Drop what `fact_once` loaded for these arguments: the next read goes to the host."""
+    loaded: dict[Any, Any] = getattr(state, _MEMO, None) or {}
+    loaded.pop((host.name, fact, tuple(sorted(arguments.items()))), None)

@@ -1,0 +1,60 @@
+"""One flag table per server type: a field added to it shows up in argv, the extra_args refusal,
+the `--help` check and the bench's variants, with nothing else edited."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from pydantic import ValidationError
+
+from gpubox.bench import BenchConfig, bench_variant
+from gpubox.llamacpp import UnsupportedServerArgumentError, check_flags_supported, parse_server_help
+from gpubox.servers.base import Flag, typed_flags
+from gpubox.servers.llama import LLAMA_SERVER_FLAGS, LlamaServer
+from gpubox.spec import ModelFile, problems_from
+
+HELP_TEXT = Path(__file__).parent / "fixtures/llamacpp/server-help-0c1e57098.txt"
+HELP = parse_server_help(HELP_TEXT.read_text().splitlines())
+MODEL = ModelFile(path="/srv/models/m.gguf", sha256="a" * 64, architecture="llama")
+
+
+class ThreadedServer(LlamaServer):
+    """llama-server with one more typed field, declared only in the table."""
+
+    FLAGS: ClassVar[tuple[Flag, ...]] = (*LLAMA_SERVER_FLAGS, Flag("threads", "--threads", ("-t",)))
+
+    threads: int | None = None
+
+
+def test_the_new_field_is_rendered_into_argv() -> None:
+    argv = ThreadedServer(name="s", model=MODEL, threads=8).argv("/bin/llama-server")
+    assert argv[argv.index("--threads") + 1] == "8"
+    assert "--threads" not in ThreadedServer(name="s", model=MODEL).argv("/bin/llama-server")
+
+
+@pytest.mark.parametrize("word", ["-t", "--threads", "--threads=4"])
+def test_the_new_flag_is_refused_in_extra_args(word: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        ThreadedServer(name="s", model=MODEL, extra_args=(word, "4"))
+    (problem,) = problems_from(error.value)
+    assert problem.field == "extra_args.0" and "set threads instead" in problem.message
+    LlamaServer(name="s", model=MODEL, extra_args=(word, "4"))  # not typed for plain llama-server
+    assert typed_flags(ThreadedServer)["-t"] == "threads"
+
+
+def test_the_new_flag_is_checked_against_the_binarys_help() -> None:
+    service = ThreadedServer(name="s", model=MODEL, threads=8)
+    check_flags_supported(service.command_flags(), HELP, "pinned")
+    without = HELP.model_copy(update={"flags": tuple(f for f in HELP.flags if f not in ("-t", "--threads"))})
+    with pytest.raises(UnsupportedServerArgumentError, match="does not support --threads"):
+        check_flags_supported(service.command_flags(), without, "older")
+
+
+def test_the_bench_variant_keeps_the_new_field() -> None:
+    service = ThreadedServer(name="s", model=MODEL, threads=8, parallel=2, ctx_size=4096)
+    variant = bench_variant(service, BenchConfig(parallel=4, draft=False, context="short"), 9001)
+    argv = variant.argv("/tmp/llama-server")
+    assert argv[argv.index("--threads") + 1] == "8"
+    assert argv[argv.index("--parallel") + 1] == "4" and argv[argv.index("--port") + 1] == "9001"

@@ -1,0 +1,561 @@
+"""scripts/gpu-validate's logic (tests.testbed.gpu_validate) without a GPU: its command line, the commands
+and services each step builds, the parsers, and the markdown report rendered from a run's state.json.
+
+The passing state below carries the numbers of the H200 run in docs/gpu-validation.md, in the shape the
+steps record them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpubox import build as plan
+from gpubox.gpu import ComputeApp, Gpu
+from gpubox.spec import ModelFile
+from gpubox.vram import CUDA_CONTEXT_MIB, MIB
+from tests.test_hardening import GPU0_UUID, GPU1_UUID, H200X2
+from tests.testbed import gpu_validate as gv
+
+ROOT = Path(__file__).resolve().parent.parent
+UUID = "GPU-6f63702a-74e5-3c6a-73cf-fa81fee82a9f"
+COMMIT = "a5036867e33f4019aeacaeec55bf80daa6820c09"
+MODEL = ModelFile(path="/root/models/SmolLM2-135M-Instruct.Q4_1.gguf", sha256="b" * 64, architecture="llama")
+ENV0 = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "0"}
+
+
+def smoke_result(tps: float, drafted: int, accepted: int) -> dict[str, Any]:
+    """A SmokeResult as model_dump(mode="json") records it."""
+    return {
+        "thresholds": {"min_tokens_per_second": 50.0, "min_acceptance": 0.5 if drafted else None, "n_predict": 128,
+                       "runs": 3, "timeout_s": 180},
+        "healthy": True, "health_wait_s": 1.0, "health_polls": 5, "health_last_answer": '{"status":"ok"}',
+        "runs": [], "tokens_per_second": tps, "draft_tokens": drafted, "accepted_tokens": accepted,
+        "acceptance": accepted / drafted if drafted else None,
+        "metrics_draft_tokens": float(drafted), "metrics_accepted_tokens": float(accepted),
+        "gpu_checked": True, "gpu_failures": [], "passed": True, "failures": [], "notes": [],
+    }
+
+
+def bench_result(parallel: int, n_max: int | None, context: str, single: float, aggregate: float,
+                 acceptance: float | None, p50: float, p95: float) -> dict[str, Any]:
+    return {
+        "config": {"parallel": parallel, "draft": n_max is not None, "draft_n_max": n_max, "context": context},
+        "prompt_tokens": 13 if context == "short" else 349, "single_tokens_per_second": single,
+        "aggregate_tokens_per_second": aggregate, "draft_tokens": 0, "accepted_tokens": 0, "acceptance": acceptance,
+        "latency_p50_s": p50, "latency_p95_s": p95, "requests": 3, "roofline_tokens_per_second": 48945.0,
+    }
+
+
+def vram_state_row(ctx: int, draft: bool, estimate: float, process: int, delta: int, gap: float, gap_pct: float,
+                   logged: tuple[float, float, float], terms: dict[str, float]) -> dict[str, Any]:
+    model, kv, compute = logged
+    return {
+        "ctx": ctx, "draft": draft, "healthy": True, "estimate_mib": estimate, "estimate_terms_mib": terms,
+        "kv_cells": "KvCells(...)", "process_mib": process, "gpu_used_delta_mib": delta, "measured_mib": process,
+        "gap_mib": gap, "gap_pct": gap_pct,
+        "breakdown_lines": [["model", "CUDA0", model], ["model", "CPU_Mapped", 30.9], ["KV", "CUDA0", kv],
+                            ["compute", "CUDA0", compute], ["compute", "CUDA_Host", 9.0]],
+        "compute_apps_on_gpu": [{"pid": 5300, "gpu_uuid": UUID, "used_memory_mib": process}],
+    }
+
+
+def passing_state() -> dict[str, Any]:
+    gpu_fact = {"index": 0, "uuid": UUID, "name": "NVIDIA H200", "pci_bus_id": "00000000:00:06.0",
+                "driver_version": "580.159.04", "memory_total_mib": 143771, "memory_used_mib": 0,
+                "memory_free_mib": 143156, "compute_capability": "9.0"}
+    no_draft_terms = {"weights": 92.1, "draft weights": 0.0, "KV cache": 90.0, "draft KV": 0.0, "compute": 17.7,
+                      "headroom": 600.0}
+    return {
+        "prepare": {"src": "/root/llama-src", "commit": COMMIT, "repo": "file:///root/llama-src"},
+        "facts": {
+            "facts.gpu.NvidiaGpus": {"exit": 0, "seconds": 1.91, "value": [gpu_fact]},
+            "facts.cuda.CudaToolkit": {"exit": 0, "seconds": 1.75, "value": {
+                "nvcc_path": "/usr/local/cuda/bin/nvcc", "release": "13.0", "version": "13.0.88",
+                "build": "cuda_13.0.r13.0/compiler.36424714_0"}},
+            "nvml": [{**gpu_fact, "memory_bus_width_bits": 6016, "max_memory_clock_mhz": 3201,
+                      "peak_memory_bandwidth_tb_s": 4.814}],
+            "machine": "Linux vm 6.18.44 x86_64 GNU/Linux\n16\nGPU 0: NVIDIA H200 (UUID: " + UUID + ")\n",
+        },
+        "model": {"path": MODEL.path, "sha256": MODEL.sha256, "size": 98342400},
+        "build": {
+            "spec": {"repo": "file:///root/llama-src", "commit": COMMIT, "cuda": "on", "prefix": "/opt/llama.cpp",
+                     "targets": ["llama-server", "llama-bench"], "jobs": 16},
+            "architectures": ["90"],
+            "runs": [
+                {"run": "first", "exit": 0, "seconds": 299.6, "output_tail": "--> Results: Success 2\n"},
+                {"run": "second (no-op)", "exit": 0, "seconds": 2.5,
+                 "output_tail": "--> Starting operation: llama.cpp | llama.cpp source at a5036867e33f\n"
+                                "    [@local] No changes\n"},
+            ],
+            "ninja_again": {"exit": 0, "output": "[1/6] Provisioning UI assets\n", "no_work": False},
+            "version": "version: 0.5.0-dev (build 1, commit a503686)",
+            "current": f"builds/{COMMIT}-cuda\n362\n-- Using CMAKE_CUDA_ARCHITECTURES=90\n",
+        },
+        "smoke": [
+            {"service": "smollm2-gpu0", "gpu": 0, "uuid": UUID, "draft": False, "pid": 5128, "environment": ENV0,
+             "argv": ["/opt/llama.cpp/current/llama-server"], "unit": "[Unit]\nDescription=smollm2-gpu0\n",
+             "result": smoke_result(750.1, 0, 0), "table": "smoke test: passed",
+             "compute_apps": [{"pid": 5128, "gpu_uuid": UUID, "used_memory_mib": 792}],
+             "gpu_used_mib_idle": {"0": 0}, "gpu_used_mib_serving": {"0": 796}},
+            {"service": "smollm2-gpu0-draft", "gpu": 0, "uuid": UUID, "draft": True, "pid": 5158,
+             "environment": ENV0, "argv": ["/opt/llama.cpp/current/llama-server"],
+             "unit": "[Unit]\nDescription=llama-server smollm2-gpu0-draft (gpubox; GPUs: 0)\n",
+             "result": smoke_result(262.2, 363, 288), "table": "smoke test: passed (draft)",
+             "compute_apps": [{"pid": 5158, "gpu_uuid": UUID, "used_memory_mib": 1000}],
+             "gpu_used_mib_idle": {"0": 0}, "gpu_used_mib_serving": {"0": 1004}},
+        ],
+        "mtp": {
+            "vocab": "/root/models/ggml-vocab-gemma-4.gguf", "vocab_size": 15776467, "failures": [],
+            "write_seconds": 2.8,
+            "files": [{"path": "/root/gv/tiny-gemma4/tiny-gemma4.gguf", "size": 49782368, "architecture": "gemma4",
+                       "block_count": 4, "embedding_length": 64}],
+            "service": "tiny-gemma4-mtp-gpu0", "gpu": 0, "uuid": UUID, "pid": 5209, "argv": [], "environment": ENV0,
+            "unit": "[Unit]\nDescription=llama-server tiny-gemma4-mtp-gpu0\n", "gpu_used_mib_idle": {"0": 0},
+            "healthy": True, "load_seconds": 3.1, "wall_seconds": 0.286,
+            "compute_apps": [{"pid": 5209, "gpu_uuid": UUID, "used_memory_mib": 1462}],
+            "gpu_used_mib_serving": {"0": 1470}, "residency_failures": [], "residency_checked": True,
+            "timings": {"prompt_n": 10, "predicted_n": 64, "predicted_per_second": 230.30356202842603,
+                        "draft_n": 183, "draft_n_accepted": 0},
+            "metrics_before": {"draft_tokens": 15.0, "accepted_tokens": 0.0},
+            "metrics_after": {"draft_tokens": 198.0, "accepted_tokens": 0.0},
+            "metrics_lines": ["llamacpp:spec_decode_num_draft_tokens_total 198"],
+            "log_found": {
+                "draft model loaded": ["I common_speculative_init_result: loading draft model 'x'"],
+                "drafter shares the target's KV cache": ["W llama_kv_cache: layer   0: sharing with layer 2"],
+            },
+            "log_context": ["I srv    load_model: loading model 'x'"], "log_tail": [],
+            "metrics_delta": {"draft_tokens": 183.0, "accepted_tokens": 0.0}, "passed": True,
+        },
+        "bench": {
+            "report": {"target": "smollm2-gpu0-draft", "objective": "single", "n_predict": 128,
+                       "bandwidth_bytes_per_s": 4.814e12, "bytes_per_token": 98342400, "results": [
+                           bench_result(1, None, "short", 759.4, 718.4, None, 0.18, 0.18),
+                           bench_result(1, 4, "long", 299.1, 283.3, 1.0, 0.45, 0.47),
+                           bench_result(4, None, "short", 789.0, 1765.0, None, 0.28, 0.29),
+                           bench_result(4, 1, "short", 179.4, 486.0, 0.98, 1.0, 1.1),
+                       ]},
+            "table": "gpubox bench: smollm2-gpu0-draft (n_predict 128, objective single)", "seconds": 65.6,
+            "advice": None,
+        },
+        "vram": [
+            vram_state_row(4096, False, 799.8, 788, 796, 11.8, 1.5, (92.17, 90.0, 16.38), no_draft_terms),
+            vram_state_row(65536, True, 3821.1, 3812, 3820, 9.1, 0.2, (184.34, 2880.0, 152.76),
+                           {"weights": 92.1, "draft weights": 92.1, "KV cache": 1440.0, "draft KV": 1440.0,
+                            "compute": 156.9, "headroom": 600.0}),
+        ],
+        "errors": {},
+        "step_seconds": {"prepare": 1.1, "facts": 4.5, "build": 302.4, "smoke": 6.2, "mtp": 8.5, "bench": 65.6,
+                         "vram": 9.7},
+    }
+
+
+def failed_build_state() -> dict[str, Any]:
+    state = passing_state()
+    for step in ("smoke", "mtp", "bench", "vram"):
+        del state[step]
+    state["build"] = {**state["build"], "runs": [{"run": "first", "exit": 1, "seconds": 41.2,
+                                                  "output_tail": "ninja: build stopped: subcommand failed.\n"}]}
+    for key in ("ninja_again", "version", "current"):
+        del state["build"][key]
+    state["errors"] = {
+        "build": "Traceback (most recent call last):\n  File \"gpu_validate.py\", line 1, in step_build\n"
+                 "RuntimeError: pyinfra build failed (exit 1):\nninja: build stopped: subcommand failed.\n",
+        "smoke": "skipped: the build failed",
+    }
+    state["step_seconds"] = {"prepare": 1.1, "facts": 4.5, "build": 41.9}
+    return state
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_parser_accepts_the_documented_all_line() -> None:
+    doc = gv.__doc__ or ""
+    documented = doc[doc.index("scripts/gpu-validate all"):doc.index("(one command line)")]
+    argv = shlex.split(documented)[1:]  # without the program
+    args = gv.parse_args(argv)
+    assert args.steps == ["all"]
+    assert (args.workdir, args.tarball, args.model, args.vocab, args.out) == (
+        "/root/gv", "llama.tgz", "/root/models/X.gguf", "/root/models/ggml-vocab-gemma-4.gguf", "report.md")
+    assert args.src == "/root/llama-src" and args.wait_model == 900.0
+    assert gv.selected_steps(args.steps) == ["prepare", "facts", "build", "smoke", "mtp", "bench", "vram", "report"]
+    assert gv.report_path(args) == Path("report.md")
+
+
+def test_parser_takes_single_steps_and_refuses_unknown_ones() -> None:
+    args = gv.parse_args(["report", "--workdir", "/tmp/gv", "--jobs", "8"])
+    assert gv.selected_steps(args.steps) == ["report"] and args.jobs == 8
+    assert gv.report_path(args) == Path("/tmp/gv/gpu-validation.md")
+    assert str(gv.parse_args(["bench"]).tarball) == str(ROOT / ".gpu" / "llama.tgz")
+    with pytest.raises(SystemExit):
+        gv.parse_args(["benchmark"])
+
+
+def test_steps_after_a_failed_build_are_skipped() -> None:
+    errors = {"build": "RuntimeError: pyinfra build failed"}
+    assert [step for step in gv.STEP_NAMES if gv.skip_reason(step, errors)] == ["smoke", "mtp", "bench", "vram"]
+    assert gv.skip_reason("smoke", errors) == "skipped: the build failed"
+    assert gv.skip_reason("smoke", {"facts": "boom"}) is None
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_renders_every_section_with_the_recorded_numbers() -> None:
+    state = passing_state()
+    recorded = copy.deepcopy(state)
+    text = gv.render_report(state)
+    assert state == recorded, "render_report must not change the state"
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## Summary", "## Machine", "## Build", "## Services, pinning and smoke tests",
+                        "## draft-mtp: tiny Gemma 4 target + gemma4-assistant drafter",
+                        "## Bench sweep (`gpubox.bench.bench_local`)", "## VRAM planner vs measurement"]
+    for row in (
+        "| build | exit 0, 299.6 s (architectures `90`) |",
+        "| no-op | exit 0, 2.5 s |",
+        "| smoke smollm2-gpu0 | passed=True, 750.1 tok/s |",
+        "| smoke smollm2-gpu0-draft | passed=True, 262.2 tok/s, acceptance 79.3% |",
+        "| draft-mtp (tiny Gemma 4) | passed=True, draft_n 183, accepted 0, 230.3 tok/s |",
+        "| bench | 4 configurations; best single 789.0 tok/s (np=4 no draft short), best aggregate 1765.0 tok/s "
+        "(np=4 no draft short) |",
+        "| vram | estimate - measured 9.1 .. 11.8 MiB over 2 servers |",
+        "| step seconds | prepare 1.1, facts 4.5, build 302.4, smoke 6.2, mtp 8.5, bench 65.6, vram 9.7 |",
+    ):
+        assert row in text
+    assert "| 0 | NVIDIA H200 | 143771 | 9.0 | 6016 | 3201 | 4.81 TB/s |" in text
+    assert f"committed on the machine at `{COMMIT}` in `/root/llama-src`" in text
+    assert "| `pyinfra -y @local build_deploy.py`, second (no-op) | 0 | 2.5 s |" in text
+    assert "[@local] No changes" in text  # the no-op run's output
+    assert "| smollm2-gpu0-draft | 0 | 0 | draft-simple (SmolLM2 for itself) | True | 262.2 | 79.3% | 79.3% | ok | " \
+           "5158: fee82a9f 1000 |" in text
+    assert "| tiny-gemma4-mtp-gpu0 | 0 | 0 | True | 3.1 | 64 | 230.3 | 183 | 0 | 0.0% | 183 / 0 | ok | " \
+           "5209: fee82a9f 1462 |" in text
+    assert "idle 0 MiB, serving 1470 MiB" in text  # the GPU index keys came back from JSON as strings
+    assert "| np=1 draft n-max 4 long | 299.1 | 283.3 | 100.0% | 0.45 | 0.47 |" in text
+    # logged CUDA MiB: the CUDA0 lines only (92.17 + 90 + 16.38), not CPU_Mapped or CUDA_Host
+    assert "| 4096 | none | 799.8 | 788 / 796 | 11.8 | 1.5 | 198.6 (92.17/90/16.38) | 589.4 | " \
+           "weights 92.1, KV cache 90, compute 17.7, headroom 600 |" in text
+    assert "| 65536 | self draft | 3821.1 | 3812 / 3820 | 9.1 | 0.2 | 3217.1 (184.34/2880/152.76) | 594.9 |" in text
+    assert f"headroom, {CUDA_CONTEXT_MIB} MiB)" in text
+    assert "FAILED" not in text and "## Steps that failed" not in text
+
+
+def test_report_renders_a_failed_step_with_its_error() -> None:
+    text = gv.render_report(failed_build_state())
+    assert "| FAILED build | ninja: build stopped: subcommand failed. |" in text
+    assert "| FAILED smoke | skipped: the build failed |" in text
+    assert "| build | exit 1, 41.2 s (architectures `90`) |" in text
+    assert "| no-op |" not in text
+    assert "| `pyinfra -y @local build_deploy.py`, first | 1 | 41.2 s |" in text
+    failed = text[text.index("\n## Steps that failed\n"):]
+    assert "\n### build\n" in failed and "RuntimeError: pyinfra build failed (exit 1):" in failed
+    assert "\n### smoke\n\n```\nskipped: the build failed\n```\n" in failed
+    assert "## Services, pinning and smoke tests" not in text and "## Bench sweep" not in text
+
+
+def test_report_step_of_main_writes_the_rendered_report(tmp_path: Path) -> None:
+    state = passing_state()
+    (tmp_path / "state.json").write_text(json.dumps(state, indent=1))
+    assert gv.main(["report", "--workdir", str(tmp_path)]) == 0
+    assert (tmp_path / "gpu-validation.md").read_text() == gv.render_report(state)
+    (tmp_path / "state.json").write_text(json.dumps(failed_build_state()))
+    assert gv.main(["report", "--workdir", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 1
+    assert "## Steps that failed" in (tmp_path / "r.md").read_text()
+
+
+# --------------------------------------------------------------------------- command builders
+
+
+def test_build_step_runs_the_build_deploy_through_pyinfra_on_local(tmp_path: Path) -> None:
+    spec_file = tmp_path / "build.json"
+    command, env = gv.build_deploy_invocation(spec_file)
+    deploy = ROOT / "scripts" / "gpu_validate" / "build_deploy.py"
+    assert command == [sys.executable, "-m", "pyinfra", "-y", "@local", str(deploy)]
+    assert deploy.is_file()
+    assert env == {"GPUBOX_VALIDATE_BUILD": str(spec_file)}
+    assert gv.pyinfra_env({"PYTHONPATH": "/elsewhere", "HOME": "/root"}) == {
+        "PYTHONPATH": f"{ROOT}:/elsewhere", "HOME": "/root"}
+    assert gv.pyinfra_env({})["PYTHONPATH"] == str(ROOT)
+
+
+def test_build_spec_pins_the_prepared_commit_and_ninja_rebuilds_its_targets() -> None:
+    spec = gv.build_spec({"src": "/root/llama-src", "commit": COMMIT, "repo": "file:///root/llama-src"}, 16)
+    assert (spec.repo, spec.commit, spec.cuda, spec.prefix, spec.jobs) == (
+        "file:///root/llama-src", COMMIT, "on", "/opt/llama.cpp", 16)
+    assert tuple(spec.targets) == ("llama-server", "llama-bench")
+    assert gv.ninja_again_command(spec) == [
+        "cmake", "--build", plan.work_dir(spec, "cuda"), "--target", "llama-server", "llama-bench"]
+    assert COMMIT in plan.work_dir(spec, "cuda")
+    assert gv.ninja_again_record(0, "ninja: no work to do.\n") == {
+        "exit": 0, "output": "ninja: no work to do.\n", "no_work": True}
+    long = gv.ninja_again_record(0, "a" * 800 + "b" * 800)
+    assert long["output"] == "a" * 700 + "\n...\n" + "b" * 700 and long["no_work"] is False
+
+
+def test_prepare_commits_the_tree_with_fixed_dates() -> None:
+    commands = gv.git_commands(Path("/root/llama src"))
+    assert commands[0] == "git -C '/root/llama src' init -q"
+    assert commands[-1].endswith("commit -q -m 'llama.cpp 0c1e57098 (trimmed)'")
+    env = gv.git_env({"PATH": "/usr/bin"})
+    assert env["GIT_AUTHOR_DATE"] == env["GIT_COMMITTER_DATE"] == "2026-01-01T00:00:00+0000"
+    assert env["PATH"] == "/usr/bin"
+
+
+def test_smoke_service_is_started_pinned_to_its_gpu() -> None:
+    service = gv.smoke_service(MODEL, 1, draft=True)
+    argv, env, unit = gv.unit_command(service, H200X2)
+    assert service.name == "smollm2-gpu1-draft"
+    assert env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": GPU1_UUID}
+    assert f"Environment=CUDA_VISIBLE_DEVICES={GPU1_UUID}" in unit and "DeviceAllow=/dev/nvidia1 rw" in unit
+    assert argv[0] == "/opt/llama.cpp/current/llama-server"
+    flags = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert argv[argv.index("--port") + 1] == "8181"
+    assert argv[argv.index("--spec-type") + 1] == "draft-simple"
+    assert argv[argv.index("--model-draft") + 1] == MODEL.path
+    assert flags["--ctx-size"] == "4096"
+    # the unit's pinning wins over whatever the caller's environment had
+    process = gv.process_env({"CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/usr/bin"}, env)
+    assert process["CUDA_VISIBLE_DEVICES"] == GPU1_UUID and process["PATH"] == "/usr/bin"
+    plain_service = gv.smoke_service(MODEL, 0, draft=False, ctx=65536, extra_args=("-lv", "4"))
+    plain, plain_env, _ = gv.unit_command(plain_service, H200X2)
+    assert "--model-draft" not in plain and plain_env["CUDA_VISIBLE_DEVICES"] == GPU0_UUID
+    assert plain[plain.index("--ctx-size") + 1] == "65536" and plain[-2:] == ["-lv", "4"]
+
+
+def test_mtp_service_has_the_seed_recipe_shape() -> None:
+    target = ModelFile(path="/root/gv/tiny-gemma4/tiny-gemma4.gguf", sha256="c" * 64, architecture="gemma4")
+    assistant = ModelFile(path="/root/gv/tiny-gemma4/tiny-gemma4-assistant.gguf", sha256="d" * 64,
+                          architecture="gemma4-assistant")
+    argv, env, _ = gv.unit_command(gv.mtp_service(target, assistant, 0), H200X2)
+    flags = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert env["CUDA_VISIBLE_DEVICES"] == GPU0_UUID
+    assert {flag: flags[flag] for flag in ("--spec-type", "--spec-draft-n-max", "--spec-draft-ngl", "--ctx-size",
+                                           "--cache-type-k", "--cache-type-v", "--fit", "--port")} == {
+        "--spec-type": "draft-mtp", "--spec-draft-n-max": "3", "--spec-draft-ngl": "99", "--ctx-size": "262144",
+        "--cache-type-k": "q8_0", "--cache-type-v": "q8_0", "--fit": "off", "--port": "8190"}
+    assert gv.mtp_completion_body(64) == {"prompt": gv.MTP_PROMPT, "n_predict": 64, "temperature": 0,
+                                          "ignore_eos": True, "cache_prompt": False}
+
+
+# --------------------------------------------------------------------------- parsers and numbers
+
+
+def test_parse_unit_unquotes_exec_start_and_environment_as_systemd_does() -> None:
+    unit = (
+        "[Service]\n"
+        "Environment=CUDA_VISIBLE_DEVICES=2\n"
+        "Environment=\"GREETING=a b\" PRICE=5$$\n"
+        "ExecStart=/opt/llama.cpp/current/llama-server \\\n"
+        "    --model /m/x.gguf \\\n"
+        "    --alias '50%% off'\n"
+        "Restart=on-failure\n"
+    )
+    argv, env = gv.parse_unit(unit)
+    assert argv == ["/opt/llama.cpp/current/llama-server", "--model", "/m/x.gguf", "--alias", "50% off"]
+    assert env == {"CUDA_VISIBLE_DEVICES": "2", "GREETING": "a b", "PRICE": "5$"}
+
+
+def test_fact_json_finds_the_local_value_in_pyinfra_output() -> None:
+    output = '--> Loading config...\n{"not": "it"}\n{\n "@local": [{"index": 0, "uuid": "GPU-1"}]\n}\n--> done\n'
+    assert gv.fact_json(output) == [{"index": 0, "uuid": "GPU-1"}]
+    record = gv.fact_record(1, 0.123, "no json here")
+    assert record["exit"] == 1 and record["seconds"] == 0.12 and "no fact JSON" in record["error"]
+    facts = {"facts.gpu.NvidiaGpus": {"value": [{"index": 3, "uuid": "GPU-3"}, {"index": 5, "uuid": "GPU-5"}]}}
+    assert gv.gpu_indices(facts) == [3, 5] and gv.uuid_of(facts, 5) == "GPU-5"
+    with pytest.raises(KeyError):
+        gv.uuid_of(facts, 4)
+
+
+def test_mtp_failures_check_drafting_metrics_log_and_residency() -> None:
+    passing = passing_state()["mtp"]
+    assert gv.mtp_failures(passing) == []
+    assert gv.metrics_delta(passing["metrics_before"], passing["metrics_after"]) == {
+        "draft_tokens": 183.0, "accepted_tokens": 0.0}
+    broken = {**passing, "timings": {**passing["timings"], "draft_n": 0, "predicted_n": 60},
+              "log_found": {**passing["log_found"], "drafter shares the target's KV cache": []},
+              "residency_checked": False}
+    assert gv.mtp_failures(broken) == [
+        "predicted_n 60 != 64",
+        "no tokens drafted: draft_n=0",
+        "the server log lacks: drafter shares the target's KV cache",
+        "/metrics moved by 183 drafted / 0 accepted, timings say 0 / 0",
+        "nvidia-smi lists no compute app for the server's pid",
+    ]
+    assert "/metrics lacks the spec-decode counters" in gv.mtp_failures({**passing, "metrics_after": None})
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The part of gpubox.vram.ServicePlan that vram_row reads."""
+
+    gpu_total: int
+    kv_cells: str = "KvCells(4096)"
+
+    def terms(self) -> dict[str, int]:
+        return {"weights": self.gpu_total - 600 * MIB, "headroom": 600 * MIB}
+
+
+def test_vram_row_measures_the_process_and_falls_back_to_the_gpu_delta() -> None:
+    lines = [("model", "CUDA0", 92.17), ("KV", "CUDA0", 90.0), ("compute", "CUDA0", 16.38),
+             ("compute", "CUDA_Host", 9.0), ("model", "CPU_Mapped", 30.0)]
+    own = [ComputeApp(pid=7, gpu_uuid=UUID, used_memory_mib=788)]
+    row = gv.vram_row(4096, False, True, Estimate(int(799.8 * MIB)), own, own, 796, lines)  # type: ignore[arg-type]
+    assert (row["process_mib"], row["measured_mib"], row["gpu_used_delta_mib"]) == (788, 788, 796)
+    assert (row["estimate_mib"], row["gap_mib"], row["gap_pct"]) == (799.8, 11.8, 1.5)
+    assert row["logged_cuda_total_mib"] == 198.6  # CUDA0 only: not CUDA_Host, not CPU_Mapped
+    assert row["measured_minus_logged_mib"] == pytest.approx(788 - 198.55, abs=0.051)
+    assert row["estimate_terms_mib"] == {"weights": 199.8, "headroom": 600.0}
+    fallback = gv.vram_row(4096, False, True, Estimate(int(799.8 * MIB)), [], [], 796, lines)  # type: ignore[arg-type]
+    assert (fallback["process_mib"], fallback["measured_mib"], fallback["gap_mib"]) == (None, 796, 3.8)
+    assert gv.gpu_logged(lines) == {"model": 92.17, "KV": 90.0, "compute": 16.38, "output": 0, "RS": 0}
+
+
+def test_bench_roofline_bandwidth_comes_from_nvml() -> None:
+    assert gv.bench_bandwidth([{"peak_memory_bandwidth_tb_s": 4.814}]) == pytest.approx(4.814e12)
+    assert gv.bench_bandwidth([]) is None
+    labels = [config.label for config in gv.bench_configs()]
+    assert len(labels) == 20 and labels[0] == "np=1 no draft short" and labels[-1] == "np=4 draft n-max 4 long"
+
+
+# --------------------------------------------------------------------------- GPU isolation (isobuild, isolation)
+
+ISO_STATE = ROOT / "tests" / "fixtures" / "gpu-isolation" / "state-h200x2.json"
+GPU1 = Gpu(index=1, uuid="GPU-0534a528-b87a-5385-7563-c5b4853f4762", name="NVIDIA H200",
+              pci_bus_id="00000000:00:07.0", driver_version="580.159.04", memory_total_mib=143771,
+              memory_used_mib=0, memory_free_mib=143156, compute_capability="9.0", minor_number=1)
+NODES = ["/dev/nvidia-caps/nvidia-cap1", "/dev/nvidia-caps/nvidia-cap2", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools",
+         "/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl"]  # the 2x H200 machine's, as the isolation step listed them
+
+
+def test_isolation_steps_are_their_own_not_part_of_all() -> None:
+    args = gv.parse_args(["prepare", "isobuild", "--jobs", "24"])
+    assert gv.selected_steps(args.steps) == ["prepare", "isobuild"]
+    assert "isolation" not in gv.selected_steps(["all"]) and "isobuild" not in gv.selected_steps(["all"])
+    assert gv.parse_args(["isolation", "report", "--iso-deadline", "330"]).iso_deadline == 330.0
+    assert gv.skip_reason("isolation", {"isobuild": "boom"}) == "skipped: the isobuild step failed"
+    assert gv.skip_reason("isolation", {"build": "boom"}) is None
+    assert "isolation" in gv.MODEL_STEPS
+
+
+def test_the_wall_hides_every_node_the_unit_leaves_out() -> None:
+    allowed = gv.design_device_allow(GPU1)
+    assert allowed == ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia1"]
+    assert gv.hidden_nodes(NODES, allowed) == [
+        "/dev/nvidia-caps/nvidia-cap1", "/dev/nvidia-caps/nvidia-cap2", "/dev/nvidia-uvm-tools", "/dev/nvidia0"]
+    unit = ("DevicePolicy=closed\nDeviceAllow=/dev/nvidiactl rw\nDeviceAllow=/dev/nvidia-uvm rw\n"
+            "DeviceAllow=/dev/nvidia1 rw\n")
+    assert gv.unit_device_allow(unit) == allowed
+    with pytest.raises(ValueError, match="minor number"):
+        gv.design_device_allow(GPU1.model_copy(update={"minor_number": None}))
+
+
+def test_hide_scripts_and_the_launch_line() -> None:
+    rdev = {"/dev/nvidia0": (195, 0), "/dev/nvidia-uvm-tools": (238, 1)}
+    hidden = ["/dev/nvidia-uvm-tools", "/dev/nvidia0"]
+    assert gv.hide_script(hidden, "null", rdev).splitlines() == [
+        "set -e", "mount --bind /dev/null /dev/nvidia-uvm-tools", "mount --bind /dev/null /dev/nvidia0", 'exec "$@"']
+    nodev = gv.hide_script(hidden, "nodev", rdev).splitlines()
+    assert nodev[1:3] == [f"mkdir -p {gv.ISO_NODEV_DIR}",
+                          f"mount -t tmpfs -o nodev,mode=0755 gpubox-nodev {gv.ISO_NODEV_DIR}"]
+    assert f"mknod {gv.ISO_NODEV_DIR}/n1 c 195 0" in nodev and nodev[-1] == 'exec "$@"'
+    with pytest.raises(ValueError, match="hiding method"):
+        gv.hide_script(hidden, "tmpfs", rdev)
+    unit_argv = ["/opt/llama.cpp/current/llama-server", "--model", "/m.gguf", "--port", "8280"]
+    unit_env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": GPU1.uuid}
+    case = next(c for c in gv.ISOLATION_CASES if c.name == "b")
+    argv, env = gv.case_launch(case, unit_argv, unit_env, GPU1, hidden, rdev, "/root/gv/iso-sm90/bin/llama-server")
+    assert argv[:4] == ["unshare", "--mount", "--propagation", "private"]
+    assert argv[-5:] == ["/root/gv/iso-sm90/bin/llama-server", "--model", "/m.gguf", "--port", "8280"]
+    assert env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "1"}
+    mdwe_ptx = next(c for c in gv.ISOLATION_CASES if c.name == "d-ptx80-mdwe")
+    argv, env = gv.case_launch(mdwe_ptx, unit_argv, unit_env, GPU1, hidden, rdev, "/x/llama-server")
+    assert argv[argv.index("gpubox-wall") + 1:argv.index("gpubox-wall") + 3] == [sys.executable, "-c"]
+    assert "prctl(ctypes.c_int(65), u(1)" in argv[argv.index("gpubox-wall") + 3]
+    assert env["CUDA_VISIBLE_DEVICES"] == GPU1.uuid and env["CUDA_CACHE_DISABLE"] == "1"
+    nowall = next(c for c in gv.ISOLATION_CASES if c.hide == "none")
+    assert gv.case_launch(nowall, unit_argv, unit_env, GPU1, [], rdev, "/x/s")[0] == ["/x/s", *unit_argv[1:]]
+
+
+def test_mdwe_wrapper_refuses_write_execute_after_exec() -> None:
+    plain = subprocess.run([sys.executable, "-c", gv.WX_MAP_CODE], capture_output=True, text=True)
+    walled = subprocess.run(gv.mdwe_argv([sys.executable, "-c", gv.WX_MAP_CODE]), capture_output=True, text=True)
+    if walled.returncode and "prctl(PR_SET_MDWE" in walled.stderr:
+        pytest.skip(f"this kernel has no PR_SET_MDWE (Linux 6.3+): {walled.stderr.strip().splitlines()[-1]}")
+    assert (plain.returncode, plain.stdout.strip()) == (0, "W+X")
+    assert walled.returncode == 1 and "PermissionError" in walled.stderr
+
+
+def test_the_wall_runs_in_a_mount_namespace(tmp_path: Path) -> None:
+    # /dev/full and /dev/zero stand for GPU nodes: one hidden each way, the other left alone.
+    rdev = gv.node_rdev(["/dev/full", "/dev/zero"])
+    seen = {}
+    for method in ("null", "nodev"):
+        argv = gv.isolated_argv(gv.hide_script(["/dev/full"], method, rdev),
+                                [sys.executable, "-c", gv.NODE_CHECK_CODE, "/dev/full", "/dev/zero"])
+        try:
+            run = subprocess.run(argv, capture_output=True, text=True)
+        except FileNotFoundError as error:
+            pytest.skip(f"no unshare here: {error}")
+        if run.returncode:
+            pytest.skip(f"no mount namespace here (needs root and unshare): {run.stderr.strip()[-200:]}")
+        seen[method] = json.loads(run.stdout)
+    assert seen["null"] == {"/dev/full": "opens 1:3", "/dev/zero": "opens 1:5"}
+    assert seen["nodev"] == {"/dev/full": "EACCES", "/dev/zero": "opens 1:5"}
+
+
+def test_fatbin_summary_and_held_memory() -> None:
+    listing = ("ELF file    1: libggml-cuda.1.sm_90.cubin\nELF file    2: libggml-cuda.2.sm_90.cubin\n"
+               "PTX file    1: libggml-cuda.1.sm_90.ptx\n")
+    assert gv.fatbin_summary(listing) == {"sass": ["sm_90"], "ptx": ["sm_90"]}
+    assert gv.fatbin_summary("PTX file    1: libggml-cuda.1.sm_80.ptx\n") == {"sass": [], "ptx": ["sm_80"]}
+    apps = [ComputeApp(pid=7, gpu_uuid=GPU1.uuid, used_memory_mib=792),
+            ComputeApp(pid=8, gpu_uuid="GPU-0", used_memory_mib=5)]
+    assert gv.held_mib(7, apps) == {GPU1.uuid: 792}
+    assert gv.held_mib(9, apps) == {}
+    spec = gv.iso_build_spec({"repo": "file:///root/llama-src", "commit": COMMIT}, 24)
+    script = gv.iso_build_script(Path("/root/llama-src"), Path("/root/gv/iso-ptx80"), "80-virtual", 24, spec)
+    assert "-S /root/llama-src -B /root/gv/iso-ptx80" in script and "ccache" not in script
+    assert "-DCMAKE_CUDA_ARCHITECTURES=80-virtual" in script and "-DLLAMA_OPENSSL=OFF" in script
+    assert script.endswith("&& cmake --build /root/gv/iso-ptx80 --target llama-server -j 24")
+    assert gv.kernel_compile_command(Path("k.cu"), Path("k"), "ptx80")[2:4] == ["-gencode",
+                                                                               "arch=compute_80,code=compute_80"]
+
+
+def test_case_outcome_in_words() -> None:
+    uuids = {0: "GPU-a", 1: GPU1.uuid}
+    assert gv.case_outcome({"healthy": False}) == "did not serve"
+    assert gv.case_outcome({"healthy": True, "uuids": uuids, "held_mib": {GPU1.uuid: 792}}) == "GPU 1"
+    no_gpu = ["warning: no usable GPU found, --gpu-layers option will be ignored"]
+    assert gv.case_outcome({"healthy": True, "uuids": uuids, "held_mib": {}, "log_lines": no_gpu}) == \
+        "CPU (no usable GPU)"
+
+
+def test_isolation_report_from_the_two_gpu_run() -> None:
+    # The state the 2x H200 machine wrote (docs/gpu-validation.md, "GPU isolation on 2×H200").
+    state = json.loads(ISO_STATE.read_text())
+    outcomes = {c["case"]: c["outcome"] for c in state["isolation"]["cases"]}
+    assert outcomes == {"a": "GPU 1", "b": "CPU (no usable GPU)", "d-sm90": "GPU 1", "a-nodev": "GPU 1",
+                        "b-nodev": "CPU (no usable GPU)", "index-nowall": "GPU 1", "gpu0-uuid": "GPU 0",
+                        "gpu0-index": "GPU 0", "d-ptx80-mdwe": "GPU 1", "d-ptx80": "GPU 1"}
+    smoke = {c["case"]: c["smoke"]["passed"] for c in state["isolation"]["cases"]}
+    assert smoke["a"] and not smoke["b"] and not smoke["b-nodev"]
+    report = gv.render_report(state)
+    assert "## GPU isolation (two GPUs)" in report
+    assert "| a | the unit's wall and pin" in report
+    assert "**GPU 1** | GPU 1 (…853f4762): 792 MiB | 766.6 | pass |" in report
+    assert "**CPU (no usable GPU)** | none | 255.5 | FAIL (no usable GPU logged) |" in report
+    assert "warning: no usable GPU found, --gpu-layers option will be ignored" in report
+    assert "| sm90 | `90` | 0 | 288.1 | sm_90 | sm_90 |" in report
+    assert "| ptx80 | `80-virtual` | 0 | 289.2 | - | sm_80 |" in report
+    assert "| wx_map_mdwe | 1 |" in report
+    gpus = gv.parse_gpu_probe(state["isolation"]["probe_output"].splitlines())
+    assert [(gpu.index, gpu.minor_number) for gpu in gpus] == [(0, 0), (1, 1)]

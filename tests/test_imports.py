@@ -1,0 +1,151 @@
+"""The shape of the import graph: gpubox's modules import each other without a cycle, the pyinfra
+operations and facts don't reach into the CLI, and the product doesn't import its tests."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_MODULES = ("gpubox.cli", "gpubox.cli_client", "gpubox.cli_plan")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules(package: str) -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted((REPO / package).rglob("*.py"))}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import, at module level or inside functions, except under ``if TYPE_CHECKING:``."""
+    for node in ast.iter_child_nodes(tree):
+        for child in node.orelse if isinstance(node, ast.If) and _is_type_checking(node) else [node]:
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                yield child
+            yield from _import_nodes(child)
+
+
+def imported_names(module: str, path: Path) -> Iterator[tuple[str, int]]:
+    """Absolute dotted names a module imports, with the line: ``from a import b`` gives ``a.b``
+    (which is ``a`` itself when ``b`` isn't a module)."""
+    is_package = path.name == "__init__.py"
+    for node in _import_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+            continue
+        base = node.module or ""
+        if node.level:
+            anchor = module.split(".")
+            anchor = anchor if is_package else anchor[:-1]
+            anchor = anchor[: len(anchor) - (node.level - 1)]
+            base = ".".join([*anchor, base] if base else anchor)
+        for alias in node.names:
+            yield f"{base}.{alias.name}", node.lineno
+
+
+def _resolve(name: str, known: dict[str, Path]) -> str | None:
+    """The longest known module that ``name`` names or lies in."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:end])
+        if candidate in known:
+            return candidate
+    return None
+
+
+def import_graph(package: str) -> dict[str, set[str]]:
+    modules = _modules(package)
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for name, _ in imported_names(module, path):
+            target = _resolve(name, modules)
+            if target and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path ``[a, b, ..., a]``, or None."""
+    done: set[str] = set()
+
+    def visit(node: str, stack: list[str]) -> list[str] | None:
+        if node in stack:
+            return stack[stack.index(node):] + [node]
+        if node in done:
+            return None
+        for nxt in sorted(graph[node]):
+            cycle = visit(nxt, [*stack, node])
+            if cycle:
+                return cycle
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        cycle = visit(start, [])
+        if cycle:
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imported_names_resolve_relative_lazy_and_skip_type_checking(tmp_path: Path) -> None:
+    path = tmp_path / "mod.py"
+    path.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from . import a\n"
+        "from ..b import c\n"
+        "import x.y\n"
+        "if TYPE_CHECKING:\n    import only.typing\n"
+        "def f():\n    from gpubox import cli_plan\n"
+    )
+    names = [name for name, _ in imported_names("pkg.sub.mod", path)]
+    assert names == ["typing.TYPE_CHECKING", "pkg.sub.a", "pkg.b.c", "x.y", "gpubox.cli_plan"]
+    known = {"gpubox": path, "gpubox.spec": path}
+    assert _resolve("gpubox.spec.LlamaServer", known) == "gpubox.spec"
+    assert _resolve("gpubox.Box", known) == "gpubox"
+    assert _resolve("pydantic.BaseModel", known) is None
+
+
+def test_gpubox_import_graph_has_no_cycle() -> None:
+    graph = import_graph("gpubox")
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle among gpubox modules: " + " -> ".join(cycle or [])
+
+
+def test_operations_and_facts_do_not_import_the_cli() -> None:
+    offenders = []
+    for package in ("operations", "facts"):
+        for module, path in _modules(package).items():
+            for name, line in imported_names(module, path):
+                if any(name == cli or name.startswith(cli + ".") for cli in CLI_MODULES):
+                    offenders.append(f"{module} ({path.relative_to(REPO)}:{line}) imports {name}")
+    assert not offenders, "operations/facts must not depend on the CLI:\n" + "\n".join(offenders)
+
+
+def test_the_product_does_not_import_the_tests() -> None:
+    offenders = [
+        f"{module} ({path.relative_to(REPO)}:{line}) imports {name}"
+        for package in ("gpubox", "operations", "facts")
+        for module, path in _modules(package).items()
+        for name, line in imported_names(module, path)
+        if name == "tests" or name.startswith("tests.")
+    ]
+    assert not offenders, "\n".join(offenders)
