@@ -130,8 +130,11 @@ def hardening(service: Service, gpus: Sequence[Gpu]) -> list[str]:
 
     Left out of GPU services, kept for CPU-only ones (all said to break CUDA):
     - `PrivateDevices=yes`: a private /dev without /dev/nvidia*; `DeviceAllow=` is the wall there.
-    - `MemoryDenyWriteExecute=yes`: CUDA JIT-compiles PTX (a build without the card's exact arch) into
-      writable+executable memory. The GPU machine experiment tells whether it holds for an exact-arch build.
+    - `MemoryDenyWriteExecute=yes`: said to break CUDA's PTX JIT. Measured on 2xH200 (docs/gpu-validation.md,
+      "GPU isolation"): under the kernel's own MDWE (prctl PR_SET_MDWE) both an sm_90 build and a PTX-only
+      build served on the GPU. But systemd 252 (Debian 12) enforces MemoryDenyWriteExecute with a seccomp
+      filter that is stricter (it refuses any mprotect adding PROT_EXEC, which the prctl allows for a
+      mapping that was executable before), and that form is untried with libcuda: left out until it is.
     - `ProcSubset=pid`: NVML (and CUDA) read /proc/driver/nvidia.
     Left out of every service:
     - `PrivateNetwork=yes`: the service is a network listener.

@@ -45,6 +45,9 @@ gemma4 = LlamaServer(
     cont_batching=True,
     jinja=True,
     port=8080,
+    # A key made on the box at the first deploy (root and llama only may read it): loopback is not a
+    # wall against a web page in a browser on the box. The smoke test reads the same file.
+    api_key_file="generate",
     # The seed turned llama.cpp's fit precheck off: it refused this config, which fits (about
     # 12 GB at load, about 22 GB at a full 256k context). `gpubox plan` checks the fit instead.
     fit="off",

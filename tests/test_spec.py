@@ -168,8 +168,10 @@ def test_model_source_is_https_or_controller_file() -> None:
 
 def test_remote_listener_needs_api_key_file() -> None:
     fields = refused_fields(LlamaServer, server(host="0.0.0.0"))
-    assert set(fields) == {"api_key_file"}
-    spec = LlamaServer.model_validate(server(host="0.0.0.0", api_key_file="/etc/llama/keys"))
+    assert set(fields) == {"api_key_file", "allow_from"}
+    spec = LlamaServer.model_validate(
+        server(host="0.0.0.0", api_key_file="/etc/llama/keys", allow_from=["192.168.1.0/24"])
+    )
     assert spec.api_key_file == "/etc/llama/keys"
     assert LlamaServer.model_validate(server(host="::1")).host == "::1"
 

@@ -91,7 +91,7 @@ def test_hardening_keeps_gpus_usable() -> None:
     for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "Restart=on-failure"):
         assert line in text.splitlines()
     assert "ProtectHome=read-only" in text  # the seed keeps its models under /home/dan
-    assert "ReadOnlyPaths=/home/dan/models" in text
+    assert "ReadOnlyPaths=/etc/gpubox/keys /home/dan/models" in text.splitlines()  # its models and its key
     assert "ProtectHome=yes" in render_unit(LlamaServer(name="s", model=MODEL), BINARY)
 
 
