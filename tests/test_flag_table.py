@@ -58,3 +58,17 @@ def test_the_bench_variant_keeps_the_new_field() -> None:
     argv = variant.argv("/tmp/llama-server")
     assert argv[argv.index("--threads") + 1] == "8"
     assert argv[argv.index("--parallel") + 1] == "4" and argv[argv.index("--port") + 1] == "9001"
+
+
+class NoAuthServer(LlamaServer):
+    """A server type without authentication (as whisper-server and piper's HTTP server are)."""
+
+    AUTHENTICATES: ClassVar[bool] = False
+
+
+def test_a_server_without_authentication_may_listen_on_loopback_only() -> None:
+    NoAuthServer(name="s", model=MODEL, host="127.0.0.1")
+    with pytest.raises(ValidationError) as error:
+        NoAuthServer(name="s", model=MODEL, host="0.0.0.0", api_key_file="/k", allow_from=("10.0.0.0/8",))
+    fields = {problem.field: problem.message for problem in problems_from(error.value)}
+    assert "host" in fields and "has no authentication" in fields["host"]
