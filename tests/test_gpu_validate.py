@@ -489,7 +489,7 @@ def test_mdwe_wrapper_refuses_write_execute_after_exec() -> None:
     plain = subprocess.run([sys.executable, "-c", gv.WX_MAP_CODE], capture_output=True, text=True)
     walled = subprocess.run(gv.mdwe_argv([sys.executable, "-c", gv.WX_MAP_CODE]), capture_output=True, text=True)
     if walled.returncode and "prctl(PR_SET_MDWE" in walled.stderr:
-        pytest.skip(f"this kernel has no PR_SET_MDWE (Linux 6.3+): {walled.stderr.strip().splitlines()[-1]}")
+        pytest.fail(f"this kernel has no PR_SET_MDWE (Linux 6.3+): {walled.stderr.strip().splitlines()[-1]}")
     assert (plain.returncode, plain.stdout.strip()) == (0, "W+X")
     assert walled.returncode == 1 and "PermissionError" in walled.stderr
 
@@ -504,9 +504,9 @@ def test_the_wall_runs_in_a_mount_namespace(tmp_path: Path) -> None:
         try:
             run = subprocess.run(argv, capture_output=True, text=True)
         except FileNotFoundError as error:
-            pytest.skip(f"no unshare here: {error}")
+            pytest.fail(f"no unshare here: {error}")
         if run.returncode:
-            pytest.skip(f"no mount namespace here (needs root and unshare): {run.stderr.strip()[-200:]}")
+            pytest.fail(f"no mount namespace here (needs root and unshare): {run.stderr.strip()[-200:]}")
         seen[method] = json.loads(run.stdout)
     assert seen["null"] == {"/dev/full": "opens 1:3", "/dev/zero": "opens 1:5"}
     assert seen["nodev"] == {"/dev/full": "EACCES", "/dev/zero": "opens 1:5"}

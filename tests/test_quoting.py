@@ -121,12 +121,12 @@ SYSTEMD = Path("/lib/systemd/systemd")
 
 def _systemd_command() -> list[str]:
     if not SYSTEMD.exists():
-        pytest.skip(f"{SYSTEMD} is missing: apt-get install systemd (its parser is the oracle here)")
+        pytest.fail(f"{SYSTEMD} is missing: apt-get install systemd (its parser is the oracle here)")
     command = [str(SYSTEMD), "--test", "--system", "--log-target=console", "--log-level=notice"]
     if os.geteuid() != 0:
         return command
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is missing: `systemd --test` refuses to run as root")
+        pytest.fail("setpriv (util-linux) is missing: `systemd --test` refuses to run as root")
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
 
 
@@ -284,7 +284,7 @@ def test_the_oracle_sees_naive_quoting_break() -> None:
 
 def test_systemd_analyze_verify_accepts_a_unit_of_nasty_values(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is missing")
+        pytest.fail("systemd-analyze is missing: apt-get install systemd")
     unit = tmp_path / "gpubox-quoting.service"
     unit.write_text(
         "[Service]\nType=oneshot\n"
