@@ -7,6 +7,7 @@ their commands here, with the same `_sudo` & co. the operation was called with.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pyinfra import host
@@ -24,7 +25,20 @@ def connector_arguments() -> dict[str, Any]:
     return {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
 
 
-def run(script: str, arguments: dict[str, Any], *, show_output: bool = False) -> CommandOutput:
+EXIT_MARKER = "__gpubox_exit="
+
+
+def run_status(command: str, arguments: Mapping[str, Any]) -> tuple[str, int]:
+    """Run a command on the host; its stdout and its exit code, for a caller that reads both (curl's
+    exit code tells a refused connection from a timeout), where pyinfra reports success only."""
+    script = StringCommand(f"{command}; printf '\\n{EXIT_MARKER}%s\\n' \"$?\"")
+    _, output = host.run_shell_command(script, **arguments)
+    lines = output.stdout_lines
+    exit_code = int(lines[-1].removeprefix(EXIT_MARKER)) if lines and lines[-1].startswith(EXIT_MARKER) else 255
+    return "\n".join(lines[:-1]) + "\n", exit_code
+
+
+def run(script: str, arguments: Mapping[str, Any], *, show_output: bool = False) -> CommandOutput:
     """Run a script on the host; its output, shown line by line as it comes when `show_output`.
 
     Raises OperationError with the last lines of its stderr when it fails.

@@ -10,6 +10,7 @@ so the operations after it read the host again.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 from pyinfra import host, state
@@ -20,20 +21,33 @@ T = TypeVar("T")
 _MEMO = "_gpubox_facts_once"  # kept on the run's State: a new run (or test) starts empty
 
 
-def fact_once(fact: type[FactBase[T]], **arguments: Any) -> T:
-    """`host.get_fact(fact, **arguments)`, loaded at most once per host in this run."""
-    loaded: dict[tuple[str, type[Any], tuple[tuple[str, Any], ...]], Any] | None = getattr(state, _MEMO, None)
+def _loaded() -> dict[Hashable, Any]:
+    loaded: dict[Hashable, Any] | None = getattr(state, _MEMO, None)
     if loaded is None:
         loaded = {}
         setattr(state, _MEMO, loaded)  # on the run's State itself (`state` is a context proxy)
-    key = (host.name, fact, tuple(sorted(arguments.items())))
-    if key not in loaded:
-        loaded[key] = host.get_fact(fact, **arguments)
-    value: T = loaded[key]
+    return loaded
+
+
+def once(key: Hashable, load: Callable[[], T]) -> T:
+    """`load()` at most once per host and run for `key` (e.g. a hash keyed by the file's stat)."""
+    loaded = _loaded()
+    host_key = (host.name, key)
+    if host_key not in loaded:
+        loaded[host_key] = load()
+    value: T = loaded[host_key]
     return value
+
+
+def _fact_key(fact: type[FactBase[Any]], arguments: dict[str, Any]) -> Hashable:
+    return (fact, tuple(sorted(arguments.items())))
+
+
+def fact_once(fact: type[FactBase[T]], **arguments: Any) -> T:
+    """`host.get_fact(fact, **arguments)`, loaded at most once per host in this run."""
+    return once(_fact_key(fact, arguments), lambda: host.get_fact(fact, **arguments))
 
 
 def forget(fact: type[FactBase[Any]], **arguments: Any) -> None:
     """Drop what `fact_once` loaded for these arguments: the next read goes to the host."""
-    loaded: dict[Any, Any] = getattr(state, _MEMO, None) or {}
-    loaded.pop((host.name, fact, tuple(sorted(arguments.items()))), None)
+    _loaded().pop((host.name, _fact_key(fact, arguments)), None)

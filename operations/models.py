@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
-from weakref import WeakKeyDictionary
 
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, FunctionCommand, OperationError, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.context import ctx_state
 from pyinfra.facts.files import File, FileContents, Sha256File
 
 from facts.gguf import GgufHeader
@@ -24,7 +21,7 @@ from gpubox.quoting import shell_word
 from gpubox.spec import ModelFile
 from gpubox.verified import STAMP_DIR, stamp_path, stamp_text, stamp_vouches
 
-from .host_facts import fact_once, forget
+from .host_facts import fact_once, forget, once
 
 # Read the head in growing steps: a small vocab fits in 4 MiB, Gemma's 262k-token vocab does not.
 HEAD_STEPS = (4 << 20, 32 << 20, 128 << 20)
@@ -113,24 +110,18 @@ def verify_script(model: ModelFile, part: str) -> str:
 
 FileInfo = dict[str, Any] | None | Literal[False]
 
-# One run's hashes of host files, by (host, path, size, mtime, ctime): `place` and `stamp` both ask
-# for a file the stamp does not vouch for (and the surgical deploy's drafter check too), and pyinfra
-# runs each operation's checks twice in a run without -y (to plan, then to execute). Keyed by the
-# run's State, so a new run (or a test's FakeState) starts empty; a file that changed since has
-# another stat, so it is hashed again.
-_RUN_HASHES: WeakKeyDictionary[Any, dict[tuple[str, str, int, datetime, datetime], str | None]] = WeakKeyDictionary()
-
-
 def host_sha256(path: str, info: FileInfo) -> str | None:
     """The sha256 of a host file (`info`: its File fact), hashed at most once per run for one stat;
-    None when there is no file."""
+    None when there is no file.
+
+    `place` and `stamp` both ask for a file the stamp does not vouch for (and the surgical deploy's
+    drafter check too), and pyinfra runs each operation's checks twice in a run without -y; a file
+    that changed since has another stat, so it is hashed again.
+    """
     if not info:
         return None
-    hashes = _RUN_HASHES.setdefault(ctx_state.get(), {})
-    key = (host.name, path, info["size"], info["mtime"], info["ctime"])
-    if key not in hashes:
-        hashes[key] = host.get_fact(Sha256File, path=path)
-    return hashes[key]
+    stat_key = ("sha256", path, info["size"], info["mtime"], info["ctime"])
+    return once(stat_key, lambda: host.get_fact(Sha256File, path=path))
 
 
 def verified_by_stamp(model: ModelFile, info: FileInfo) -> bool:

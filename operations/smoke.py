@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
+from pyinfra.api import FunctionCommand, OperationError, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations.util import any_changed
 from rich.console import Console
@@ -24,11 +24,9 @@ from gpubox.servers.llama import LlamaServer
 from gpubox.smoke import GpuProcesses, SmokeResult, command_transport, run_smoke, smoke_table
 from gpubox.spec import LlamaCppBuild
 
-from .host_commands import connector_arguments, run
+from .host_commands import connector_arguments, run, run_status
 from .host_facts import fact_once
 from .service import previous_unit_path, unit_path
-
-EXIT_MARKER = "__gpubox_exit="
 
 
 @dataclass
@@ -43,18 +41,8 @@ class SmokeOutcome:
         return bool(self.errors) or (self.result is not None and not self.result.passed)
 
 
-def _run_on_host(command: str, arguments: Mapping[str, Any]) -> tuple[str, int]:
-    """Run a command on the host (with the operation's `_sudo` & co.: the key file is root's and the
-    service's); its stdout and exit code (pyinfra reports success only)."""
-    script = StringCommand(f"{command}; printf '\\n{EXIT_MARKER}%s\\n' \"$?\"")
-    _, output = host.run_shell_command(script, **arguments)
-    lines = output.stdout_lines
-    exit_code = int(lines[-1].removeprefix(EXIT_MARKER)) if lines and lines[-1].startswith(EXIT_MARKER) else 255
-    return "\n".join(lines[:-1]) + "\n", exit_code
-
-
 def _gpu_processes(server: LlamaServer, arguments: Mapping[str, Any]) -> GpuProcesses:
-    stdout, _ = _run_on_host(f"systemctl show --property MainPID --value {shell_word(server.unit_name)}", arguments)
+    stdout, _ = run_status(f"systemctl show --property MainPID --value {shell_word(server.unit_name)}", arguments)
     return GpuProcesses(pid=int(stdout.strip() or 0), compute_apps=host.get_fact(NvidiaComputeApps))
 
 
@@ -70,7 +58,7 @@ def _measure(server: LlamaServer, outcome: SmokeOutcome, arguments: Mapping[str,
     assert server.smoke is not None
     client_host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
     base_url = f"http://[{client_host}]:{server.port}" if ":" in client_host else f"http://{client_host}:{server.port}"
-    transport = command_transport(lambda command: _run_on_host(command, arguments), base_url,
+    transport = command_transport(lambda command: run_status(command, arguments), base_url,
                                   api_key_file=server.api_key_file)
     expected_uuids: frozenset[str] = frozenset()
     gpu_probe = None
@@ -148,7 +136,7 @@ def _smoke_or_roll_back(server: LlamaServer, rollback: Rollback, arguments: Mapp
     if not outcome.failed:
         return
     build = rollback.build if rollback.build_switched() else None
-    output = run(rollback_script(server, build), dict(arguments))
+    output = run(rollback_script(server, build), arguments)
     failures = list(outcome.errors) + (outcome.result.failures if outcome.result is not None else [])
     raise OperationError(
         f"{server.unit_name} failed its smoke test: " + "; ".join(failures)

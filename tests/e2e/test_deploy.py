@@ -19,7 +19,7 @@ import pytest
 
 from gpubox.smoke import requests_transport, run_smoke
 from gpubox.spec import SmokeThresholds
-from tests.testbed import TestHost, free_port, inventory_config
+from tests.testbed import TestHost, free_port, inventory_config, same_tree_commit
 
 pytestmark = pytest.mark.e2e
 
@@ -258,13 +258,7 @@ def test_smoke_failure_after_a_build_switch_rolls_the_build_back(
 ) -> None:
     """A new llama.cpp commit whose service misses its smoke test: unit and `current` both go back."""
     repo, commit = llama_repo
-    same_tree = {**os.environ, "GIT_AUTHOR_NAME": "gpubox e2e", "GIT_AUTHOR_EMAIL": "e2e@gpubox.invalid",
-                 "GIT_COMMITTER_NAME": "gpubox e2e", "GIT_COMMITTER_EMAIL": "e2e@gpubox.invalid",
-                 "GIT_AUTHOR_DATE": "2026-01-01T00:00:00+0000", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00+0000"}
-    new_commit = subprocess.run(
-        ["git", "-C", str(repo), "commit-tree", f"{commit}^{{tree}}", "-p", commit, "-m", "e2e: a new commit"],
-        env=same_tree, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+    new_commit = same_tree_commit(repo, commit, "e2e: a new commit")
     result, _ = deployer.run(FULL, "-y", spec_draft_n_max=2, commit=new_commit, min_tokens_per_second=100000)
     output = result.stdout + result.stderr
     assert result.returncode != 0

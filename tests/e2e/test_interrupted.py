@@ -42,7 +42,7 @@ from tests.e2e.test_deploy import (
     ops_reporting,
     smoke_numbers,
 )
-from tests.testbed import TestHost, inventory_config, sha256_file
+from tests.testbed import TestHost, inventory_config, same_tree_commit, sha256_file
 
 pytestmark = pytest.mark.e2e
 
@@ -230,13 +230,7 @@ def test_cut_during_the_llama_cpp_build(deployer: Deployer, llama_repo: tuple[Pa
     """Killed at the new commit's first build progress line (ninja running on the host): `current`
     stays a whole build, the service on the old one; the next run builds, switches, restarts, smokes."""
     repo, commit = llama_repo
-    same_tree = {**os.environ, "GIT_AUTHOR_NAME": "gpubox e2e", "GIT_AUTHOR_EMAIL": "e2e@gpubox.invalid",
-                 "GIT_COMMITTER_NAME": "gpubox e2e", "GIT_COMMITTER_EMAIL": "e2e@gpubox.invalid",
-                 "GIT_AUTHOR_DATE": "2026-02-01T00:00:00+0000", "GIT_COMMITTER_DATE": "2026-02-01T00:00:00+0000"}
-    new_commit = subprocess.run(
-        ["git", "-C", str(repo), "commit-tree", f"{commit}^{{tree}}", "-p", commit, "-m", "e2e: cut build"],
-        env=same_tree, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+    new_commit = same_tree_commit(repo, commit, "e2e: cut build")
     pid, before = deployer.main_pid(), host_state(deployer)
     output = run_until(deployer, FULL, r"llama\.cpp build: \d+/\d+ steps", commit=new_commit)
     assert re.search(starts(f"llama.cpp build {new_commit[:12]}"), output, re.MULTILINE)

@@ -7,6 +7,7 @@ from tests.testbed.assets import (
     inventory_config,
     llama_cpp_repo,
     local_llama_server,
+    same_tree_commit,
     sha256_file,
     smollm2_gguf,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "llama_cpp_repo",
     "local_llama_server",
     "reap",
+    "same_tree_commit",
     "sha256_file",
     "smollm2_gguf",
     "inventory_config",

@@ -98,6 +98,11 @@ def _git(repo: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
+def same_tree_commit(repo: Path, commit: str, message: str) -> str:
+    """A new commit (a child of `commit`, same tree): "a new llama.cpp commit" that ccache builds at once."""
+    return _git(repo, "commit-tree", f"{commit}^{{tree}}", "-p", commit, "-m", message)
+
+
 def llama_cpp_sdist() -> Path:
     """The llama-cpp-python sdist (from ``GPUBOX_LLAMA_SDIST`` or downloaded with pip)."""
     env = os.environ.get("GPUBOX_LLAMA_SDIST")
