@@ -1,34 +1,66 @@
-"""Converge a whole gpubox host: llama.cpp at the pinned commit, the models, every service.
+"""Converge a whole gpubox host: its builds and installs, its models, every service, their smoke tests.
 
     pyinfra inventory/home.py deploys/danarch4090.py            # converge
     pyinfra inventory/home.py deploys/danarch4090.py --dry --diff   # show what would change
 
 The host's `gpubox.Box` comes from its inventory data (`box`). A bad Box is refused when the
-inventory is imported, before any connection.
+inventory is imported, before any connection. llama.cpp and whisper.cpp are built by one build
+operation, piper is installed in a venv; each service restarts only when its unit, its models or
+its install changed, and is smoke tested after a restart (speech round trip when the box has both).
 """
 
 from pyinfra import host
+from pyinfra.operations.util import any_changed
 
 from gpubox.inventory import box_from_host_data
-from operations import llamacpp, models, service, smoke, vram
+from gpubox.servers.piper import PiperServer
+from gpubox.servers.whisper import WhisperServer
+from operations import models, piper, service, smoke, source_build, vram
 
 box = box_from_host_data(host.data.get("box"), host.name)
 
-build_metas = llamacpp.build(box.llama_cpp)
+install_metas = {id(build): source_build.build(build) for build in box.builds()}
+if box.piper is not None:
+    flavor = "cuda" if any(server.cuda for server in box.services_of(PiperServer)) else "cpu"
+    install_metas[id(box.piper)] = piper.piper(box.piper, flavor)
 
 placed_by_path = {}
 for user, model in box.models():
-    role = "Drafter" if model is user.model_draft else "Model"
+    role = "Drafter" if model is getattr(user, "model_draft", None) else "Model"
     placed = models.place(name=f"{role} {model.path}", model=model)
     models.stamp(name=f"{role} {model.path} verified", model=model, placed=placed)
     placed_by_path[model.path] = placed
 
 vram.fits(name="The services fit their GPUs' memory", box=box)
 
+restarts = {}
 for server in box.services:
+    install = box.install_of(server)
     model_metas = [placed_by_path[model.path] for model in server.models()]
-    restart_meta = service.llama_server(server, box.llama_cpp.prefix, changed=[*build_metas, *model_metas])
-    smoke.smoke_test(server, restart_meta, box.llama_cpp, build_metas)
+    restarts[server.name] = service.server(server, install.prefix, changed=[*install_metas[id(install)], *model_metas])
+    smoke.smoke_test(server, restarts[server.name], install, install_metas[id(install)])
+
+# The speech round trip: the first piper service speaks, the first whisper-server hears it.
+speakers, listeners = box.services_of(PiperServer), box.services_of(WhisperServer)
+if speakers and listeners and speakers[0].smoke and listeners[0].smoke:
+    pair = (speakers[0], listeners[0])
+    metas = [restarts[server.name] for server in pair if restarts[server.name] is not None]
+    if metas:
+        rollbacks = [
+            (
+                server,
+                smoke.Rollback(box.install_of(server), any_changed(*install_metas[id(box.install_of(server))])),
+                any_changed(restarts[server.name]) if restarts[server.name] is not None else (lambda: False),
+            )
+            for server in pair
+        ]
+        smoke.round_trip(
+            name=f"Round trip {pair[0].unit_name} -> {pair[1].unit_name}",
+            piper=pair[0],
+            whisper=pair[1],
+            rollbacks=rollbacks,
+            _if=any_changed(*metas),
+        )
 
 # Last, once the services run on the box's models: the files gpubox placed that left the box are
 # reported, and deleted with `--data gpubox_remove_unused_models=true` (unless a unit still names one).

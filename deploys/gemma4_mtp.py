@@ -14,8 +14,8 @@ from gpubox.inventory import box_from_host_data
 from operations import models, service, smoke, speculation, vram
 
 box = box_from_host_data(host.data.get("box"), host.name)
-server = box.service(host.data.get("gpubox_service", "gemma4"))
-if server.model_draft is None:
+server = box.llama_server(host.data.get("gpubox_service", "gemma4"))
+if box.llama_cpp is None or server.model_draft is None:
     raise ValueError(f"{server.name} has no model_draft: the surgical MTP redeploy places and uses a drafter")
 
 speculation.supported(
@@ -27,5 +27,5 @@ speculation.drafter_architecture(
     name=f"Drafter is a {server.model_draft.architecture} GGUF", model=server.model_draft
 )
 vram.fits(name="The services fit their GPUs' memory", box=box)
-restart_meta = service.llama_server(server, box.llama_cpp.prefix, changed=[drafter], ensure_user=False)
+restart_meta = service.server(server, box.llama_cpp.prefix, changed=[drafter], ensure_user=False)
 smoke.smoke_test(server, restart_meta)

@@ -3,6 +3,7 @@
 pyinfra @host fact facts.llamacpp.LlamaCppCheckout path=/opt/llama.cpp
 pyinfra @host fact facts.llamacpp.LlamaServerVersion path=/opt/llama.cpp/build/bin/llama-server
 pyinfra @host fact facts.llamacpp.LlamaServerFlags path=/opt/llama.cpp/build/bin/llama-server
+pyinfra @host fact facts.llamacpp.ServerOptions path=/opt/whisper.cpp/current/whisper-server.help
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pyinfra.api.facts import FactBase
 from typing_extensions import override
 
 from gpubox import llamacpp
+from gpubox.quoting import shell_word
 
 
 class LlamaCppCheckout(FactBase[llamacpp.SourceCheckout | None]):
@@ -71,4 +73,24 @@ class LlamaServerFlags(FactBase[llamacpp.ServerFlags | None]):
         flags = llamacpp.parse_server_help(output)
         if not flags.flags:
             raise FactProcessError("llama-server --help listed no options: " + " ".join(output[:20]))
+        return flags
+
+
+class ServerOptions(FactBase[llamacpp.ServerFlags | None]):
+    """
+    The options a server's saved ``--help`` lists (whisper-server's, piper's argparse usage), every
+    alias (``gpubox.llamacpp.ServerFlags``); None when the install saved none at ``path``.
+    """
+
+    @override
+    def command(self, path: str) -> str:
+        return f"cat {shell_word(path)} 2>/dev/null || true"
+
+    @override
+    def process(self, output: list[str]) -> llamacpp.ServerFlags | None:
+        if not any(line.strip() for line in output):
+            return None
+        flags = llamacpp.parse_usage_options(output)
+        if not flags.flags:
+            raise FactProcessError("the saved --help lists no options: " + " ".join(output[:20]))
         return flags

@@ -2,6 +2,7 @@
 
 pyinfra @host fact facts.models.VerifiedStamps
 pyinfra @host fact facts.models.UrlContentLength url=https://huggingface.co/...
+pyinfra @host fact facts.models.FileHead path=/srv/models/ggml-tiny.en.bin
 """
 
 from __future__ import annotations
@@ -47,3 +48,18 @@ class UrlContentLength(FactBase[int | None]):
     @override
     def process(self, output: list[str]) -> int | None:
         return models.parse_content_length(output)
+
+
+class FileHead(FactBase[bytes | None]):
+    """
+    The first ``head_bytes`` of a file (base64 on the wire); None when there is no file.
+    What the placement reads to tell a ggml whisper model, an ONNX voice or its JSON config apart.
+    """
+
+    @override
+    def command(self, path: str, head_bytes: int = models.FORMAT_HEAD_BYTES) -> str:
+        return models.head_command(path, head_bytes)
+
+    @override
+    def process(self, output: list[str]) -> bytes | None:
+        return models.parse_head(output)

@@ -1,7 +1,22 @@
-"""gpubox: typed, declarative pyinfra deploys for GPU boxes that serve LLMs with llama-server."""
+"""gpubox: typed, declarative pyinfra deploys for GPU boxes that serve LLMs with llama-server, and speech."""
 
 from gpubox.box import Box
 from gpubox.servers.llama import LlamaServer
-from gpubox.spec import ExpectedGpu, LlamaCppBuild, ModelFile, SmokeThresholds
+from gpubox.servers.piper import PiperServer, SpeechSmoke
+from gpubox.servers.whisper import TranscriptionSmoke, WhisperServer
+from gpubox.spec import ExpectedGpu, LlamaCppBuild, ModelFile, PiperInstall, SmokeThresholds, WhisperCppBuild
 
-__all__ = ["Box", "ExpectedGpu", "LlamaCppBuild", "LlamaServer", "ModelFile", "SmokeThresholds"]
+__all__ = [
+    "Box",
+    "ExpectedGpu",
+    "LlamaCppBuild",
+    "LlamaServer",
+    "ModelFile",
+    "PiperInstall",
+    "PiperServer",
+    "SmokeThresholds",
+    "SpeechSmoke",
+    "TranscriptionSmoke",
+    "WhisperCppBuild",
+    "WhisperServer",
+]

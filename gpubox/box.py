@@ -1,31 +1,106 @@
-"""A host's whole spec: one llama.cpp build and the services it runs."""
+"""A host's whole spec: what it builds and installs, and the services it runs."""
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Annotated, Any, Self
 
-from pydantic import model_validator
+from pydantic import Discriminator, Tag, model_validator
 
+from gpubox.servers.base import Service
 from gpubox.servers.llama import LlamaServer
-from gpubox.spec import ExpectedGpu, LlamaCppBuild, ModelFile, Spec, Violation, refuse
+from gpubox.servers.piper import PiperServer
+from gpubox.servers.whisper import WhisperServer
+from gpubox.spec import (
+    ExpectedGpu,
+    LlamaCppBuild,
+    ModelFile,
+    PiperInstall,
+    SourceBuild,
+    Spec,
+    Violation,
+    WhisperCppBuild,
+    refuse,
+)
+
+
+def _service_type(value: Any) -> str:
+    """A service's type: its ``type`` field; a service written without one is a llama-server."""
+    if isinstance(value, dict):
+        return str(value.get("type", "llama-server"))
+    return str(getattr(value, "type", "llama-server"))
+
+
+AnyService = Annotated[
+    Annotated[LlamaServer, Tag("llama-server")]
+    | Annotated[WhisperServer, Tag("whisper-server")]
+    | Annotated[PiperServer, Tag("piper")],
+    Discriminator(_service_type),
+]
+"""Any service a box runs, told apart by its ``type``."""
+
+# Which install each service type runs from: the Box field, and what to add when it is missing.
+INSTALL_FIELDS: dict[type[Service], tuple[str, str]] = {
+    LlamaServer: ("llama_cpp", "llama_cpp=LlamaCppBuild(commit=...)"),
+    WhisperServer: ("whisper_cpp", "whisper_cpp=WhisperCppBuild(commit=...)"),
+    PiperServer: ("piper", "piper=PiperInstall(version='1.8.0')"),
+}
 
 
 class Box(Spec):
-    """A host: one llama.cpp build and the llama-server services it runs."""
+    """A host: the builds and installs its services run from, and the services.
 
-    llama_cpp: LlamaCppBuild
-    services: tuple[LlamaServer, ...]
+    + llama_cpp: the llama.cpp build llama-server services run
+    + whisper_cpp: the whisper.cpp build whisper-server services run
+    + piper: the piper install piper services run
+    + services: every service, each pinned to its GPUs
+    + expected_gpus: the GPUs the box should have; the planner budgets against them
+    """
+
+    llama_cpp: LlamaCppBuild | None = None
+    whisper_cpp: WhisperCppBuild | None = None
+    piper: PiperInstall | None = None
+    services: tuple[AnyService, ...]
     expected_gpus: tuple[ExpectedGpu, ...] | None = None
 
     @model_validator(mode="after")
     def _box_rules(self) -> Self:
-        refuse(type(self).__name__, [*self._unique_names_and_ports(), *self._known_gpus(), *self._one_checksum()])
+        refuse(
+            type(self).__name__,
+            [*self._unique_names_and_ports(), *self._installs(), *self._known_gpus(), *self._one_checksum()],
+        )
         return self
+
+    def _installs(self) -> list[Violation]:
+        """Every service type needs the build (or install) it runs from."""
+        return [
+            (
+                (INSTALL_FIELDS[type(service)][0],),
+                f"services[{position}] ({service.name!r}) is a {service.PROGRAM.rsplit('/', 1)[-1]} service and "
+                f"runs from {INSTALL_FIELDS[type(service)][0]}: set {INSTALL_FIELDS[type(service)][1]}",
+                None,
+            )
+            for position, service in enumerate(self.services)
+            if getattr(self, INSTALL_FIELDS[type(service)][0]) is None
+        ]
+
+    def install_of(self, service: Service) -> SourceBuild | PiperInstall:
+        """The build or install ``service`` runs from (the rules made sure there is one)."""
+        install: SourceBuild | PiperInstall | None = getattr(self, INSTALL_FIELDS[type(service)][0])
+        assert install is not None, f"{service.name}: no {INSTALL_FIELDS[type(service)][0]}"
+        return install
+
+    def builds(self) -> list[SourceBuild]:
+        """The source builds the services need, llama.cpp first."""
+        return [build for build in (self.llama_cpp, self.whisper_cpp) if build is not None]
+
+    def services_of(self, service_type: type[Service]) -> list[Any]:
+        """The services of one type, in box order."""
+        return [service for service in self.services if isinstance(service, service_type)]
 
     def _unique_names_and_ports(self) -> list[Violation]:
         problems: list[Violation] = []
         if not self.services:
-            problems.append((("services",), "a box serves at least one llama-server: add a service", []))
+            problems.append((("services",), "a box serves at least one service: add one", []))
         names: dict[str, int] = {}
         ports: dict[int, str] = {}
         for position, service in enumerate(self.services):
@@ -67,10 +142,7 @@ class Box(Spec):
         problems: list[Violation] = []
         owners: dict[str, tuple[str, str]] = {}
         for position, service in enumerate(self.services):
-            for field in ("model", "model_draft"):
-                model: ModelFile | None = getattr(service, field)
-                if model is None:
-                    continue
+            for field, model in service.model_files():
                 sha256, owner = owners.setdefault(model.path, (model.sha256, service.name))
                 if sha256 != model.sha256:
                     problems.append((
@@ -81,16 +153,23 @@ class Box(Spec):
                     ))
         return problems
 
-    def models(self) -> list[tuple[LlamaServer, ModelFile]]:
+    def models(self) -> list[tuple[Service, ModelFile]]:
         """Every model file of the box once (by host path), with the first service that uses it."""
-        seen: dict[str, tuple[LlamaServer, ModelFile]] = {}
+        seen: dict[str, tuple[Service, ModelFile]] = {}
         for service in self.services:
             for model in service.models():
                 seen.setdefault(model.path, (service, model))
         return list(seen.values())
 
-    def service(self, name: str) -> LlamaServer:
+    def service(self, name: str) -> LlamaServer | WhisperServer | PiperServer:
         for service in self.services:
             if service.name == name:
                 return service
         raise KeyError(f"no service named {name!r}; services: {[s.name for s in self.services]}")
+
+    def llama_server(self, name: str) -> LlamaServer:
+        """The llama-server service called ``name``; KeyError when there is none of that type."""
+        service = self.service(name)
+        if not isinstance(service, LlamaServer):
+            raise KeyError(f"service {name!r} is a {service.type}, not a llama-server")
+        return service

@@ -1,4 +1,4 @@
-"""What a pinned llama.cpp build is on a host: its directories, flavor, CMake flags and build script.
+"""What a pinned source build (llama.cpp, whisper.cpp) is on a host: directories, flavor, CMake flags, script.
 
 The operation compares facts with these and runs the script; everything here is pure so it can be
 tested without a host. The layout under the prefix:
@@ -9,20 +9,25 @@ tested without a host. The layout under the prefix:
     {prefix}/current                  symlink to the active build, switched atomically
     {prefix}/logs/build-{commit}-{flavor}.log
 
-Each build keeps `llama-server.version` and `llama-server.help` beside its binary (the facts read
-them instead of running the binary on every deploy), and a switch prunes all but `keep_builds`.
+Each build keeps `gpubox-build.json` (project, commit, flavor, targets: what the no-op check
+compares, for every project alike), `{server}.help` and, where the server has a version flag,
+`{server}.version` beside its binary (the facts read them instead of running the binary on every
+deploy); a switch prunes all but `keep_builds`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Literal
 
+from gpubox import switch
 from gpubox.cuda import Nvcc
 from gpubox.gpu import Gpu, cuda_architectures
 from gpubox.llamacpp import HELP_CACHE_SUFFIX, VERSION_CACHE_SUFFIX
 from gpubox.quoting import shell_join, shell_word
-from gpubox.spec import LlamaCppBuild
+from gpubox.records import Record
+from gpubox.spec import SourceBuild
 
 Flavor = Literal["cpu", "cuda"]
 
@@ -31,86 +36,78 @@ class BuildRefused(ValueError):
     """The build can't go ahead as specified on this host; the message says what to change."""
 
 
-def src_dir(build: LlamaCppBuild) -> str:
+def src_dir(build: SourceBuild) -> str:
     return f"{build.prefix}/src"
 
 
-def build_name(build: LlamaCppBuild, flavor: Flavor) -> str:
+def build_name(build: SourceBuild, flavor: Flavor) -> str:
     return f"{build.commit}-{flavor}"
 
 
-def install_dir(build: LlamaCppBuild, flavor: Flavor) -> str:
+def install_dir(build: SourceBuild, flavor: Flavor) -> str:
     return f"{build.prefix}/builds/{build_name(build, flavor)}"
 
 
-def work_dir(build: LlamaCppBuild, flavor: Flavor) -> str:
+def work_dir(build: SourceBuild, flavor: Flavor) -> str:
     return f"{build.prefix}/work/{build_name(build, flavor)}"
 
 
-def log_path(build: LlamaCppBuild, flavor: Flavor) -> str:
+def log_path(build: SourceBuild, flavor: Flavor) -> str:
     return f"{build.prefix}/logs/build-{build_name(build, flavor)}.log"
 
 
-def current_link(build: LlamaCppBuild) -> str:
+def current_link(build: SourceBuild) -> str:
     return f"{build.prefix}/current"
 
 
-def previous_link(build: LlamaCppBuild) -> str:
+def previous_link(build: SourceBuild) -> str:
     """What `current` pointed at before the last switch: a failed smoke test switches back to it."""
     return f"{build.prefix}/previous"
 
 
-# ninja prints `[n/N] ...` per step; print a line per 5 % of them, so the controller shows progress.
-_PROGRESS_AWK = (
-    "awk -F'[][/]' '/^\\[[0-9]+\\/[0-9]+\\]/ { step = int($2 * 20 / $3); if (step > shown) "
-    "{ shown = step; printf \"llama.cpp build: %d/%d steps (%d%%)\\n\", $2, $3, step * 5; fflush() } }'"
-)
+STAMP_NAME = "gpubox-build.json"
 
 
-def prune_lines(build: LlamaCppBuild) -> list[str]:
-    """Remove installed builds (and their work trees and logs) beyond `keep_builds`, newest kept first.
-
-    `current` and `previous` are always kept. One directory a line (a newline is refused in paths).
-    """
-    prefix = shell_word(build.prefix)
-    others = build.keep_builds - 2
-    return [
-        f'current=$(readlink {prefix}/current || true); previous=$(readlink {prefix}/previous || true); kept=0',
-        f"ls -1td {prefix}/builds/*/ 2>/dev/null | while IFS= read -r dir; do",
-        '  name=$(basename "$dir")',
-        '  if [ "builds/$name" = "$current" ] || [ "builds/$name" = "$previous" ]; then continue; fi',
-        f"  if [ $kept -lt {others} ]; then kept=$((kept + 1)); continue; fi",
-        f'  rm -rf "$dir" {prefix}/work/"$name" {prefix}/logs/build-"$name".log && echo "pruned builds/$name"',
-        "done",
-    ]
+def stamp_path(build: SourceBuild, flavor: Flavor) -> str:
+    return f"{install_dir(build, flavor)}/{STAMP_NAME}"
 
 
-def _switch_lines(build: LlamaCppBuild, flavor: Flavor) -> list[str]:
-    """Remember the active build as `previous`, then point `current` at this one (renames only)."""
-    current = shell_word(current_link(build))
-    current_new = shell_word(f"{current_link(build)}.new")
-    previous = shell_word(previous_link(build))
-    previous_new = shell_word(f"{previous_link(build)}.new")
-    target = shell_word(f"builds/{build_name(build, flavor)}")
-    return [
-        f'if [ -L {current} ] && [ "$(readlink {current})" != {target} ]; then '
-        f'ln -sfn "$(readlink {current})" {previous_new} && mv -T {previous_new} {previous}; fi',
-        f"ln -sfn {target} {current_new} && mv -T {current_new} {current}",
-    ]
+def stamp_text(build: SourceBuild, flavor: Flavor) -> str:
+    """What a build is, recorded beside it: the install check compares it (no binary runs)."""
+    record = {"project": build.PROJECT.name, "commit": build.commit, "flavor": flavor, "targets": list(build.targets)}
+    return json.dumps(record, sort_keys=True)
 
 
-def rollback_script(build: LlamaCppBuild) -> str:
-    """Point `current` back at `previous` (after a smoke test missed on a new build)."""
-    current = shell_word(current_link(build))
-    current_new = shell_word(f"{current_link(build)}.new")
-    previous = shell_word(previous_link(build))
+def stamp_matches(found: str | None, build: SourceBuild, flavor: Flavor) -> bool:
+    """Whether a build's stamp (its text, None when missing) records this project, commit, flavor and targets."""
+    return switch.stamp_matches(found, stamp_text(build, flavor))
+
+
+def _progress_awk(project: str) -> str:
+    """ninja prints `[n/N] ...` per step; print a line per 5 % of them, so the controller shows progress."""
     return (
-        f'if [ -L {previous} ]; then ln -sfn "$(readlink {previous})" {current_new} '
-        f"&& mv -T {current_new} {current}; fi"
+        "awk -F'[][/]' '/^\\[[0-9]+\\/[0-9]+\\]/ { step = int($2 * 20 / $3); if (step > shown) "
+        f"{{ shown = step; printf \"{project} build: %d/%d steps (%d%%)\\n\", $2, $3, step * 5; fflush() }} }}'"
     )
 
 
-def resolve_flavor(build: LlamaCppBuild, gpus: Sequence[Gpu], toolkit: Nvcc | None) -> Flavor:
+def prune_lines(build: SourceBuild) -> list[str]:
+    """Remove installed builds (and their work trees and logs) beyond `keep_builds`, newest kept first."""
+    prefix = shell_word(build.prefix)
+    also = (f'{prefix}/work/"$name"', f'{prefix}/logs/build-"$name".log')
+    return switch.prune_lines(build.prefix, "builds", build.keep_builds, also)
+
+
+def _switch_lines(build: SourceBuild, flavor: Flavor) -> list[str]:
+    return switch.switch_lines(build.prefix, f"builds/{build_name(build, flavor)}")
+
+
+def rollback_script(build: SourceBuild) -> str:
+    """Point `current` back at `previous` (after a smoke test missed on a new build)."""
+    return switch.rollback_script(build.prefix)
+
+
+def resolve_flavor(build: SourceBuild, gpus: Sequence[Gpu], toolkit: Nvcc | None) -> Flavor:
     """CUDA when asked (`on`), or when `auto` finds both GPUs and nvcc; refuse `on` without nvcc."""
     if build.cuda == "off":
         return "cpu"
@@ -125,7 +122,7 @@ def resolve_flavor(build: LlamaCppBuild, gpus: Sequence[Gpu], toolkit: Nvcc | No
     return "cuda" if gpus and toolkit is not None else "cpu"
 
 
-def resolve_architectures(build: LlamaCppBuild, gpus: Sequence[Gpu]) -> list[str]:
+def resolve_architectures(build: SourceBuild, gpus: Sequence[Gpu]) -> list[str]:
     """The CUDA architectures to compile for: the spec's, or the GPUs' compute capabilities."""
     if build.cuda_architectures != "auto":
         return list(build.cuda_architectures)
@@ -139,7 +136,7 @@ def resolve_architectures(build: LlamaCppBuild, gpus: Sequence[Gpu]) -> list[str
 
 
 def cmake_configure_args(
-    build: LlamaCppBuild,
+    build: SourceBuild,
     flavor: Flavor,
     architectures: Sequence[str] = (),
     nvcc: str | None = None,
@@ -151,9 +148,7 @@ def cmake_configure_args(
         "-DCMAKE_BUILD_TYPE=Release",
         # The binaries find the shared libraries installed next to them, wherever the bin dir is.
         "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
-        "-DLLAMA_BUILD_TESTS=OFF",
-        "-DLLAMA_BUILD_EXAMPLES=OFF",
-        f"-DLLAMA_USE_PREBUILT_UI={'ON' if build.prebuilt_ui else 'OFF'}",
+        *build.project_cmake_options(),
         f"-DGGML_NATIVE={'ON' if build.native else 'OFF'}",
     ]  # fmt: skip
     if not build.native:
@@ -171,7 +166,7 @@ def cmake_configure_args(
     return args
 
 
-def fetch_script(build: LlamaCppBuild) -> str:
+def fetch_script(build: SourceBuild) -> str:
     """Clone or fetch the pinned commit shallowly into src and check it out detached.
 
     A full sha can be fetched with `--depth 1`; the origin URL is (re)set to the spec's repo.
@@ -191,7 +186,7 @@ def fetch_script(build: LlamaCppBuild) -> str:
 
 
 def build_script(
-    build: LlamaCppBuild,
+    build: SourceBuild,
     flavor: Flavor,
     architectures: Sequence[str] = (),
     nvcc: str | None = None,
@@ -227,23 +222,19 @@ def build_script(
         "mkdir -p " + shell_join(f"{build.prefix}/{part}" for part in ("logs", "builds", "work")),
         f": > {log}",
         "fail() {",
-        f"  printf 'llama.cpp build failed: %s; full log: %s\\n' \"$1\" {log} >&2",
+        f"  printf '%s build failed: %s; full log: %s\\n' {shell_word(build.PROJECT.name)} \"$1\" {log} >&2",
         f"  tail -n 25 {log} >&2",
         "  exit 1",
         "}",
         f"{configure} >> {log} 2>&1 || fail configure",
         f"rm -f {failed}",
         f"{{ cmake --build {work} --target {targets}{parallel} 2>&1 || echo $? > {failed}; }} "
-        f"| tee -a {log} | {_PROGRESS_AWK}",
+        f"| tee -a {log} | {_progress_awk(build.PROJECT.name)}",
         f"if [ -e {failed} ]; then rm -f {failed}; fail build; fi",
         f"rm -rf {staging} && mkdir -p {staging}",
         f"cp -a {shell_word(f'{work_dir(build, flavor)}/bin/.')} {shell_word(f'{staging_dir}/')}",
-        f"{shell_word(f'{staging_dir}/llama-server')} --version > "
-        f"{shell_word(f'{staging_dir}/llama-server{VERSION_CACHE_SUFFIX}')} 2>&1 "
-        "|| fail 'the built llama-server does not run'",
-        f"{shell_word(f'{staging_dir}/llama-server')} --help > "
-        f"{shell_word(f'{staging_dir}/llama-server{HELP_CACHE_SUFFIX}')} 2>&1 "
-        "|| fail 'the built llama-server --help failed'",
+        *_describe_lines(build, staging_dir),
+        f"printf '%s\\n' {shell_word(stamp_text(build, flavor))} > {shell_word(f'{staging_dir}/{STAMP_NAME}')}",
         f"rm -rf {final} && mv -T {staging} {final}",
         *_switch_lines(build, flavor),
         f"printf 'installed %s; current -> %s\\n' {final} {current}",
@@ -251,11 +242,58 @@ def build_script(
     ])  # fmt: skip
 
 
-def switch_script(build: LlamaCppBuild, flavor: Flavor) -> str:
+def _describe_lines(build: SourceBuild, staging_dir: str) -> list[str]:
+    """Save the server's `--help` (and `--version`, when it has one) beside it: the facts read these.
+
+    whisper-server exits 0 on any flag and prints usage for `--help` (its exit status says nothing),
+    so a help text without a single option line fails the build as well.
+    """
+    server = build.PROJECT.server
+    binary = shell_word(f"{staging_dir}/{server}")
+    help_file = shell_word(f"{staging_dir}/{server}{HELP_CACHE_SUFFIX}")
+    lines = []
+    if build.PROJECT.version_flag is not None:
+        lines.append(
+            f"{binary} {build.PROJECT.version_flag} > {shell_word(f'{staging_dir}/{server}{VERSION_CACHE_SUFFIX}')} "
+            f"2>&1 || fail {shell_word(f'the built {server} does not run')}"
+        )
+    lines += [
+        f"{binary} --help > {help_file} 2>&1 || fail {shell_word(f'the built {server} --help failed')}",
+        f"grep -q -- '^ *--\\?[a-z]' {help_file} || fail {shell_word(f'the built {server} --help lists no options')}",
+    ]
+    return lines
+
+
+def switch_script(build: SourceBuild, flavor: Flavor) -> str:
     """Point `current` at an already installed build (a rollback or a flavor switch), then prune."""
     return "\n".join([*_switch_lines(build, flavor), *prune_lines(build)])
 
 
-def reports_commit(reported: str | None, commit: str) -> bool:
-    """Whether a `--version` short commit names the pinned full commit."""
-    return reported is not None and len(reported) >= 7 and commit.startswith(reported.lower())
+class InstalledBuild(Record):
+    """What the host has of a build: its stamp's text (None: not installed, or built before stamps)
+    and where ``current`` points (None: no link)."""
+
+    stamp: str | None
+    current: str | None
+
+
+_CURRENT_MARK = "@@current"
+
+
+def installed_command(stamp: str, current: str) -> str:
+    """One round trip for the no-op check: a build's stamp, then the `current` link's target."""
+    return f"cat {shell_word(stamp)} 2>/dev/null; echo; echo {_CURRENT_MARK}; readlink {shell_word(current)} || true"
+
+
+def parse_installed(lines: Sequence[str]) -> InstalledBuild:
+    """The output of :func:`installed_command`."""
+    marker = lines.index(_CURRENT_MARK) if _CURRENT_MARK in lines else len(lines)
+    stamp = "\n".join(line for line in lines[:marker] if line.strip()).strip()
+    current = "".join(lines[marker + 1 :]).strip()
+    return InstalledBuild(stamp=stamp or None, current=current or None)
+
+
+def is_installed(found: InstalledBuild, build: SourceBuild, flavor: Flavor) -> tuple[bool, bool]:
+    """Whether this build is installed (its stamp matches), and whether `current` points at it."""
+    points_here = (found.current or "").rstrip("/") == f"builds/{build_name(build, flavor)}"
+    return stamp_matches(found.stamp, build, flavor), points_here

@@ -100,13 +100,13 @@ def _find_service(inventory: str, host: str | None, service_name: str | None) ->
     if host_box.box is None:
         problems = "; ".join(f"{problem.field}: {problem.message}" for problem in host_box.problems)
         raise InventoryError(f"{inventory}: host {host_box.host} is refused: {problems}")
-    services = host_box.box.services
+    services = host_box.box.services_of(LlamaServer)
     if service_name is None:
-        if len(services) > 1:
-            raise InventoryError(f"several services, pick one with --service: {[s.name for s in services]}")
+        if len(services) != 1:
+            raise InventoryError(f"pick a llama-server with --service: {[s.name for s in services]}")
         return host_box.box, services[0]
     try:
-        return host_box.box, host_box.box.service(service_name)
+        return host_box.box, host_box.box.llama_server(service_name)
     except KeyError as error:
         raise InventoryError(str(error.args[0])) from error
 

@@ -37,6 +37,8 @@ def headers_for_box(box: Box, headers_dir: Path) -> tuple[dict[str, GgufFile], l
     headers: dict[str, GgufFile] = {}
     missing: list[str] = []
     for service, model in box.models():
+        if model.format != "gguf":
+            continue
         path = header_path_for(model, headers_dir)
         if path is None:
             missing.append(
@@ -66,6 +68,7 @@ def plan_json(host: str, plan: BoxPlan | None, problems: list[dict[str, str | No
             "index": gpu.index,
             "capacity_bytes": gpu.total_bytes,
             "used_bytes": gpu.used_bytes,
+            "reserved_bytes": gpu.reserve_bytes,
             "free_bytes": gpu.free_bytes,
             "fits": gpu.fits,
             "services": [

@@ -174,6 +174,26 @@ def parse_server_help(lines: Iterable[str]) -> ServerFlags:
     )
 
 
+_USAGE_FLAG_RE = re.compile(r"(?:^|[\s,])(--?[A-Za-z][\w-]*)")
+_OPTION_INDENT_MAX = 16  # whisper-server aligns long-only options at 13; argparse wraps descriptions at 24
+
+
+def parse_usage_options(lines: Iterable[str]) -> ServerFlags:
+    """The options of a usage text in whisper-server's (``  -t N,      --threads N  [4] ...``) or
+    argparse's (``  -m MODEL, --model MODEL``) layout: every flag named on an option line (one that
+    starts with ``-`` within the first columns), up to a ``[default]`` column. No removed flags or
+    choices: those are llama-server's (:func:`parse_server_help`)."""
+    flags: set[str] = set()
+    for line in lines:
+        stripped = line.lstrip()
+        if not stripped.startswith("-") or len(line) - len(stripped) >= _OPTION_INDENT_MAX:
+            continue
+        names = stripped.split("[", 1)[0]
+        names = _DESCRIPTION_GAP_RE.split(names.rstrip(), maxsplit=1)[0] if "," not in names else names
+        flags.update(_USAGE_FLAG_RE.findall(names))
+    return ServerFlags(flags=tuple(sorted(flags)), removed={}, spec_types=(), choices={})
+
+
 def _normalised(flag: str) -> str:
     # llama.cpp's parser turns `_` into `-` in long options (common/arg.cpp).
     return flag.replace("_", "-") if flag.startswith("--") else flag
@@ -188,19 +208,20 @@ class UnsupportedServerArgumentError(ValueError):
     """The llama-server binary on the host cannot run the command line the deploy asks for."""
 
 
-def check_flags_supported(used: Sequence[str], flags: ServerFlags, version: str) -> None:
-    """Raise UnsupportedServerArgumentError naming each flag ``llama-server`` (``version``) rejects.
+def check_flags_supported(used: Sequence[str], flags: ServerFlags, version: str, program: str = "llama-server") -> None:
+    """Raise UnsupportedServerArgumentError naming each flag ``program`` (``version``) rejects.
 
     ``used``: the flags a service's command line uses, from its flag table and ``extra_args``.
     """
+    pinned, upgrade = ("llama.cpp commit",) * 2 if program == "llama-server" else ("version", "commit or version")
     problems = []
     for flag in unsupported_flags(used, flags):
         hint = flags.removed.get(_normalised(flag))
         problems.append(f"{flag} ({hint})" if hint else flag)
     if problems:
         raise UnsupportedServerArgumentError(
-            f"llama-server {version} does not support {', '.join(problems)}: pin a llama.cpp commit "
-            "that has it (upgrade the pinned llama.cpp commit) or remove the field that sets it"
+            f"{program} {version} does not support {', '.join(problems)}: pin a {pinned} that has it "
+            f"(upgrade the pinned {upgrade}) or remove the field that sets it"
         )
 
 

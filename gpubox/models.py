@@ -10,10 +10,13 @@ only after gpubox verified the file's sha256; its first line is the model's path
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 
+from gpubox import ggml_whisper
 from gpubox.quoting import shell_word
 from gpubox.records import Record
+from gpubox.spec import ModelFormat
 from gpubox.verified import STAMP_DIR
 
 UNIT_DIR = "/etc/systemd/system"
@@ -136,3 +139,46 @@ def transfer_plan(
 
 def size_mib(count: int) -> str:
     return f"{count / MIB:,.0f} MiB" if count >= 10 * MIB else f"{count / MIB:.1f} MiB"
+
+
+# --- formats other than GGUF (a GGUF's header is read by gpubox.gguf_header) ----------------------
+
+FORMAT_HEAD_BYTES = 64
+"""Enough of a file's head to tell its format: a ggml whisper header is 4 + 11 x 4 bytes."""
+
+
+class ModelFormatError(ValueError):
+    """A model file is not what its spec's ``format`` (and ``architecture``) say."""
+
+
+def check_head(model_format: ModelFormat, architecture: str | None, head: bytes, where: str) -> None:
+    """Refuse a file whose head is not the spec's format: a ggml whisper model of another size, an
+    ONNX file that does not start like one, a JSON config that is not a JSON object. A GGUF is
+    checked from its whole header elsewhere; this says nothing of one."""
+    if model_format == "ggml-whisper":
+        try:
+            header = ggml_whisper.parse_header(head)
+        except ggml_whisper.WhisperHeaderError as error:
+            raise ModelFormatError(f"{where} is not a ggml whisper model: {error}") from None
+        found = header.model_type + (".en" if header.english_only else "")
+        if architecture is not None and found != architecture:
+            raise ModelFormatError(
+                f"{where} is a whisper {found} model, not {architecture}: point path at a "
+                f"{architecture} model, or set architecture={found!r}"
+            )
+    elif model_format == "onnx" and head[:1] != b"\x08":
+        # An ONNX ModelProto starts with field 1 (ir_version), a varint: the byte 0x08.
+        raise ModelFormatError(f"{where} is not an ONNX model (it does not start with ir_version)")
+    elif model_format == "json" and head.lstrip()[:1] != b"{":
+        raise ModelFormatError(f"{where} is not a JSON object (a piper voice config starts with '{{')")
+
+
+def head_command(path: str, head_bytes: int = FORMAT_HEAD_BYTES) -> str:
+    """The first bytes of a host file as base64 on one line; nothing when there is no file."""
+    quoted = shell_word(path)
+    return f"! test -e {quoted} || head -c {int(head_bytes)} {quoted} | base64 -w0"
+
+
+def parse_head(lines: Sequence[str]) -> bytes | None:
+    text = "".join(line.strip() for line in lines)
+    return base64.b64decode(text) if text else None

@@ -235,19 +235,24 @@ def wait_until_healthy(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     poll_interval_s: float = HEALTH_POLL_INTERVAL_S,
+    path: str = "/health",
+    ready: Callable[[HttpResponse], bool] = _is_ready,
 ) -> HealthWait:
-    """Poll `GET /health` until 200 `{"status": "ok"}`; 503 "Loading model" and refusals are retried."""
+    """Poll `GET /health` until 200 `{"status": "ok"}`; 503 "Loading model" and refusals are retried.
+
+    `path` and `ready` for a server without `/health`: piper answers `GET /info` once its voice is loaded.
+    """
     started = clock()
     polls = 0
     last_answer = "(no answer yet)"
     while True:
         polls += 1
         try:
-            response = transport("GET", "/health", None, min(HEALTH_REQUEST_TIMEOUT_S, timeout_s))
+            response = transport("GET", path, None, min(HEALTH_REQUEST_TIMEOUT_S, timeout_s))
         except TransportError as error:
             last_answer = str(error)
         else:
-            if _is_ready(response):
+            if ready(response):
                 return HealthWait(healthy=True, waited_s=clock() - started, polls=polls, last_answer=response.body)
             last_answer = f"HTTP {response.status}: {response.body[:_BODY_EXCERPT]}"
         waited = clock() - started

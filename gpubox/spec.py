@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Literal
+from typing import ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 SHA1_HEX = re.compile(r"^[0-9a-f]{40}$")
@@ -19,6 +19,8 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 CUDA_ARCH = re.compile(r"^[0-9]{2,3}[a-z]?(-real|-virtual)?$")
 # A build prefix is handed to cmake, ninja, the compilers and ccache: plain path characters only.
 BUILD_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*$")
+# whisper.cpp's model sizes, by their encoder depth (whisper_model_load).
+WHISPER_SIZES = ("tiny", "base", "small", "medium", "large")
 
 
 class Spec(BaseModel):
@@ -53,12 +55,24 @@ def refuse(model_name: str, problems: list[Violation]) -> None:
     )
 
 
+SERVICE_TYPES = ("llama-server", "whisper-server", "piper")
+"""The ``type`` of each server type: a Box's services are told apart by it."""
+
+
+def _field_path(loc: tuple[str | int, ...]) -> str:
+    """``services.0.port``: pydantic puts the union member's tag after the index
+    (``services.0.llama-server.port``), which names no field a person can set: it is left out."""
+    parts = [
+        str(part)
+        for position, part in enumerate(loc)
+        if not (part in SERVICE_TYPES and position > 0 and isinstance(loc[position - 1], int))
+    ]
+    return ".".join(parts) or "(spec)"
+
+
 def problems_from(error: ValidationError) -> list[Problem]:
     """Flatten a pydantic error into (dotted field, message) pairs for people."""
-    return [
-        Problem(field=".".join(str(part) for part in item["loc"]) or "(spec)", message=item["msg"])
-        for item in error.errors()
-    ]
+    return [Problem(field=_field_path(item["loc"]), message=item["msg"]) for item in error.errors()]
 
 
 def absolute_path(value: str, what: str) -> str:
@@ -69,15 +83,76 @@ def absolute_path(value: str, what: str) -> str:
     return value
 
 
-class LlamaCppBuild(Spec):
-    """A llama.cpp build pinned to one commit, built on the host."""
+def plain_path(value: str, what: str, why: str) -> str:
+    """An absolute path of plain characters (what build tools and pip are given), without a trailing '/'."""
+    absolute_path(value, what)
+    if not BUILD_PATH.match(value):
+        raise ValueError(
+            f"{what} {why}: use letters, digits and '.', '_', '+', '-', '/' only (no spaces, quotes, '$', '%' "
+            f"or '`'), got {value!r}"
+        )
+    return value.rstrip("/") or "/"
 
-    repo: str = "https://github.com/ggml-org/llama.cpp"
+
+class Project(BaseModel):
+    """What differs between the projects gpubox builds from source: names and CMake options.
+
+    + name: how the project is called in logs and operation names (``llama.cpp``)
+    + server: the program the services run; its ``--help`` is saved beside the build
+    + required_targets: targets every build must include
+    + cmake_options: project-specific CMake options (tests off, examples as the server needs)
+    + version_flag: the server prints its version with it (llama-server); None when it has none
+      (whisper-server prints usage and exits 0): the build stamp is what identifies a build
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    server: str
+    required_targets: tuple[str, ...]
+    cmake_options: tuple[str, ...]
+    version_flag: str | None = None
+
+
+LLAMA_CPP = Project(
+    name="llama.cpp",
+    server="llama-server",
+    required_targets=("llama-server",),
+    cmake_options=("-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"),
+    version_flag="--version",
+)
+# whisper-server is an example of whisper.cpp (examples/server): examples on, tests off. Static
+# libraries: whisper.cpp's build tree keeps libwhisper/libggml beside their sources, not in bin/, and
+# the install copies bin/ alone (llama.cpp puts its libraries in bin/).
+WHISPER_CPP = Project(
+    name="whisper.cpp",
+    server="whisper-server",
+    required_targets=("whisper-server",),
+    cmake_options=(
+        "-DWHISPER_BUILD_TESTS=OFF",
+        "-DWHISPER_BUILD_EXAMPLES=ON",
+        "-DWHISPER_SDL2=OFF",
+        "-DBUILD_SHARED_LIBS=OFF",
+    ),
+)
+
+
+class SourceBuild(Spec):
+    """A ggml project (llama.cpp, whisper.cpp) built on the host at one pinned commit.
+
+    One code path builds both: the project (``PROJECT``) gives the server program, the targets
+    it needs and its own CMake options; everything else (CUDA, CPU features, ccache, the atomic
+    switch of ``{prefix}/current``, pruning) is shared.
+    """
+
+    PROJECT: ClassVar[Project]
+
+    repo: str
     commit: str = Field(description="full 40-hex commit sha")
     cuda: Literal["auto", "on", "off"] = "auto"
     cuda_architectures: tuple[str, ...] | Literal["auto"] = "auto"
-    targets: tuple[str, ...] = ("llama-server", "llama-bench")
-    prefix: str = "/opt/llama.cpp"
+    targets: tuple[str, ...]
+    prefix: str
     native: bool = Field(
         default=False,
         description="GGML_NATIVE: off by default; a native build died with SIGILL on a VM that "
@@ -87,7 +162,6 @@ class LlamaCppBuild(Spec):
         default=("AVX", "AVX2", "FMA", "F16C"),
         description="explicit GGML_<FEATURE>=ON flags used when native is off (x86-64)",
     )
-    prebuilt_ui: bool = Field(default=False, description="LLAMA_USE_PREBUILT_UI: downloads the web UI")
     jobs: int | None = Field(default=None, ge=1)
     ccache_dir: str | None = Field(default=None, description="CCACHE_DIR for the build; None: ccache's default")
     extra_cmake_args: tuple[str, ...] = ()
@@ -104,21 +178,14 @@ class LlamaCppBuild(Spec):
         if not SHA1_HEX.match(value.lower()):
             raise ValueError(
                 f"commit must be a full 40-hex sha (a short sha can't be fetched shallowly and is "
-                f"ambiguous), got {value!r}: run `git rev-parse {value}` in a llama.cpp clone"
+                f"ambiguous), got {value!r}: run `git rev-parse {value}` in a {cls.PROJECT.name} clone"
             )
         return value.lower()
 
     @field_validator("prefix")
     @classmethod
     def _prefix_absolute(cls, value: str) -> str:
-        absolute_path(value, "prefix")
-        if not BUILD_PATH.match(value):
-            raise ValueError(
-                f"prefix holds the build trees that cmake, ninja, the compilers and ccache are given: use "
-                f"letters, digits and '.', '_', '+', '-', '/' only (no spaces, quotes, '$', '%' or '`'), "
-                f"got {value!r}"
-            )
-        return value.rstrip("/") or "/"
+        return plain_path(value, "prefix", "holds the build trees cmake, ninja, the compilers and ccache are given")
 
     @field_validator("ccache_dir")
     @classmethod
@@ -141,8 +208,9 @@ class LlamaCppBuild(Spec):
     @field_validator("targets")
     @classmethod
     def _server_target(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if "llama-server" not in value:
-            raise ValueError("targets must include 'llama-server': the services run it")
+        for target in cls.PROJECT.required_targets:
+            if target not in value:
+                raise ValueError(f"targets must include {target!r}: the services run it")
         return value
 
     @field_validator("cpu_features")
@@ -158,9 +226,79 @@ class LlamaCppBuild(Spec):
         """Half of the build directory's name; `cuda` is resolved against facts by the operation."""
         return "cuda" if self.cuda == "on" else "cpu"
 
+    def project_cmake_options(self) -> list[str]:
+        """The project's own CMake options (tests, examples, the web UI)."""
+        return list(self.PROJECT.cmake_options)
+
+
+class LlamaCppBuild(SourceBuild):
+    """llama.cpp pinned to one commit, built on the host: llama-server (and llama-bench)."""
+
+    PROJECT: ClassVar[Project] = LLAMA_CPP
+
+    repo: str = "https://github.com/ggml-org/llama.cpp"
+    targets: tuple[str, ...] = ("llama-server", "llama-bench")
+    prefix: str = "/opt/llama.cpp"
+    prebuilt_ui: bool = Field(default=False, description="LLAMA_USE_PREBUILT_UI: downloads the web UI")
+
+    def project_cmake_options(self) -> list[str]:
+        return [*self.PROJECT.cmake_options, f"-DLLAMA_USE_PREBUILT_UI={'ON' if self.prebuilt_ui else 'OFF'}"]
+
+
+class WhisperCppBuild(SourceBuild):
+    """whisper.cpp pinned to one commit, built on the host: whisper-server."""
+
+    PROJECT: ClassVar[Project] = WHISPER_CPP
+
+    repo: str = "https://github.com/ggml-org/whisper.cpp"
+    targets: tuple[str, ...] = ("whisper-server",)
+    prefix: str = "/opt/whisper.cpp"
+
+
+AnySourceBuild = LlamaCppBuild | WhisperCppBuild
+"""A source build of either project (a dict without a project's fields is llama.cpp's)."""
+
+PIPER_PACKAGE = "piper-tts[http]"
+
+
+class PiperInstall(Spec):
+    """piper TTS (``piper-tts[http]``) at a pinned version, in a virtualenv on the host.
+
+    + version: the exact piper-tts version
+    + prefix: ``{prefix}/venvs/{version}-{flavor}`` holds each install, ``{prefix}/current`` the active one
+    + wheelhouse: a directory of wheels on the controller, uploaded and installed with ``--no-index``
+      (for a host whose pip can't reach or trust an index); None: pip installs from the host's index
+    + gpu: ``onnxruntime-gpu`` for a service with GPUs (``--cuda``); ``auto``: when a piper service
+      has GPUs. The wheelhouse must hold it then.
+    """
+
+    version: str = Field(pattern=r"^[0-9]+(\.[0-9]+)*$")
+    prefix: str = "/opt/piper"
+    wheelhouse: str | None = None
+    python: str = "/usr/bin/python3"
+    keep_installs: int = Field(default=2, ge=2)
+
+    @field_validator("prefix", "python")
+    @classmethod
+    def _plain_path(cls, value: str, info: ValidationInfo) -> str:
+        return plain_path(value, str(info.field_name), "is handed to python -m venv and pip")
+
+    @property
+    def requirement(self) -> str:
+        return f"{PIPER_PACKAGE}=={self.version}"
+
+
+ModelFormat = Literal["gguf", "ggml-whisper", "onnx", "json"]
+
 
 class ModelFile(Spec):
-    """A GGUF on the host, checksummed, with where it comes from."""
+    """A model file on the host, checksummed, with where it comes from and what it must be.
+
+    ``format`` is checked at placement: a GGUF by its ``general.architecture``, a ggml whisper model
+    by its magic and hyperparameters (``architecture``: its size, ``tiny``/``base``/... with
+    ``.en`` for an English-only model), an ONNX file (a piper voice) by its protobuf head, and its
+    ``.onnx.json`` config as JSON.
+    """
 
     path: str
     sha256: str
@@ -169,7 +307,27 @@ class ModelFile(Spec):
         description="a file on the controller or an https URL; None: the file must already be on the "
         "host with this sha256",
     )
-    architecture: str = Field(description="expected GGUF general.architecture, e.g. gemma4, llama")
+    format: ModelFormat = "gguf"
+    architecture: str | None = Field(
+        default=None,
+        description="a GGUF's general.architecture (gemma4, llama), required for a GGUF; a ggml whisper "
+        "model's size (tiny.en, base, large); nothing for ONNX and JSON",
+    )
+
+    @model_validator(mode="after")
+    def _architecture_for_format(self) -> Self:
+        if self.format == "gguf" and self.architecture is None:
+            raise ValueError("a GGUF model needs architecture: its general.architecture, e.g. 'gemma4' or 'llama'")
+        if self.format in ("onnx", "json") and self.architecture is not None:
+            raise ValueError(f"a {self.format} file has no architecture to check: remove architecture")
+        if self.format == "ggml-whisper" and self.architecture is not None:
+            size = self.architecture.removesuffix(".en")
+            if size not in WHISPER_SIZES:
+                raise ValueError(
+                    f"a ggml whisper model's architecture is its size: one of {', '.join(WHISPER_SIZES)} "
+                    f"(with '.en' for English-only), got {self.architecture!r}"
+                )
+        return self
 
     @field_validator("path")
     @classmethod
@@ -225,8 +383,15 @@ def is_loopback(host: str) -> bool:
 
 
 class ExpectedGpu(Spec):
-    """A GPU the box should have; the planner budgets against memory_total_mib."""
+    """A GPU the box should have; the planner budgets against memory_total_mib, less reserve_mib."""
 
     index: int = Field(ge=0)
     name: str
     memory_total_mib: int = Field(gt=0)
+    reserve_mib: int = Field(
+        default=0,
+        ge=0,
+        description="memory the plan must leave free on this GPU: what a service grows into at run time "
+        "beyond what the planner counts at load (the seed measured gemma4 at ~12 GB at load and ~22 GB "
+        "after a full 256k session)",
+    )

@@ -8,18 +8,22 @@ from rich.table import Table
 from gpubox.box import Box
 from gpubox.gguf_header import GgufFile
 from gpubox.inventory import HostBox
-from gpubox.vram import CUDA_CONTEXT_MIB, MIB, BoxPlan, GpuBudget, what_to_change
+from gpubox.servers.llama import LlamaServer
+from gpubox.servers.piper import PiperServer
+from gpubox.servers.whisper import WhisperServer
+from gpubox.vram import CUDA_CONTEXT_MIB, MIB, BoxPlan, GpuBudget, moves, what_to_change
 
 TERM_EXPLANATIONS: dict[str, str] = {
     "weights": "target tensors on the GPU: offloaded layers + output head (a tied head is a GPU copy of "
-    "token_embd, which itself stays on the CPU)",
+    "token_embd, which itself stays on the CPU); a whisper or piper model file",
     "draft weights": "drafter tensors on the GPU (a gemma4-assistant reads the target's token_embd)",
     "KV cache": "cells x (K + V row bytes) per layer with its own cache; sliding-window layers hold "
     "n_swa + n_ubatch cells per slot, shared-KV layers nothing",
     "draft KV": "drafter's own KV at spec_draft_type_k/v (default f16, not the target's cache types); "
     "0 for a gemma4-assistant: it shares the target's last layers",
     "compute": "llama.cpp's compute buffers for one n_ubatch batch (min(ctx_size, batch_size, ubatch_size); "
-    "default 512): logits, activations, attention mask or KQ, calibrated against llama-server's logged buffers",
+    "default 512): logits, activations, attention mask or KQ, calibrated against llama-server's logged buffers; "
+    "whisper: its state (KV self/cross, conv/encode/cross/decode buffers, by model size); piper: its ONNX session",
     "headroom": f"CUDA context, cuBLAS workspace, FA pool: {CUDA_CONTEXT_MIB} MiB per process per GPU "
     "(an estimate; re-measured by the GPU validation run)",
 }
@@ -33,8 +37,8 @@ def mib(value: int) -> str:
 def services_table(boxes: list[HostBox]) -> Table:
     """Every service of every box: where it runs and how it is configured."""
     table = Table(title="gpubox services")
-    for column in ("host", "service", "GPUs", "port", "spec type", "ctx", "parallel", "KV (K/V)", "FA"):
-        table.add_column(column)
+    for column in ("host", "service", "type", "GPUs", "port", "model", "configuration"):
+        table.add_column(column, overflow="fold")
     for host_box in boxes:
         if host_box.box is None:
             continue
@@ -42,15 +46,26 @@ def services_table(boxes: list[HostBox]) -> Table:
             table.add_row(
                 host_box.host,
                 service.name,
+                service.type,
                 ",".join(str(gpu) for gpu in service.gpus) or "-",
                 str(service.port),
-                service.spec_type,
-                str(service.ctx_size),
-                str(service.parallel),
-                f"{service.cache_type_k}/{service.cache_type_v}",
-                service.flash_attn,
+                ", ".join(model.path.rsplit("/", 1)[-1] for model in service.models() if model.format != "json"),
+                configuration(service),
             )
     return table
+
+
+def configuration(service: LlamaServer | WhisperServer | PiperServer) -> str:
+    """The settings that tell services of one type apart, in a few words."""
+    if isinstance(service, LlamaServer):
+        return (
+            f"spec {service.spec_type}, ctx {service.ctx_size}, parallel {service.parallel}, "
+            f"KV {service.cache_type_k}/{service.cache_type_v}, FA {service.flash_attn}"
+        )
+    if isinstance(service, WhisperServer):
+        where = "CPU" if service.no_gpu else f"device {service.device or 0}"
+        return f"language {service.language}, {where}, FA {'on' if service.flash_attn else 'off'}"
+    return "CUDA" if service.cuda else "CPU"
 
 
 def warnings_table(boxes: list[HostBox]) -> Table | None:
@@ -85,6 +100,8 @@ def gpu_table(host: str, gpu: GpuBudget) -> Table:
         table.add_column(column + (" MiB" if column != "service" else ""), justify="right")
     for share in gpu.shares:
         table.add_row(share.service, *(mib(share.terms.get(name, 0)) for name in names), mib(share.total))
+    if gpu.reserve_bytes:
+        table.add_row("[italic]reserved[/]", *("" for _ in names), mib(gpu.reserve_bytes))
     free_style = "green" if gpu.fits else "bold red"
     table.add_row(
         "[bold]GPU[/]",
@@ -113,6 +130,10 @@ def print_refusal(console: Console, host: str, box: Box, plan: BoxPlan, headers:
         )
         for share in gpu.shares:
             service = box.service(share.service)
+            if not isinstance(service, LlamaServer):
+                continue
             draft = headers.get(service.model_draft.path) if service.model_draft else None
             for suggestion in what_to_change(service, headers[service.model.path], draft, over):
                 console.print(f"  {share.service}: {suggestion}", highlight=False)
+    for move in moves(box, plan):
+        console.print(f"  {move.field}: {move.message}", highlight=False)

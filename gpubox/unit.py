@@ -229,7 +229,7 @@ User={service.user}
 Group={service.user}
 {environment}
 ExecStart={exec_start}
-Restart=on-failure
+Restart={service.RESTART}
 RestartSec=3
 TimeoutStopSec=30
 {sandbox}

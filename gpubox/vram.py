@@ -1,4 +1,5 @@
-"""VRAM planner: what a llama-server service puts on each GPU, from its models' GGUF headers.
+"""VRAM planner: what each service puts on each GPU, from its models' GGUF headers (llama-server),
+its model size (whisper-server, piper); one budget per GPU.
 
 Pure core (no pyinfra): the deploy passes headers read on the host (the ``GgufFile`` fact) and
 GPU totals from its GPU facts; ``gpubox plan`` passes headers read on the controller and the
@@ -41,6 +42,8 @@ from gpubox.gguf_header import (
 )
 from gpubox.servers.base import flag_of
 from gpubox.servers.llama import CacheType, GpuLayers, LlamaServer
+from gpubox.servers.piper import PiperServer
+from gpubox.servers.whisper import WhisperServer
 from gpubox.spec import ModelFile, Problem
 
 MIB = 1024 * 1024
@@ -683,10 +686,12 @@ class GpuBudget:
     index: int
     total_bytes: int
     shares: tuple[GpuShare, ...]
+    reserve_bytes: int = 0
+    """Kept free by the box's word (``ExpectedGpu.reserve_mib``): counted as used."""
 
     @property
     def used_bytes(self) -> int:
-        return sum(share.total for share in self.shares)
+        return sum(share.total for share in self.shares) + self.reserve_bytes
 
     @property
     def free_bytes(self) -> int:
@@ -711,24 +716,85 @@ class BoxPlan:
         return not self.problems and not self.refused and all(gpu.fits for gpu in self.gpus)
 
 
+# whisper.cpp's ggml models by size: the f16 file (weights on the GPU) and what whisper_init_state
+# allocates beside it (KV self + cross + pad, the conv/encode/cross/decode compute buffers), MiB.
+# tiny: measured on an H200 (docs/gpu-validation.md, "whisper-server and the seed's two-GPU layout":
+# 143 MiB logged); the others: whisper.cpp's README memory column minus the model file, until they
+# are measured.
+WHISPER_WEIGHTS_MIB: dict[str, int] = {"tiny": 75, "base": 142, "small": 466, "medium": 1463, "large": 2952}
+WHISPER_STATE_MIB: dict[str, int] = {"tiny": 143, "base": 246, "small": 386, "medium": 600, "large": 1000}
+WHISPER_CUDA_CONTEXT_MIB = 660
+"""whisper-server's memory beyond its logged buffers (CUDA context, cuBLAS): nvidia-smi's 874 MiB for
+the tiny.en process minus its 214 MiB of weights and state, on an H200 with CUDA 13."""
+# piper's ONNX session on a GPU is unmeasured here (onnxruntime-gpu can't reach the GPU machine):
+# its voice file, and as much again for onnxruntime's arena, measured on the CPU (RSS minus the file).
+PIPER_SESSION_FACTOR = 1.0
+
+
+def speech_terms(service: WhisperServer | PiperServer, model_bytes: int | None = None) -> dict[str, int]:
+    """What a whisper-server or piper service puts on its GPU: its model, its state, the CUDA context.
+
+    ``model_bytes``: the model file's size when known (a quantized whisper model is smaller than f16).
+    """
+    if isinstance(service, WhisperServer):
+        size = (service.model.architecture or "large").removesuffix(".en")
+        weights = model_bytes if model_bytes is not None else WHISPER_WEIGHTS_MIB[size] * MIB
+        return {
+            "weights": weights,
+            "compute": WHISPER_STATE_MIB[size] * MIB,
+            "headroom": WHISPER_CUDA_CONTEXT_MIB * MIB,
+        }
+    weights = model_bytes if model_bytes is not None else 64 * MIB
+    return {"weights": weights, "compute": int(weights * PIPER_SESSION_FACTOR), "headroom": CUDA_CONTEXT_MIB * MIB}
+
+
+def _speech_gpus(service: WhisperServer | PiperServer, all_gpus: list[int]) -> list[int]:
+    """The GPUs a speech service uses: its pinned ones; unpinned, CUDA's device 0; none on the CPU."""
+    if isinstance(service, WhisperServer):
+        if service.no_gpu:
+            return []
+        return list(service.gpus[:1]) or all_gpus[:1]
+    return list(service.gpus[:1]) if service.cuda else []
+
+
 def plan_box(
     box: Box,
     headers: dict[str, GgufFile],
     gpus: list[LogicalGpu],
     *,
     calibration: ComputeCalibration = DEFAULT_COMPUTE,
+    model_sizes: dict[str, int] | None = None,
 ) -> BoxPlan:
-    """Plan every service of ``box`` against ``gpus`` (``(index, total MiB)``).
+    """Plan every service of ``box`` against ``gpus`` (``(index, total MiB)``): one budget per GPU.
 
-    ``headers`` maps a model's path on the host to its header. A service pinned to no GPU uses all
-    of them (no ``CUDA_VISIBLE_DEVICES``); one pinned to several splits its terms evenly, which
-    is how ``--split-mode layer`` spreads layers over GPUs of equal size.
+    ``headers`` maps a GGUF's path on the host to its header; ``model_sizes`` other model files'
+    sizes (whisper, piper), when known. A llama-server pinned to no GPU uses all of them (no
+    ``CUDA_VISIBLE_DEVICES``); one pinned to several splits its terms evenly, which is how
+    ``--split-mode layer`` spreads layers over GPUs of equal size. A whisper-server or piper service
+    runs on one GPU (its first pinned; unpinned, CUDA's device 0).
     """
     problems: list[str] = []
     refused: list[Problem] = []
     plans: list[ServicePlan] = []
     shares: dict[int, list[GpuShare]] = {index: [] for index, _ in gpus}
+    all_gpus = [index for index, _ in gpus]
+
+    def add_share(name: str, pinned: list[int], terms: dict[str, int]) -> None:
+        for index in pinned:
+            if index not in shares:
+                problems.append(f"{name}: pinned to GPU {index}, which the box does not have")
+                continue
+            shares[index].append(GpuShare(service=name, terms=terms))
+
     for position, server in enumerate(box.services):
+        if isinstance(server, (WhisperServer, PiperServer)):
+            model = server.model if isinstance(server, WhisperServer) else server.voice
+            if isinstance(server, WhisperServer) and server.model.architecture is None:
+                problems.append(f"{server.name}: set model.architecture (tiny, base, ...) to plan its VRAM")
+                continue
+            size = (model_sizes or {}).get(model.path)
+            add_share(server.name, _speech_gpus(server, all_gpus), speech_terms(server, size))
+            continue
         target = headers.get(server.model.path)
         if target is not None:
             refused += trained_context_problems(server, target, f"services.{position}")
@@ -739,18 +805,43 @@ def plan_box(
             continue
         plan = plan_service(server, target, draft, calibration=calibration)
         plans.append(plan)
-        pinned = list(server.gpus) or [index for index, _ in gpus]
-        for index in pinned:
-            if index not in shares:
-                problems.append(f"{server.name}: pinned to GPU {index}, which the box does not have")
-                continue
+        pinned = list(server.gpus) or all_gpus
+        if pinned:  # a host without GPUs budgets nothing
             terms = {name: value // len(pinned) for name, value in plan.terms().items()}
             terms["headroom"] = CUDA_CONTEXT_MIB * MIB if plan.headroom else 0
-            shares[index].append(GpuShare(service=server.name, terms=terms))
+            add_share(server.name, pinned, terms)
+    reserves = {gpu.index: gpu.reserve_mib * MIB for gpu in box.expected_gpus or ()}
     budgets = tuple(
-        GpuBudget(index=index, total_bytes=total_mib * MIB, shares=tuple(shares[index])) for index, total_mib in gpus
+        GpuBudget(
+            index=index, total_bytes=total_mib * MIB, shares=tuple(shares[index]), reserve_bytes=reserves.get(index, 0)
+        )
+        for index, total_mib in gpus
     )
     return BoxPlan(services=tuple(plans), gpus=budgets, problems=tuple(problems), refused=tuple(refused))
+
+
+def moves(box: Box, plan: BoxPlan) -> list[Problem]:
+    """For each GPU over budget, each service on it that another GPU has room for: move it there.
+
+    The seed's box keeps speech on GPU 1 so that gemma4 has all of GPU 0: a whisper-server put
+    beside it is named, with the GPU that would take it (``services.N.gpus``).
+    """
+    positions = {service.name: position for position, service in enumerate(box.services)}
+    suggestions: list[Problem] = []
+    for gpu in plan.gpus:
+        if gpu.fits:
+            continue
+        for share in gpu.shares:
+            for other in plan.gpus:
+                if other.index != gpu.index and other.free_bytes >= share.total:
+                    suggestions.append(Problem(
+                        field=f"services.{positions[share.service]}.gpus",
+                        message=f"GPU {gpu.index} is over budget by {-gpu.free_bytes / MIB:,.0f} MiB: move "
+                        f"{share.service} ({share.total / MIB:,.0f} MiB) to GPU {other.index} "
+                        f"({other.free_bytes / MIB:,.0f} MiB free), gpus=({other.index},)",
+                    ))
+                    break
+    return suggestions
 
 
 def what_to_change(server: LlamaServer, target: GgufFile, draft: GgufFile | None, over_bytes: int) -> list[str]:

@@ -1,17 +1,36 @@
-"""danarch4090: the seed's home box, typed.
+"""danarch4090: the seed's home box, typed: the LLM on GPU 0, speech on GPU 1.
 
-One RTX 4090 (GPU 0) serves Gemma 4 12B QAT with its MTP assistant drafter; GPU 1 is left to
-whisper/TTS, which gpubox does not manage. The recipe is the seed write-up's "working recipe",
+One RTX 4090 (GPU 0) serves Gemma 4 12B QAT with its MTP assistant drafter; GPU 1 runs
+whisper-server (speech to text) and piper (text to speech), so gemma4 keeps the whole 4090: the
+seed's reason for its 256k context beside ~2 GB of headroom. The seed does not name the second
+card, its memory, the whisper model or the voice: the values below are placeholders to set (the
+planner budgets GPU 1 against `expected_gpus`). The LLM recipe is the seed write-up's "working recipe",
 with `--flash-attn on` (the seed's bare `--flash-attn` no longer parses) and `--parallel 1`
 rendered explicitly (its default is 4 slots: the parallel trap).
 
 Run: `gpubox check inventory/home.py`, `pyinfra inventory/home.py deploys/danarch4090.py`.
 """
 
-from gpubox import Box, ExpectedGpu, LlamaCppBuild, LlamaServer, ModelFile, SmokeThresholds
+from gpubox import (
+    Box,
+    ExpectedGpu,
+    LlamaCppBuild,
+    LlamaServer,
+    ModelFile,
+    PiperInstall,
+    PiperServer,
+    SmokeThresholds,
+    SpeechSmoke,
+    TranscriptionSmoke,
+    WhisperCppBuild,
+    WhisperServer,
+)
 
 # llama.cpp b11312 (2026-10-01): has the gemma4-assistant loader and `--spec-type draft-mtp`.
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+
+# whisper.cpp with whisper-server's /health and /inference (the commit the tests build: pywhispercpp 1.5.1's).
+WHISPER_CPP_COMMIT = "f24588a272ae8e23280d9c220536437164e6ed28"
 
 # The QAT GGUFs are placed by hand on the box (the seed does not download them). Put the output
 # of `sha256sum` of your copies here: a deploy refuses a file whose checksum differs, and its
@@ -62,14 +81,49 @@ gemma4 = LlamaServer(
     ),
 )
 
+# Speech on GPU 1, pinned by UUID like gemma4: whisper sees its GPU as device 0.
+whisper = WhisperServer(
+    name="whisper",
+    gpus=(1,),
+    model=ModelFile(
+        path="/home/dan/models/ggml-large-v3-turbo.bin",
+        sha256="2" * 64,  # `sha256sum` of your copy
+        format="ggml-whisper",
+        architecture="large",
+    ),
+    language="en",
+    flash_attn=True,
+    port=8090,
+    smoke=TranscriptionSmoke(max_word_error_rate=0.2, max_real_time_factor=0.5),
+)
+piper = PiperServer(
+    name="piper",
+    gpus=(1,),  # --cuda: onnxruntime-gpu in piper's venv
+    voice=ModelFile(path="/home/dan/models/piper/en_US-joe-medium.onnx", sha256="3" * 64, format="onnx"),
+    voice_config=ModelFile(
+        path="/home/dan/models/piper/en_US-joe-medium.onnx.json", sha256="4" * 64, format="json"
+    ),
+    port=5000,
+    smoke=SpeechSmoke(),
+)
+
 gpu_boxes = [
     (
         "danarch4090",
         {
             "box": Box(
                 llama_cpp=LlamaCppBuild(commit=LLAMA_CPP_COMMIT, cuda="on"),
-                services=(gemma4,),
-                expected_gpus=(ExpectedGpu(index=0, name="NVIDIA GeForce RTX 4090", memory_total_mib=24564),),
+                whisper_cpp=WhisperCppBuild(commit=WHISPER_CPP_COMMIT, cuda="on"),
+                piper=PiperInstall(version="1.8.0"),
+                services=(gemma4, whisper, piper),
+                expected_gpus=(
+                    # The seed saw gemma4 at ~12 GB at load and ~22 GB after a full 256k session; the planner
+                    # counts what is allocated at load (12.9 GB): the growth is kept free, so nothing else
+                    # (whisper, piper) is planned onto GPU 0. See docs/vram-planner.md.
+                    ExpectedGpu(index=0, name="NVIDIA GeForce RTX 4090", memory_total_mib=24564, reserve_mib=9500),
+                    # The seed does not name its second card: an 8 GB one is assumed; set yours.
+                    ExpectedGpu(index=1, name="second GPU (unnamed in the seed)", memory_total_mib=8192),
+                ),
             ),
         },
     ),

@@ -8,7 +8,19 @@ settings, thresholds, checksums) to the JSON file named by GPUBOX_TESTBED_CONFIG
 import json
 import os
 
-from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile, SmokeThresholds
+from gpubox import (
+    Box,
+    LlamaCppBuild,
+    LlamaServer,
+    ModelFile,
+    PiperInstall,
+    PiperServer,
+    SmokeThresholds,
+    SpeechSmoke,
+    TranscriptionSmoke,
+    WhisperCppBuild,
+    WhisperServer,
+)
 
 with open(os.environ.get("GPUBOX_TESTBED_CONFIG", ".cache/testbed.json")) as config_file:
     config = json.load(config_file)
@@ -59,7 +71,62 @@ gemma4 = LlamaServer(
     ),
 )
 
+# The speech services of the seed's box, when the test host has their assets: whisper.cpp's
+# whisper-server (built from a local repo) with Whisper tiny.en, and piper with the joe voice
+# (installed from the controller's wheelhouse). On the CPU here; GPU 1 on the seed's box.
+speech: dict[str, object] = {}
+# (underscored: pyinfra reads a module-level list in an inventory as a host group)
+_services: list[LlamaServer | WhisperServer | PiperServer] = [gemma4]
+if "whisper_commit" in config:
+    speech["whisper_cpp"] = WhisperCppBuild(
+        repo=config["whisper_repo"],
+        commit=config["whisper_commit"],
+        prefix=config.get("whisper_prefix", "/opt/whisper.cpp"),
+        cuda="auto",
+        ccache_dir=config.get("ccache_dir"),
+        jobs=config.get("jobs"),
+    )
+    _services.append(
+        WhisperServer(
+            name="whisper",
+            model=ModelFile(
+                path=config.get("whisper_model_path", "/srv/models/whisper/ggml-tiny.en.bin"),
+                sha256=config["whisper_model_sha256"],
+                source=config["whisper_model_source"],
+                format="ggml-whisper",
+                architecture="tiny.en",
+            ),
+            threads=2,
+            port=config["whisper_port"],
+            extra_args=tuple(config.get("whisper_extra_args", ())),
+            smoke=TranscriptionSmoke(
+                # a shared 2-core CPU: tiny.en took ~1-2 s for jfk.wav's 11 s alone
+                max_real_time_factor=config.get("whisper_max_rtf", 1.0),
+                max_word_error_rate=config.get("whisper_max_wer", 0.2),
+            ),
+        )
+    )
+if "piper_version" in config:
+    speech["piper"] = PiperInstall(version=config["piper_version"], wheelhouse=config["piper_wheelhouse"])
+    voice = config.get("voice_path", "/srv/models/piper/en_US-joe-medium.onnx")
+    _services.append(
+        PiperServer(
+            name="piper",
+            voice=ModelFile(path=voice, sha256=config["voice_sha256"], source=config["voice_source"], format="onnx"),
+            voice_config=ModelFile(
+                path=f"{voice}.json",
+                sha256=config["voice_config_sha256"],
+                source=config["voice_config_source"],
+                format="json",
+            ),
+            port=config["piper_port"],
+            smoke=SpeechSmoke(),
+        )
+    )
+
 box = Box(
+    **speech,  # type: ignore[arg-type]
+    services=tuple(_services),
     llama_cpp=LlamaCppBuild(
         repo=config["repo"],
         commit=config["commit"],
@@ -69,7 +136,6 @@ box = Box(
         ccache_dir=config.get("ccache_dir"),
         jobs=config.get("jobs"),
     ),
-    services=(gemma4,),
 )
 
 testbed = [(config["host_name"], {**config["host_data"], "box": box})]

@@ -1,4 +1,4 @@
-"""Place a checksummed GGUF on the host: `{path}.part`, verify sha256 and architecture, rename."""
+"""Place a checksummed model file on the host: `{path}.part`, verify sha256 and format, rename."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents, Sha256File
 
 from facts.gguf import GgufHeader
-from facts.models import UrlContentLength, VerifiedStamps
+from facts.models import FileHead, UrlContentLength, VerifiedStamps
 from gpubox import gguf_header
-from gpubox.models import StampedModel, size_mib, transfer_plan
+from gpubox.models import FORMAT_HEAD_BYTES, ModelFormatError, StampedModel, check_head, size_mib, transfer_plan
 from gpubox.quoting import shell_word
-from gpubox.spec import ModelFile
+from gpubox.spec import ModelFile, ModelFormat
 from gpubox.verified import STAMP_DIR, stamp_path, stamp_text, stamp_vouches
 
 from .host_facts import fact_once, forget, once
@@ -57,6 +57,15 @@ def check_local_source(model: ModelFile) -> Path:
             f"model source {source} has sha256 {found}, the spec says {model.sha256}: "
             f"nothing was uploaded; fix the spec's sha256 or the source"
         )
+    if model.format != "gguf":
+        with open(source, "rb") as stream:
+            head = stream.read(FORMAT_HEAD_BYTES)
+        try:
+            check_head(model.format, model.architecture, head, f"model source {source}")
+        except ModelFormatError as error:
+            raise OperationError(str(error)) from error
+        return source
+    assert model.architecture is not None
     try:
         header = gguf_header.read_gguf_header(source)
         gguf_header.check_architecture(header, model.architecture, path=str(source))
@@ -78,6 +87,21 @@ def remote_header(path: str) -> gguf_header.GgufFile | None:
         if fact.kind != "head_too_short":
             raise OperationError(f"{path}: {fact.exception(path)}")
     raise OperationError(f"{path}: the GGUF header is larger than {HEAD_STEPS[-1] >> 20} MiB")
+
+
+def check_remote_format(path: str, model_format: ModelFormat, architecture: str | None) -> None:
+    """Refuse a host file (a download's .part) that is not the model's format and architecture."""
+    if model_format == "gguf":
+        assert architecture is not None
+        check_remote_architecture(path, architecture)
+        return
+    head = host.get_fact(FileHead, path=path)
+    if head is None:
+        raise OperationError(f"{path} does not exist on the host")
+    try:
+        check_head(model_format, architecture, head, path)
+    except ModelFormatError as error:
+        raise OperationError(str(error)) from error
 
 
 def check_remote_architecture(path: str, expected: str) -> None:
@@ -208,7 +232,7 @@ def place(model: ModelFile):  # type: ignore[no-untyped-def]
         yield FileUploadCommand(str(source), part)
     yield verify_script(model, part)
     if model.source_is_url:
-        yield FunctionCommand(check_remote_architecture, (part, model.architecture), {})
+        yield FunctionCommand(check_remote_format, (part, model.format, model.architecture), {})
     yield f"chmod 0644 {shell_word(part)} && mv -f {shell_word(part)} {shell_word(model.path)}"
 
 

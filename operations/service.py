@@ -1,4 +1,5 @@
-"""One llama-server systemd service: its user, its unit (previous kept as `.prev`), its restart."""
+"""One gpubox systemd service of any type: its user, its flag check, its unit (previous kept as
+`.prev`), its restart."""
 
 from __future__ import annotations
 
@@ -7,21 +8,23 @@ from io import StringIO
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, OperationError, deploy, operation
 from pyinfra.facts.files import File, FileContents
-from pyinfra.facts.server import Users
+from pyinfra.facts.server import Users, Which
 from pyinfra.operations import server as server_ops
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 from pyinfra.operations.util.files import generate_color_diff
 
 from facts.gpu import NvidiaGpus
-from facts.llamacpp import LlamaServerFlags, LlamaServerVersion
+from facts.llamacpp import LlamaServerFlags, LlamaServerVersion, ServerOptions
 from facts.systemd import StaleProcess
 from gpubox import llamacpp as records
+from gpubox.box import AnyService
 from gpubox.gpu import gpus_from_fact
 from gpubox.inventory import InventoryError, box_from_host_data
 from gpubox.llamacpp import UnsupportedServerArgumentError, check_flags_supported, unsupported_flags
 from gpubox.quoting import shell_word
-from gpubox.servers.llama import LlamaServer, binary_path
+from gpubox.servers.base import Service
+from gpubox.servers.llama import LlamaServer
 from gpubox.unit import render_unit, service_gpus
 
 from .host_facts import fact_once
@@ -29,22 +32,24 @@ from .host_facts import fact_once
 UNIT_DIR = "/etc/systemd/system"
 
 
-def unit_path(server: LlamaServer) -> str:
+def unit_path(server: Service) -> str:
     return f"{UNIT_DIR}/{server.unit_name}"
 
 
-def previous_unit_path(server: LlamaServer) -> str:
+def previous_unit_path(server: Service) -> str:
     """Where the unit that ran before the last change is kept for rollback (not a unit name systemd loads)."""
     return f"{unit_path(server)}.prev"
 
 
 @operation()
-def flags_supported(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
+def flags_supported(server: AnyService, prefix: str):  # type: ignore[no-untyped-def]
     """
-    Refuse, before the unit is written, a flag the installed llama-server's ``--help`` lacks.
+    Refuse, before the unit is written, a flag the installed server's ``--help`` lacks, and a
+    program the server needs that the host lacks (whisper's ``--convert``: ffmpeg).
 
     + server: the service whose flags (its flag table's rendered flags and ``extra_args``) are checked
-    + prefix: the llama.cpp build prefix; its ``current/llama-server`` is asked
+    + prefix: the install's prefix; llama-server is asked (or its saved ``--help`` read), other
+      servers' saved ``--help`` is read (whisper-server exits 0 on any flag: only its help tells)
 
     **Example:**
 
@@ -56,29 +61,35 @@ def flags_supported(server: LlamaServer, prefix: str):  # type: ignore[no-untype
             prefix="/opt/llama.cpp",
         )
     """
-    binary = binary_path(prefix)
-    flags = host.get_fact(LlamaServerFlags, path=binary)
+    for program in server.host_programs():
+        if host.get_fact(Which, command=program) is None:
+            raise OperationError(f"{server.unit_name} needs {program} on the host: install it, or turn off the field")
+    binary = server.binary(prefix)
+    if isinstance(server, LlamaServer):
+        flags = host.get_fact(LlamaServerFlags, path=binary)
+    else:
+        flags = host.get_fact(ServerOptions, path=server.help_file(prefix))
     if flags is None:
         if state.is_executing:
-            raise OperationError(f"no llama-server at {binary}: the llama.cpp build must run first")
+            raise OperationError(f"no {server.PROGRAM} at {binary}: its install must run first")
         host.noop(f"{binary} is not installed yet: its flags are checked once it is")
         return
     # The records, or their JSON form (a pyinfra-testing fixture): both are validated into records.
     flags = records.ServerFlags.model_validate(flags)
     if unsupported_flags(server.command_flags(), flags):
         # Only a refusal names the binary's version: a passing check costs no second round trip.
-        version = host.get_fact(LlamaServerVersion, path=binary)
+        version = host.get_fact(LlamaServerVersion, path=binary) if isinstance(server, LlamaServer) else None
         if version is not None:
             version = records.ServerVersion.model_validate(version)
         try:
-            check_flags_supported(server.command_flags(), flags, str(version))
+            check_flags_supported(server.command_flags(), flags, str(version or "as installed"), server.PROGRAM)
         except UnsupportedServerArgumentError as error:
             raise OperationError(f"{server.unit_name}: {error}") from error
     host.noop(f"every flag of {server.unit_name} is in {binary} --help")
     yield from ()
 
 
-def _gpus_field(server: LlamaServer) -> str:
+def _gpus_field(server: Service) -> str:
     """`services.N.gpus`: where the host's Box (its data's `box`) declares the service's GPUs."""
     try:
         box = box_from_host_data(host.data.get("box"), host.name)
@@ -89,12 +100,12 @@ def _gpus_field(server: LlamaServer) -> str:
 
 
 @operation()
-def unit(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
+def unit(server: AnyService, prefix: str):  # type: ignore[no-untyped-def]
     """
     Write the service's unit atomically (upload beside it, rename over), keeping the old one as ``.prev``.
 
     + server: the service whose unit is rendered
-    + prefix: the llama.cpp build prefix the unit's ``ExecStart`` runs from (``{prefix}/current``)
+    + prefix: the install's prefix the unit's ``ExecStart`` runs from (``{prefix}/current``)
 
     With ``--diff`` the change is shown as a text diff of the unit. A service pinned to a GPU the host's
     ``NvidiaGpus`` fact lacks, or lists without its UUID or minor number, is refused (``services.N.gpus``).
@@ -117,7 +128,7 @@ def unit(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
             service_gpus(server, host_gpus, field=_gpus_field(server))
         except ValueError as error:
             raise OperationError(f"{server.unit_name}: {error}") from error
-    text = render_unit(server, binary_path(prefix, server.PROGRAM), host_gpus)
+    text = render_unit(server, server.binary(prefix), host_gpus)
     old_lines = host.get_fact(FileContents, path=path)
     new_lines = text.splitlines()
     if old_lines is not None and [line.rstrip("\n") for line in old_lines] == new_lines:
@@ -182,13 +193,13 @@ def api_key(server: LlamaServer):  # type: ignore[no-untyped-def]
 
 
 @operation()
-def running_current(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
+def running_current(server: AnyService, prefix: str):  # type: ignore[no-untyped-def]
     """
     Count as a change when the running process predates its unit, models, key or build: a deploy cut
     between writing one of them and the restart. The next run then restarts (and smokes) it.
 
     + server: the service
-    + prefix: the llama.cpp build prefix (the process must run ``{prefix}/current``'s binary)
+    + prefix: the install's prefix (the process must run ``{prefix}/current``'s program)
 
     **Example:**
 
@@ -201,7 +212,7 @@ def running_current(server: LlamaServer, prefix: str):  # type: ignore[no-untype
         unit_name=server.unit_name,
         unit_path=unit_path(server),
         files=tuple(server.read_only_files()),
-        binary=binary_path(prefix, server.PROGRAM),
+        binary=server.binary(prefix),
     )
     if not reasons:
         host.noop(f"{server.unit_name} runs what is on disk (or is not running)")
@@ -210,16 +221,16 @@ def running_current(server: LlamaServer, prefix: str):  # type: ignore[no-untype
     yield "true"
 
 
-@deploy("llama-server service")
-def llama_server(  # type: ignore[no-untyped-def]
-    server: LlamaServer, prefix: str, changed: list | None = None, ensure_user: bool = True  # type: ignore[type-arg]
+@deploy("Service")
+def server(  # type: ignore[no-untyped-def]
+    server: Service, prefix: str, changed: list | None = None, ensure_user: bool = True  # type: ignore[type-arg]
 ):
     """
     The service user, the flag check, the unit, and a restart only when the unit, a model or the
     build it uses changed; enabled at boot.
 
-    + server: the service
-    + prefix: the llama.cpp build prefix
+    + server: the service (a llama-server, whisper-server or piper)
+    + prefix: the prefix of the install it runs from (``Box.install_of(server).prefix``)
     + changed: op metas (build, models) whose change restarts the service too
     + ensure_user: create the service's system user (the surgical deploy skips it)
 
@@ -230,7 +241,7 @@ def llama_server(  # type: ignore[no-untyped-def]
 
     .. code:: python
 
-        restart = service.llama_server(box.service("gemma4"), "/opt/llama.cpp", changed=[*build_metas, placed])
+        restart = service.server(box.service("gemma4"), "/opt/llama.cpp", changed=[*build_metas, placed])
     """
     # pyinfra's user operation reads three facts (users, groups, OS); a user that exists needs none of it.
     if ensure_user and server.user not in fact_once(Users):
@@ -243,9 +254,12 @@ def llama_server(  # type: ignore[no-untyped-def]
             ensure_home=False,
         )
     flags_supported(
-        name=f"Flags of {server.unit_name} exist in the installed llama-server", server=server, prefix=prefix
+        name=f"Flags of {server.unit_name} exist in the installed {server.PROGRAM.rsplit('/', 1)[-1]}",
+        server=server,
+        prefix=prefix,
     )
-    key_metas = [api_key(name=f"API key of {server.unit_name}", server=server)] if server.generate_api_key else []
+    generates_key = isinstance(server, LlamaServer) and server.generate_api_key
+    key_metas = [api_key(name=f"API key of {server.unit_name}", server=server)] if generates_key else []
     unit_meta = unit(name=f"Unit {unit_path(server)}", server=server, prefix=prefix)
     stale_meta = running_current(name=f"{server.unit_name} runs what is on disk", server=server, prefix=prefix)
     restart_on = [unit_meta, stale_meta, *key_metas, *(changed or [])]

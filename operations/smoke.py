@@ -1,7 +1,9 @@
-"""Post-restart smoke test on the host; a miss puts back what this run changed and fails the deploy.
+"""Post-restart smoke tests on the host; a miss puts back what this run changed and fails the deploy.
 
 One operation does all of it, so a healthy deploy lists only "Smoke test <unit>" and a converged
 host (no restart) lists nothing at all: the rollback steps run, and are reported, only on a miss.
+A llama-server is measured in tok/s and acceptance; a whisper-server transcribes a WAV; a piper
+service speaks a sentence; a box with both speaks and hears it back (the round trip).
 """
 
 from __future__ import annotations
@@ -18,11 +20,23 @@ from pyinfra.operations.util import any_changed
 from rich.console import Console
 
 from facts.gpu import NvidiaComputeApps, NvidiaGpus
+from gpubox import piper_install, speech
+from gpubox.box import AnyService
 from gpubox.build import rollback_script as build_rollback_script
 from gpubox.quoting import shell_word
+from gpubox.servers.base import Service
 from gpubox.servers.llama import LlamaServer
-from gpubox.smoke import GpuProcesses, SmokeResult, command_transport, run_smoke, smoke_table
-from gpubox.spec import LlamaCppBuild
+from gpubox.servers.piper import PiperServer
+from gpubox.servers.whisper import JFK_SAMPLE, WhisperServer
+from gpubox.smoke import (
+    GpuProcesses,
+    SmokeResult,
+    command_transport,
+    run_smoke,
+    smoke_table,
+    wait_until_healthy,
+)
+from gpubox.spec import PiperInstall, SourceBuild
 
 from .host_commands import connector_arguments, run, run_status
 from .host_facts import fact_once
@@ -35,30 +49,35 @@ class SmokeOutcome:
 
     result: SmokeResult | None = None
     errors: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
-        return bool(self.errors) or (self.result is not None and not self.result.passed)
+        return bool(self.errors or self.failures) or (self.result is not None and not self.result.passed)
 
 
-def _gpu_processes(server: LlamaServer, arguments: Mapping[str, Any]) -> GpuProcesses:
+def _gpu_processes(server: Service, arguments: Mapping[str, Any]) -> GpuProcesses:
     stdout, _ = run_status(f"systemctl show --property MainPID --value {shell_word(server.unit_name)}", arguments)
     return GpuProcesses(pid=int(stdout.strip() or 0), compute_apps=host.get_fact(NvidiaComputeApps))
 
 
-def _smoke(server: LlamaServer, outcome: SmokeOutcome, arguments: Mapping[str, Any]) -> None:
+def _smoke(measure: Callable[[SmokeOutcome], None], outcome: SmokeOutcome) -> None:
     """Never raises: whatever goes wrong is a miss, so the rollback still runs."""
     try:
-        _measure(server, outcome, arguments)
+        measure(outcome)
     except Exception as error:  # noqa: BLE001
         outcome.errors.append(f"the smoke test could not run: {type(error).__name__}: {error}")
 
 
+def base_url(server: Service) -> str:
+    """Where a client on the host reaches the service."""
+    client_host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
+    return f"http://[{client_host}]:{server.port}" if ":" in client_host else f"http://{client_host}:{server.port}"
+
+
 def _measure(server: LlamaServer, outcome: SmokeOutcome, arguments: Mapping[str, Any]) -> None:
     assert server.smoke is not None
-    client_host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
-    base_url = f"http://[{client_host}]:{server.port}" if ":" in client_host else f"http://{client_host}:{server.port}"
-    transport = command_transport(lambda command: run_status(command, arguments), base_url,
+    transport = command_transport(lambda command: run_status(command, arguments), base_url(server),
                                   api_key_file=server.api_key_file)
     expected_uuids: frozenset[str] = frozenset()
     gpu_probe = None
@@ -88,15 +107,136 @@ def summary_line(server: LlamaServer, result: SmokeResult, seconds: float) -> st
     )
 
 
+def _wait_ready(server: WhisperServer | PiperServer, timeout_s: float, arguments: Mapping[str, Any]) -> str | None:
+    """Wait for the service to load its model; the failure to report when it never does."""
+    transport = command_transport(lambda command: run_status(command, arguments), base_url(server))
+    if isinstance(server, PiperServer):  # no /health: /info answers once the voice is loaded
+        wait = wait_until_healthy(transport, timeout_s, path="/info", ready=lambda answer: answer.status == 200)
+    else:
+        wait = wait_until_healthy(transport, timeout_s)
+    return None if wait.healthy else f"not ready after {wait.waited_s:.0f} s: {wait.last_answer}"
+
+
+def transcribe(
+    server: WhisperServer, wav: str, expected: str, arguments: Mapping[str, Any]
+) -> speech.TranscriptCheck:
+    """POST a WAV on the host to the whisper-server and judge what it heard, and how fast."""
+    assert server.smoke is not None
+    stdout, _ = run_status(speech.wav_probe_command(wav), arguments)
+    audio = speech.parse_wav_probe(stdout)
+    command = speech.transcribe_command(base_url(server), wav, server.smoke.timeout_s, language=server.language)
+    heard, seconds = speech.parse_transcription(*run_status(command, arguments))
+    return speech.TranscriptCheck.judge(
+        expected,
+        heard,
+        audio.duration_s,
+        seconds,
+        max_wer=server.smoke.max_word_error_rate,
+        max_rtf=server.smoke.max_real_time_factor,
+    )
+
+
+def synthesize(server: PiperServer, text: str, out_path: str, arguments: Mapping[str, Any]) -> speech.SpeechCheck:
+    """Have the piper service speak ``text`` into a WAV on the host, and judge it."""
+    timeout = server.smoke.timeout_s if server.smoke is not None else 120
+    command = speech.synthesize_command(base_url(server), "/synthesize", text, out_path, timeout)
+    status, seconds, content_type = speech.parse_synthesis(*run_status(f"umask 077; {command}", arguments))
+    wav, wav_error = None, ""
+    try:
+        wav = speech.parse_wav_probe(run_status(speech.wav_probe_command(out_path), arguments)[0])
+    except speech.WavError as error:
+        wav_error = str(error)
+    return speech.SpeechCheck.judge(text, wav, seconds, status, content_type, wav_error)
+
+
+def smoke_wav(server: Service) -> str:
+    """A scratch WAV on the host for a smoke test (the deploy user's, removed after)."""
+    return f"/tmp/gpubox-smoke-{server.name}.wav"
+
+
+def _print(title: str, transcripts: list[speech.TranscriptCheck], syntheses: list[speech.SpeechCheck]) -> None:
+    console = Console(width=120, stderr=True)
+    console.print(f"[bold]{host.name}[/] {title}")
+    console.print(speech.speech_table(transcripts, syntheses))
+
+
+def _measure_whisper(server: WhisperServer, audio: str, outcome: SmokeOutcome, arguments: Mapping[str, Any]) -> None:
+    assert server.smoke is not None
+    not_ready = _wait_ready(server, server.smoke.timeout_s, arguments)
+    if not_ready:
+        outcome.failures.append(not_ready)
+        return
+    check = transcribe(server, audio, server.smoke.expected_text, arguments)
+    outcome.failures += check.failures
+    _print(f"smoke test of {server.unit_name}", [check], [])
+    host.log(
+        f"smoke {server.unit_name}: WER {check.wer:.2f} (max {check.max_wer:g}), RTF {check.rtf:.3f} "
+        f"(max {check.max_rtf:g}), heard {check.heard!r}: {'passed' if check.passed else 'FAILED'}"
+    )
+
+
+def _measure_piper(server: PiperServer, outcome: SmokeOutcome, arguments: Mapping[str, Any]) -> None:
+    assert server.smoke is not None
+    not_ready = _wait_ready(server, server.smoke.timeout_s, arguments)
+    if not_ready:
+        outcome.failures.append(not_ready)
+        return
+    wav = smoke_wav(server)
+    try:
+        check = synthesize(server, server.smoke.text, wav, arguments)
+    finally:
+        run_status(f"rm -f {shell_word(wav)}", arguments)
+    outcome.failures += check.failures
+    _print(f"smoke test of {server.unit_name}", [], [check])
+    duration = f"{check.wav.duration_s:.2f} s" if check.wav is not None else "no WAV"
+    host.log(
+        f"smoke {server.unit_name}: {duration} of speech in {check.seconds:.2f} s "
+        f"(plausible {check.min_s:.1f}-{check.max_s:.1f} s): {'passed' if check.passed else 'FAILED'}"
+    )
+
+
+def _measure_round_trip(
+    piper: PiperServer, whisper: WhisperServer, outcome: SmokeOutcome, arguments: Mapping[str, Any]
+) -> None:
+    """piper speaks its smoke sentence, whisper transcribes it: the words must come back."""
+    assert piper.smoke is not None and whisper.smoke is not None
+    for server, timeout in ((piper, piper.smoke.timeout_s), (whisper, whisper.smoke.timeout_s)):
+        not_ready = _wait_ready(server, timeout, arguments)
+        if not_ready:
+            outcome.failures.append(f"{server.unit_name}: {not_ready}")
+            return
+    wav = smoke_wav(piper)
+    try:
+        spoken = synthesize(piper, piper.smoke.text, wav, arguments)
+        heard = transcribe(whisper, wav, piper.smoke.text, arguments) if spoken.passed else None
+    finally:
+        run_status(f"rm -f {shell_word(wav)}", arguments)
+    outcome.failures += spoken.failures + (heard.failures if heard is not None else [])
+    _print(f"round trip {piper.unit_name} -> {whisper.unit_name}", [heard] if heard else [], [spoken])
+    if heard is not None:
+        host.log(
+            f"round trip {piper.unit_name} -> {whisper.unit_name}: said {piper.smoke.text!r}, heard {heard.heard!r}, "
+            f"WER {heard.wer:.2f}: {'passed' if heard.passed and spoken.passed else 'FAILED'}"
+        )
+
+
 @dataclass(frozen=True)
 class Rollback:
-    """What a miss puts back besides the unit: the llama.cpp build, when this run switched it."""
+    """What a miss puts back besides the unit: the install (llama.cpp, whisper.cpp, piper), when this
+    run switched it."""
 
-    build: LlamaCppBuild | None = None
+    build: SourceBuild | PiperInstall | None = None
     build_switched: Callable[[], bool] = lambda: False
 
 
-def rollback_script(server: LlamaServer, build: LlamaCppBuild | None) -> str:
+def _install_rollback(install: SourceBuild | PiperInstall) -> tuple[str, str]:
+    """The script switching an install's `current` back, and what it is called in the message."""
+    if isinstance(install, PiperInstall):
+        return piper_install.rollback_script(install), "piper's `current` back on the previous install"
+    return build_rollback_script(install), f"{install.PROJECT.name}'s `current` back on the previous build"
+
+
+def rollback_script(server: Service, build: SourceBuild | PiperInstall | None) -> str:
     """Restore `{unit}.prev` (and `current` -> `previous`), reload, restart on it; stop when there is no `.prev`.
 
     Prints what it did, one word a line (`unit-restored`, `no-previous-unit`, `build-restored`), for the message.
@@ -107,7 +247,7 @@ def rollback_script(server: LlamaServer, build: LlamaCppBuild | None) -> str:
         f"if [ -f {previous} ]; then cp -p {previous} {unit} && echo unit-restored; else echo no-previous-unit; fi",
     ]
     if build is not None:
-        lines.append(f"{build_rollback_script(build)} && echo build-restored")
+        lines.append(f"{_install_rollback(build)[0]} && echo build-restored")
     lines += [
         "systemctl daemon-reload",
         f"if [ -f {previous} ]; then systemctl restart {name}; else systemctl stop {name}; fi",
@@ -115,44 +255,58 @@ def rollback_script(server: LlamaServer, build: LlamaCppBuild | None) -> str:
     return "\n".join(lines)
 
 
-def what_rollback_did(server: LlamaServer, printed: str) -> str:
+def what_rollback_did(server: Service, printed: str, build: SourceBuild | PiperInstall | None = None) -> str:
     """The sentence the failed deploy ends with: what is on the host now, not what was hoped for."""
     words = set(printed.split())
-    build = " and llama.cpp's `current` back on the previous build" if "build-restored" in words else ""
+    what = _install_rollback(build)[1] if build is not None else "llama.cpp's `current` back on the previous build"
+    restored = f" and {what}" if "build-restored" in words else ""
     if "unit-restored" in words:
         return (
-            f"The previous unit ({previous_unit_path(server)}) was restored{build}, and {server.unit_name} "
+            f"The previous unit ({previous_unit_path(server)}) was restored{restored}, and {server.unit_name} "
             f"restarted on it."
         )
     return (
-        f"{server.unit_name} had no previous unit to restore (its first deploy){build}: it was stopped and is "
+        f"{server.unit_name} had no previous unit to restore (its first deploy){restored}: it was stopped and is "
         f"not serving. Fix the spec or its smoke thresholds and deploy again."
     )
 
 
-def _smoke_or_roll_back(server: LlamaServer, rollback: Rollback, arguments: Mapping[str, Any]) -> None:
+def _roll_back(server: Service, rollback: Rollback, arguments: Mapping[str, Any]) -> str:
+    build = rollback.build if rollback.build_switched() else None
+    return what_rollback_did(server, run(rollback_script(server, build), arguments).stdout, build)
+
+
+def _smoke_or_roll_back(
+    measure: Callable[[SmokeOutcome], None],
+    rollbacks: list[tuple[Service, Rollback, Callable[[], bool]]],
+    arguments: Mapping[str, Any],
+    missed: str,
+) -> None:
+    """Measure; on a miss roll back every service whose restart this run made (``rollbacks``: the
+    service, its install's rollback, whether it restarted), and fail the deploy with ``missed`` (what
+    failed), the failures and what is on the host now."""
     outcome = SmokeOutcome()
-    _smoke(server, outcome, arguments)
+    _smoke(measure, outcome)
     if not outcome.failed:
         return
-    build = rollback.build if rollback.build_switched() else None
-    output = run(rollback_script(server, build), arguments)
-    failures = list(outcome.errors) + (outcome.result.failures if outcome.result is not None else [])
-    raise OperationError(
-        f"{server.unit_name} failed its smoke test: " + "; ".join(failures)
-        + ". " + what_rollback_did(server, output.stdout)
-    )
+    failures = list(outcome.errors) + outcome.failures + (outcome.result.failures if outcome.result is not None else [])
+    done = [_roll_back(server, rollback, arguments) for server, rollback, restarted in rollbacks if restarted()]
+    raise OperationError(f"{missed}: " + "; ".join(failures) + ". " + " ".join(done))
 
 
 @operation(is_idempotent=False)
-def check(server: LlamaServer, rollback: Rollback | None = None):  # type: ignore[no-untyped-def]
+def check(server: AnyService, rollback: Rollback | None = None, audio: str | None = None):  # type: ignore[no-untyped-def]
     """
-    Measure tok/s (and acceptance with a drafter) of the running service against its thresholds; on a
-    miss, restore ``{unit}.prev`` (and the previous llama.cpp build when this run switched it), restart
-    on it, or stop the service when it has no previous unit, and fail the deploy saying which.
+    Smoke test the restarted service against its thresholds: a llama-server's tok/s (and acceptance
+    with a drafter), a whisper-server's transcript of a WAV (word error rate, real-time factor), a
+    piper service's WAV of a sentence (plausible length). On a miss, restore ``{unit}.prev`` (and the
+    previous install when this run switched it), restart on it, or stop the service when it has no
+    previous unit, and fail the deploy saying which.
 
     + server: the service, with its ``smoke`` thresholds
-    + rollback: the build to switch back, and whether this run switched it (evaluated on a miss)
+    + rollback: the install to switch back, and whether this run switched it (evaluated on a miss)
+    + audio: the WAV on the host a whisper-server transcribes (its smoke's ``audio``, else the sample
+      of its whisper.cpp source tree)
 
     **Example:**
 
@@ -160,13 +314,62 @@ def check(server: LlamaServer, rollback: Rollback | None = None):  # type: ignor
 
         smoke.check(name="Smoke test gemma4.service", server=server, _if=any_changed(restart))
     """
-    yield FunctionCommand(_smoke_or_roll_back, (server, rollback or Rollback(), connector_arguments()), {})
+    arguments = connector_arguments()
+    measure: Callable[[SmokeOutcome], None]
+    if isinstance(server, LlamaServer):
+        measure = lambda outcome: _measure(server, outcome, arguments)  # noqa: E731
+    elif isinstance(server, WhisperServer):
+        assert audio is not None
+        measure = lambda outcome: _measure_whisper(server, audio, outcome, arguments)  # noqa: E731
+    else:
+        assert isinstance(server, PiperServer)
+        measure = lambda outcome: _measure_piper(server, outcome, arguments)  # noqa: E731
+    rollbacks = [(server, rollback or Rollback(), lambda: True)]
+    yield FunctionCommand(
+        _smoke_or_roll_back, (measure, rollbacks, arguments, f"{server.unit_name} failed its smoke test"), {}
+    )
+
+
+@operation(is_idempotent=False)
+def round_trip(  # type: ignore[no-untyped-def]
+    piper: PiperServer,
+    whisper: WhisperServer,
+    rollbacks: list[tuple[Service, Rollback, Callable[[], bool]]],
+):
+    """
+    piper speaks its smoke sentence into a WAV, whisper transcribes it, the words must match (the
+    whisper smoke's word error rate). On a miss, each of the two that this run restarted is rolled
+    back as its own smoke test would.
+
+    + piper: the piper service (its ``smoke.text`` is said)
+    + whisper: the whisper-server service (its ``smoke`` thresholds judge the transcript)
+    + rollbacks: (service, its install's rollback, whether this run restarted it) for both
+
+    **Example:**
+
+    .. code:: python
+
+        smoke.round_trip(name="Round trip piper -> whisper", piper=tts, whisper=stt, rollbacks=[...])
+    """
+    arguments = connector_arguments()
+    measure = lambda outcome: _measure_round_trip(piper, whisper, outcome, arguments)  # noqa: E731
+    missed = f"the round trip {piper.unit_name} -> {whisper.unit_name} failed"
+    yield FunctionCommand(_smoke_or_roll_back, (measure, rollbacks, arguments, missed), {})
+
+
+def whisper_audio(server: WhisperServer, build: SourceBuild | None) -> str | None:
+    """The WAV a whisper-server's smoke test transcribes: its own, else the sample in the source tree."""
+    if server.smoke is None:
+        return None
+    if server.smoke.audio is not None:
+        return server.smoke.audio
+    return f"{build.prefix}/src/{JFK_SAMPLE}" if build is not None else None
 
 
 def smoke_test(
-    server: LlamaServer,
+    server: Service,
     restart: OperationMeta | None,
-    build: LlamaCppBuild | None = None,
+    build: SourceBuild | PiperInstall | None = None,
     build_metas: list[OperationMeta] | None = None,
 ) -> None:
     """
@@ -174,9 +377,9 @@ def smoke_test(
     the service has no ``smoke`` thresholds.
 
     + server: the service
-    + restart: the restart's op meta (from ``service.llama_server``), or None
-    + build: the llama.cpp build, switched back on a miss when ``build_metas`` changed
-    + build_metas: the build's op metas
+    + restart: the restart's op meta (from ``service.server``), or None
+    + build: the install the service runs from, switched back on a miss when ``build_metas`` changed
+    + build_metas: the install's op metas
 
     **Example:**
 
@@ -184,7 +387,13 @@ def smoke_test(
 
         smoke.smoke_test(server, restart, box.llama_cpp, build_metas)
     """
-    if restart is None or server.smoke is None:
+    if restart is None or getattr(server, "smoke", None) is None:
         return
     rollback = Rollback(build, any_changed(*build_metas)) if build is not None and build_metas else None
-    check(name=f"Smoke test {server.unit_name}", server=server, rollback=rollback, _if=any_changed(restart))
+    audio = (
+        whisper_audio(server, build if isinstance(build, SourceBuild) else None)
+        if isinstance(server, WhisperServer)
+        else None
+    )
+    name = f"Smoke test {server.unit_name}"
+    check(name=name, server=server, rollback=rollback, audio=audio, _if=any_changed(restart))

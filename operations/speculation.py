@@ -8,7 +8,8 @@ from pyinfra.api import OperationError, operation
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion
 from gpubox import llamacpp as records
 from gpubox.llamacpp import check_spec_type_supported
-from gpubox.servers.llama import LlamaServer, binary_path
+from gpubox.servers.base import binary_path
+from gpubox.servers.llama import LlamaServer
 from gpubox.spec import ModelFile
 
 from .models import check_remote_architecture, has_sha256

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pyinfra import host, state
 from pyinfra.api import OperationError, operation
+from pyinfra.facts.files import File
 from rich.console import Console
 
 from facts.gpu import NvidiaGpus
@@ -13,7 +14,7 @@ from gpubox.gguf_header import GgufFile
 from gpubox.gpu import gpus_from_fact
 from gpubox.inventory import HostBox
 from gpubox.tables import gpu_table, print_refusal, problems_table
-from gpubox.vram import load_model_header, plan_box
+from gpubox.vram import load_model_header, moves, plan_box
 
 from .host_facts import fact_once
 from .models import local_source, remote_header
@@ -23,11 +24,23 @@ def _headers(box: Box) -> dict[str, GgufFile]:
     """Each model's header: from the controller file when there is one, else from the host's file."""
     headers: dict[str, GgufFile] = {}
     for _, model in box.models():
+        if model.format != "gguf":
+            continue
         source = local_source(model) if model.source is not None and not model.source_is_url else None
         header = load_model_header(source) if source is not None and source.is_file() else remote_header(model.path)
         if header is not None:
             headers[model.path] = header
     return headers
+
+
+def _model_sizes(box: Box) -> dict[str, int]:
+    """The sizes of the box's non-GGUF models on the host (whisper, piper): the placement stat them already."""
+    sizes: dict[str, int] = {}
+    for _, model in box.models():
+        info = fact_once(File, path=model.path) if model.format != "gguf" else None
+        if info:
+            sizes[model.path] = int(info["size"])
+    return sizes
 
 
 @operation()
@@ -47,7 +60,9 @@ def fits(box: Box):  # type: ignore[no-untyped-def]
     """
     gpus = gpus_from_fact(fact_once(NvidiaGpus))
     headers = _headers(box)
-    plan = plan_box(box, headers, [(gpu.index, gpu.memory_total_mib or 0) for gpu in gpus])
+    plan = plan_box(
+        box, headers, [(gpu.index, gpu.memory_total_mib or 0) for gpu in gpus], model_sizes=_model_sizes(box)
+    )
     console = Console(width=120, record=True, stderr=True)
     if plan.refused:
         console.print(problems_table([HostBox(host=host.name, box=box, problems=list(plan.refused))]))
@@ -70,6 +85,7 @@ def fits(box: Box):  # type: ignore[no-untyped-def]
         raise OperationError(
             "the services do not fit their GPUs' memory (table above): change what it suggests, "
             "or pin a service to another GPU"
+            + "".join(f"; {move.field}: {move.message}" for move in moves(box, plan))
         )
     used = ", ".join(f"GPU {gpu.index} {gpu.used_bytes >> 20}/{gpu.total_bytes >> 20} MiB" for gpu in plan.gpus)
     host.noop(f"the services fit: {used}")

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
 from tests.testbed import inventory_config  # noqa: E402
 from tests.testbed.__main__ import state_file  # noqa: E402
+from tests.testbed.speech import speech_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -18,6 +19,8 @@ def main(argv: list[str]) -> int:
     state = json.loads(state_file().read_text())
     ((host_name, host_data),) = runpy.run_path(state["inventory"])["testbed"]
     config = inventory_config(host_name, host_data)
+    if state.get("speech"):  # `up --bind-whisper`: the box speaks and listens too
+        config |= speech_config()
     for assignment in argv:
         key, _, value = assignment.partition("=")
         config[key] = json.loads(value)

@@ -559,3 +559,335 @@ def test_isolation_report_from_the_two_gpu_run() -> None:
     assert "| wx_map_mdwe | 1 |" in report
     gpus = gv.parse_gpu_probe(state["isolation"]["probe_output"].splitlines())
     assert [(gpu.index, gpu.minor_number) for gpu in gpus] == [(0, 0), (1, 1)]
+
+
+# --------------------------------------------------------------------------- whisper-server and the seed's layout
+
+WHISPER_MODEL = ModelFile(path="/root/models/ggml-tiny.en.bin", sha256="e" * 64, format="ggml-whisper",
+                          architecture="tiny.en")
+WHISPER_COMMIT = "9" * 40
+# whisper-server's own lines (tiny.en, f24588a, the CUDA build), from the 2xH200 run in docs/gpu-validation.md.
+WHISPER_LOG = """\
+whisper_init_with_params_no_state: use gpu    = 1
+whisper_init_with_params_no_state: flash attn = 1
+ggml_cuda_init: found 1 CUDA devices (Total VRAM: 143155 MiB):
+  Device 0: NVIDIA H200, compute capability 9.0, VMM: yes, VRAM: 143155 MiB
+whisper_model_load:        CUDA0 total size =    77.11 MB
+whisper_model_load: model size    =   77.11 MB
+whisper_backend_init_gpu: using CUDA0 backend
+whisper_init_state: kv self size  =    3.15 MB
+whisper_init_state: kv cross size =    9.44 MB
+whisper_init_state: kv pad  size  =    2.36 MB
+whisper_init_state: compute buffer (conv)   =   14.17 MB
+whisper_init_state: compute buffer (encode) =   17.72 MB
+whisper_init_state: compute buffer (cross)  =    3.89 MB
+whisper_init_state: compute buffer (decode) =   96.83 MB
+system_info: n_threads = 4 / 32 | WHISPER : COREML = 0 | CUDA : ARCHS = 900 |
+system_info: n_threads = 4 / 32 | WHISPER : COREML = 0 | CUDA : ARCHS = 900 |
+whisper server listening at http://127.0.0.1:8090
+"""
+
+
+def test_speech_steps_are_their_own_and_documented() -> None:
+    doc = gv.__doc__ or ""
+    start = doc.index("scripts/gpu-validate prepare seedbuild")
+    documented = doc[start:doc.index("--out report.md", start) + len("--out report.md")]
+    args = gv.parse_args(shlex.split(documented)[1:])
+    assert gv.selected_steps(args.steps) == ["prepare", "seedbuild", "whisper", "seedlayout", "report"]
+    assert (args.whisper_tarball, args.jobs, args.whisper_model) == ("whisper.tgz", 16, "/root/models/ggml-tiny.en.bin")
+    assert args.roundtrip_text == gv.ROUNDTRIP_TEXT and args.roundtrip_wav == "/root/models/roundtrip-fox.wav"
+    assert not set(gv.SPEECH_STEP_NAMES) & set(gv.selected_steps(["all"]))
+    assert "seedlayout" in gv.MODEL_STEPS and "whisper" not in gv.MODEL_STEPS  # it waits after its build
+    assert gv.skip_reason("seedlayout", {"seedbuild": "boom"}) == "skipped: the seedbuild step failed"
+    assert gv.skip_reason("seedbuild", {"prepare": "boom"}) == "skipped: the prepare step failed"
+    assert gv.skip_reason("whisper", {"prepare": "boom", "build": "boom"}) is None
+    assert gv.parse_args(["whisper"]).whisper_tarball == str(ROOT / ".gpu-pack" / "whisper.tgz")
+
+
+def test_whisper_server_starts_from_its_unit_pinned_by_uuid() -> None:
+    service = gv.whisper_service(WHISPER_MODEL, gv.whisper_gpu([0, 1]))
+    argv, env, unit = gv.unit_command(service, H200X2)
+    assert argv == ["/opt/whisper.cpp/current/whisper-server", "--model", WHISPER_MODEL.path, "--language", "en",
+                    "--flash-attn", "--host", "127.0.0.1", "--port", "8090"]
+    assert env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": GPU1_UUID}
+    assert "DeviceAllow=/dev/nvidia1 rw" in unit and "DeviceAllow=/dev/nvidia0 rw" not in unit
+    assert "Restart=always" in unit
+    assert service.smoke is not None and service.smoke.max_real_time_factor == 0.5  # the seed's threshold
+    assert gv.whisper_gpu([0]) == 0 and gv.whisper_gpu([0, 1, 2]) == 1
+    # A plain cmake build's binary, named in the unit instead of the install's `current`.
+    llama_argv, _, llama_unit = gv.unit_command(gv.smoke_service(MODEL, 0, draft=False), H200X2, "/root/gv/x/llama")
+    assert llama_argv[0] == "/root/gv/x/llama" and "ExecStart=/root/gv/x/llama" in llama_unit
+
+
+def test_whisper_build_is_the_products_script_and_its_stamp_is_read_back() -> None:
+    prepared = gv.prepared_record(Path("/root/whisper-src"), WHISPER_COMMIT + "\n")
+    spec = gv.whisper_build_spec(prepared, 16)
+    assert (spec.repo, spec.commit, spec.prefix, spec.cuda, spec.jobs, spec.targets) == (
+        "file:///root/whisper-src", WHISPER_COMMIT, "/opt/whisper.cpp", "on", 16, ("whisper-server",))
+    script = plan.build_script(spec, "cuda", ["90"], "/usr/local/cuda/bin/nvcc", ccache=False)
+    assert "-DCMAKE_CUDA_ARCHITECTURES=90" in script and "ccache" not in script.replace("CCACHE_", "")
+    assert plan.STAMP_NAME in script and "-DWHISPER_BUILD_EXAMPLES=ON" in script
+    stamp = plan.stamp_text(spec, "cuda")
+    seen = gv.stamp_check_record(f"{stamp}\n\n@@current\nbuilds/{WHISPER_COMMIT}-cuda\n", spec, "cuda")
+    assert seen == {"stamp": stamp, "current": f"builds/{WHISPER_COMMIT}-cuda", "stamp_matches": True,
+                    "current_points_here": True}
+    missing = gv.stamp_check_record("\n@@current\n", spec, "cuda")
+    assert missing == {"stamp": None, "current": None, "stamp_matches": False, "current_points_here": False}
+    commands = gv.git_commands(Path("/root/whisper-src"), "whisper.cpp f24588a (trimmed)")
+    assert commands[-1].endswith("commit -q -m 'whisper.cpp f24588a (trimmed)'")
+
+
+def test_whisper_buffers_against_the_planners_term() -> None:
+    buffers = gv.whisper_buffers_mb(WHISPER_LOG)
+    assert buffers == {"model size": 77.11, "kv self size": 3.15, "kv cross size": 9.44, "kv pad size": 2.36,
+                       "compute buffer (conv)": 14.17, "compute buffer (encode)": 17.72,
+                       "compute buffer (cross)": 3.89, "compute buffer (decode)": 96.83}
+    # The H200 run: nvidia-smi held 874 MiB for the pid; the planner's tiny terms were set from it.
+    record = gv.whisper_vram_record(gv.whisper_service(WHISPER_MODEL, 1), 77704698, buffers, 874)
+    assert record["planned_terms_mib"] == {"weights": 75.0, "compute": 143.0, "headroom": 660.0}
+    assert record["planned_total_mib"] == 75 + 143 + 660
+    assert record["planned_file_terms_mib"]["weights"] == 74.1
+    assert record["logged_weights_mib"] == 73.5 and record["logged_state_mib"] == 140.7
+    assert record["logged_total_mib"] == 214.3
+    assert record["gap_mib"] == 878 - 874 and record["measured_minus_logged_mib"] == 659.7
+    assert gv.whisper_vram_record(gv.whisper_service(WHISPER_MODEL, 1), 1, {}, None)["gap_mib"] is None
+    lines = gv.whisper_log_lines(WHISPER_LOG)
+    assert lines.count("system_info: n_threads = 4 / 32 | WHISPER : COREML = 0 | CUDA : ARCHS = 900 |") == 1
+    assert "whisper_init_state: kv pad  size  =    2.36 MB" in lines
+    assert "whisper_backend_init_gpu: using CUDA0 backend" in lines
+
+
+def test_health_and_transcripts_are_judged_like_the_deploys_smoke() -> None:
+    samples = [[0.01, "refused"], [0.06, "refused"], [0.5, 503], [0.55, 503], [0.9, 200]]
+    transitions = gv.health_transitions(samples)
+    assert transitions == [[0.01, "refused"], [0.5, 503], [0.9, 200]]
+    assert gv.health_text(transitions) == "refused (0.01 s) → 503 (0.5 s) → 200 (0.9 s)"
+    heard = "And so my fellow Americans ask not what your country can do for you ask what you can do for your country."
+    good = gv.transcript_record("jfk.wav", 1, gv.JFK_TEXT, heard, 11.0, 0.22)
+    assert (good["wer"], good["rtf"], good["passed"]) == (0.0, 0.02, True)
+    slow = gv.transcript_record("fox", 1, gv.ROUNDTRIP_TEXT, "The quick brown fox jumps over the dog.", 2.856, 2.0)
+    assert slow["wer"] == round(1 / 9, 4) and not slow["passed"] and "real-time factor" in slow["failures"][0]
+    summary = gv.transcript_summary([good, {**good, "run": 2, "seconds": 0.3, "rtf": 0.0273}, slow,
+                                     {"audio": "fox", "run": 2, "error": "TransportError: refused"}])
+    assert summary["jfk.wav"] == {"runs": 2, "answered": 2, "median_seconds": 0.26,
+                                  "median_rtf": pytest.approx(0.02365, abs=1e-4), "wers": [0.0, 0.0],
+                                  "transcripts": [heard], "passed": True}
+    assert summary["fox"]["answered"] == 1 and not summary["fox"]["passed"]
+
+
+def test_the_seed_layout_check_wants_each_pid_on_its_own_gpu_only() -> None:
+    names = {101: "smollm2-gpu0", 202: "whisper-gpu1"}
+    expected = {101: GPU0_UUID, 202: GPU1_UUID}
+    good = [ComputeApp(pid=101, gpu_uuid=GPU0_UUID, used_memory_mib=792),
+            ComputeApp(pid=202, gpu_uuid=GPU1_UUID, used_memory_mib=840)]
+    assert gv.layout_failures(expected, good, names) == []
+    spilled = [*good, ComputeApp(pid=202, gpu_uuid=GPU0_UUID, used_memory_mib=300)]
+    assert gv.layout_failures(expected, spilled, names) == [
+        f"whisper-gpu1 (pid 202) is on {GPU0_UUID}, {GPU1_UUID}; expected {GPU1_UUID} only"]
+    assert gv.layout_failures(expected, good[:1], names) == [
+        "whisper-gpu1 (pid 202) is not among nvidia-smi's compute apps"]
+    rows = gv.layout_rows([*good, ComputeApp(pid=7, gpu_uuid=GPU1_UUID, used_memory_mib=None)], names, H200X2)
+    assert rows[1] == {"pid": 202, "service": "whisper-gpu1", "gpu": 1, "gpu_uuid": GPU1_UUID, "used_memory_mib": 840}
+    assert rows[2]["service"] == "(other)"
+    assert gv.overlap_seconds([0.0, 0.4], [0.1, 0.3]) == 0.2 and gv.overlap_seconds([0, 1], [2, 3]) == 0.0
+    built = str(gv.iso_binary(Path("/root/gv"), "sm90"))
+    assert gv.seed_llama_binary(Path("/root/gv"), lambda path: True) == built
+    assert gv.seed_llama_binary(Path("/root/gv"), lambda path: path == "/opt/llama.cpp/current/llama-server") == (
+        "/opt/llama.cpp/current/llama-server")
+    assert gv.seed_completion_body()["n_predict"] == gv.SEED_N_PREDICT
+
+
+def speech_state() -> dict[str, Any]:
+    buffers = gv.whisper_buffers_mb(WHISPER_LOG)
+    service = gv.whisper_service(WHISPER_MODEL, 1)
+    heard = "And so my fellow Americans ask not what your country can do for you ask what you can do for your country."
+    transcripts = [gv.transcript_record("jfk.wav", run, gv.JFK_TEXT, heard, 11.0, seconds)
+                   for run, seconds in ((1, 0.296), (2, 0.0948), (3, 0.1005))]
+    transcripts += [gv.transcript_record("piper round trip", run, gv.ROUNDTRIP_TEXT, gv.ROUNDTRIP_TEXT, 2.775, seconds)
+                    for run, seconds in ((1, 0.0412), (2, 0.0407), (3, 0.032))]
+    apps = [{"pid": 101, "service": "smollm2-gpu0", "gpu": 0, "gpu_uuid": GPU0_UUID, "used_memory_mib": 792},
+            {"pid": 202, "service": "whisper-gpu1", "gpu": 1, "gpu_uuid": GPU1_UUID, "used_memory_mib": 872}]
+    return {
+        "whisper": {
+            "prepared": {"src": "/root/whisper-src", "commit": WHISPER_COMMIT, "repo": "file:///root/whisper-src"},
+            "spec": {"prefix": "/opt/whisper.cpp"}, "architectures": ["90"], "nvcc": "/usr/local/cuda/bin/nvcc",
+            "configure": ["cmake", "-S", "/opt/whisper.cpp/src"],
+            "fetch_run": {"exit": 0, "seconds": 0.7, "output_tail": ""},
+            "build_run": {"exit": 0, "seconds": 247.4, "output_tail": "installed"},
+            "stamp_check": {"stamp": '{"project": "whisper.cpp"}', "current": f"builds/{WHISPER_COMMIT}-cuda",
+                            "stamp_matches": True, "current_points_here": True},
+            "installed": "whisper-server\nwhisper-server.help\n", "fatbin": {"sass": ["sm_90"], "ptx": ["sm_90"]},
+            "help_option_lines": 54, "service": service.name, "gpu": 1, "uuid": GPU1_UUID, "pid": 202,
+            "environment": {"CUDA_VISIBLE_DEVICES": GPU1_UUID}, "health": [[0.005, "refused"], [0.545, 200]],
+            "health_polls": 11, "client": "curl", "transcripts": transcripts,
+            "audio": {"jfk.wav": {"path": "/root/whisper-src/samples/jfk.wav", "seconds": 11.0,
+                                  "expected": gv.JFK_TEXT}},
+            "vram": gv.whisper_vram_record(service, 77704698, buffers, 874),
+            "compute_apps": [{**apps[1], "used_memory_mib": 874}], "residency_failures": [],
+            "log_lines": gv.whisper_log_lines(WHISPER_LOG),
+            "summary": gv.transcript_summary(transcripts), "failures": [], "passed": True,
+            "unit": "[Service]\nEnvironment=CUDA_VISIBLE_DEVICES=" + GPU1_UUID + "\n",
+        },
+        "seedlayout": {
+            "build": {"exit": 0, "seconds": 293.2},
+            "services": [
+                {"service": "smollm2-gpu0", "program": "llama-server", "gpu": 0, "uuid": GPU0_UUID, "pid": 101,
+                 "environment": {"CUDA_VISIBLE_DEVICES": GPU0_UUID}, "healthy_after_s": 0.99},
+                {"service": "whisper-gpu1", "program": "whisper-server", "gpu": 1, "uuid": GPU1_UUID, "pid": 202,
+                 "environment": {"CUDA_VISIBLE_DEVICES": GPU1_UUID}, "healthy_after_s": 0.99},
+            ],
+            "requests": {"llama": {"interval": [0.0004, 0.3211], "status": 200, "predicted_n": 256,
+                                   "tokens_per_second": 817.8135834025534},
+                         "whisper": {"interval": [0.0021, 0.0729], "text": heard, "seconds": 0.061218, "rtf": 0.0056,
+                                     "wer": 0.0}},
+            "overlap_s": 0.0708, "compute_apps_during": apps, "compute_apps_after": apps, "failures": [],
+            "log_lines": {"whisper-gpu1": ["whisper_backend_init_gpu: using CUDA0 backend"]},
+        },
+        "errors": {}, "step_seconds": {"prepare": 0.8, "seedbuild": 0.0, "whisper": 251.9, "seedlayout": 43.9},
+    }
+
+
+def test_report_renders_the_whisper_and_seed_layout_sections() -> None:
+    state = speech_state()
+    recorded = copy.deepcopy(state)
+    report = gv.render_report(state)
+    assert state == recorded
+    assert "| whisper build | exit 0, 247.4 s (gpubox build_script, architectures `90`); stamp seen: True" in report
+    assert "| whisper jfk.wav | passed=True, median RTF 0.0091, WER [0.0, 0.0, 0.0]" in report
+    assert "| whisper piper round trip | passed=True, median RTF 0.0147, WER [0.0, 0.0, 0.0], \"The quick" in report
+    planned = 75 + 143 + 660  # the planner's tiny terms, set from this run
+    assert f"| whisper VRAM | planned {planned} MiB, measured 874 MiB (logged buffers 214.3" in report
+    assert "## whisper-server (whisper.cpp, built by gpubox)" in report
+    assert "refused (0.005 s) → 200 (0.545 s)" in report
+    assert "| **total** | **878** | **877.1** | **874** (nvidia-smi, the pid) |" in report
+    assert "| CUDA context and the rest | 660 | 660 | 659.7 (process − logged) |" in report
+    assert "| kv pad size | 2.36 | 2.25 |" in report and "| compute buffer (decode) | 96.83 | 92.34 |" in report
+    assert "| jfk.wav | 1 | 11 | 0.296 | 0.0269 | 0.000 | True | And so my fellow Americans ask not" in report
+    assert "## The seed's layout: llama-server on GPU 0, whisper-server on GPU 1" in report
+    assert "256 tokens at 817.8 tok/s over [0.0004, 0.3211] s" in report and "overlap 0.0708 s" in report
+    assert f"| 202 | whisper-gpu1 | 1 | `{GPU1_UUID}` | 872 |" in report
+    assert "Each pid on its own GPU's uuid and nowhere else: **yes**" in report
+    assert "| seed layout | each pid on its own GPU only: True; smollm2-gpu0 pid 101 on GPU 0 (792 MiB)" in report
+    state["seedlayout"]["failures"] = ["whisper-gpu1 (pid 202) is on two GPUs"]
+    assert "nowhere else: **NO**\n- whisper-gpu1 (pid 202) is on two GPUs" in gv.render_report(state)
+
+
+# --------------------------------------------------------------------------- scripts/gpu-pack
+
+
+def test_gpu_pack_trims_the_trees() -> None:
+    from tests.testbed import gpu_pack
+
+    whisper = (gpu_pack.WHISPER_TRIM, gpu_pack.WHISPER_SAMPLES_KEPT)
+    assert not gpu_pack.trimmed("samples/jfk.wav", *whisper)
+    assert gpu_pack.trimmed("samples/a13.mp3", *whisper)
+    assert not gpu_pack.trimmed("examples/server/server.cpp", *whisper)
+    assert not gpu_pack.trimmed("examples/miniaudio.h", *whisper)
+    assert gpu_pack.trimmed("examples/talk-llama/llama.cpp", *whisper)
+    assert not gpu_pack.trimmed("bindings/javascript/package-tmpl.json", *whisper)  # the top CMakeLists reads it
+    assert gpu_pack.trimmed("ggml/src/ggml-vulkan/ggml-vulkan.cpp", gpu_pack.LLAMA_TRIM)
+    assert not gpu_pack.trimmed("ggml/src/ggml-cuda/fattn.cu", gpu_pack.LLAMA_TRIM)
+    assert not gpu_pack.trimmed("ggml/src/ggml-cpu/ggml-cpu.c", gpu_pack.LLAMA_TRIM)
+    assert not gpu_pack.trimmed("ggml/src/ggml-backend.cpp", gpu_pack.LLAMA_TRIM)
+    assert gpu_pack.trimmed("tools/ui/src/app.ts", gpu_pack.LLAMA_TRIM)
+    assert not gpu_pack.trimmed("tools/server/server.cpp", gpu_pack.LLAMA_TRIM)
+
+
+def test_gpu_pack_lays_pieces_out_over_calls() -> None:
+    from tests.testbed.gpu_pack import Item, Piece, call_budget, plan_calls
+
+    items = [Item("wheel", 30, False), Item("llama.tgz", 50, False), Item("model.xz", 150, True),
+             Item("note", 60, False)]
+    calls = plan_calls(items, 100)
+    assert calls == [
+        [Piece("wheel", 0, 0, 30), Piece("llama.tgz", 0, 0, 50), Piece("model.xz", 0, 0, 20)],
+        [Piece("model.xz", 1, 20, 100)],
+        [Piece("model.xz", 2, 120, 30), Piece("note", 0, 0, 60)],
+    ]
+    assert sum(p.length for call in calls for p in call if p.name == "model.xz") == 150
+    assert all(sum(p.length for p in call) <= 100 for call in calls)
+    assert calls[0][2].file_name == "model.xz.p00"
+    assert plan_calls([Item("a", 80, False), Item("b", 40, False)], 100) == [[Piece("a", 0, 0, 80)],
+                                                                           [Piece("b", 0, 0, 40)]]
+    with pytest.raises(ValueError, match="larger than a call"):
+        plan_calls([Item("big", 101, False)], 100)
+    assert call_budget(5 << 20) == (64 << 20) - (5 << 20) - (2 << 20)
+    with pytest.raises(ValueError):
+        call_budget(63 << 20)
+
+
+def test_gpu_pack_assembles_split_xz_files_atomically(tmp_path: Path) -> None:
+    import hashlib
+    import lzma
+    import random
+
+    from tests.testbed import gpu_pack
+
+    plain = random.Random(0).randbytes(600_000)
+    packed = lzma.compress(plain[:500_000]) + lzma.compress(plain[500_000:])  # two concatenated streams
+    target = tmp_path / "models" / "model.bin"
+    manifest = {"files": [{"name": "model.bin.xz", "target": str(target), "xz": True,
+                           "parts": ["model.bin.xz.p00", "model.bin.xz.p01"],
+                           "sha256": hashlib.sha256(plain).hexdigest(), "size": len(plain)}]}
+    for number, piece in ((1, packed[:1000]), (2, packed[1000:])):
+        folder = tmp_path / f"c{number}"
+        folder.mkdir()
+        (folder / gpu_pack.MANIFEST).write_text(json.dumps(manifest))
+        (folder / f"model.bin.xz.p{number - 1:02d}").write_bytes(piece)
+    machine = tmp_path / "pack"
+    assert gpu_pack.assemble(tmp_path / "c1", machine) == ["model.bin.xz: waiting for model.bin.xz.p01"]
+    assert not target.exists()
+    assert gpu_pack.assemble(tmp_path / "c2", machine)[0].startswith(f"model.bin.xz: {target} (")
+    assert target.read_bytes() == plain and not list((machine / "parts").iterdir())
+    assert gpu_pack.assemble(tmp_path / "c2", machine) == []  # already there
+    target.unlink()
+    (machine / "parts" / "model.bin.xz.p00").write_bytes(packed[:1000])
+    (tmp_path / "c2" / "model.bin.xz.p01").write_bytes(packed[1000:-30])  # cut short
+    with pytest.raises(lzma.LZMAError, match="ends early"):
+        gpu_pack.assemble(tmp_path / "c2", machine)
+    assert not target.exists()
+    manifest["files"][0]["sha256"] = "0" * 64  # a piece that decompresses, but to other bytes
+    (tmp_path / "c2" / gpu_pack.MANIFEST).write_text(json.dumps(manifest))
+    (machine / "parts" / "model.bin.xz.p00").write_bytes(packed[:1000])
+    (tmp_path / "c2" / "model.bin.xz.p01").write_bytes(packed[1000:])
+    with pytest.raises(RuntimeError, match="sha256"):
+        gpu_pack.assemble(tmp_path / "c2", machine)
+    assert not target.exists() and not list(target.parent.glob("*.assembling"))
+
+
+def test_gpu_pack_prints_calls_that_fit_the_device_tool() -> None:
+    from tests.testbed import gpu_pack
+
+    calls = gpu_pack.run_calls(3)
+    assert [call["carry"] for call in calls] == [[".gpu-pack/c1"], [".gpu-pack/c2"], [".gpu-pack/c3"]]
+    assert {call["kind"] for call in calls} == {"nvidia-h200-x2"}
+    assert all(len(str(call["command"])) <= 2000 for call in [*calls, gpu_pack.collect_call()])
+    first, last = str(calls[0]["command"]), str(calls[2]["command"])
+    assert "setsid nohup" in first and "--require-hashes" in first and gpu_pack.validate_command() in first
+    assert "assemble --from .gpu-pack/c1" in first and "assemble --from .gpu-pack/c3" in last
+    assert last.endswith(gpu_pack.wait_command()) and calls[2]["timeout_s"] == 600
+    args = gv.parse_args(shlex.split(gpu_pack.validate_command())[2:])
+    assert gv.selected_steps(args.steps) == ["prepare", "seedbuild", "whisper", "seedlayout", "report"]
+    assert (args.tarball, args.whisper_tarball) == ("/root/pack/llama.tgz", "/root/pack/whisper.tgz")
+    assert "wait" in str(gpu_pack.run_calls(1)[0]["command"])
+
+
+def test_gpu_pack_pins_wheels_by_hash_and_collects_the_run(tmp_path: Path) -> None:
+    import hashlib
+
+    from tests.testbed import gpu_pack
+
+    wheel = tmp_path / "pydantic-2.14.4-py3-none-any.whl"
+    wheel.write_bytes(b"wheel")
+    assert gpu_pack.requirements_text([wheel]) == (
+        f"pydantic==2.14.4 --hash=sha256:{hashlib.sha256(b'wheel').hexdigest()}\n")
+    workdir, out = tmp_path / "gv", tmp_path / "out"
+    workdir.mkdir()
+    for name in ("report.md", "state.json", "run.log", "server-whisper-gpu1.log", "whisper-build.sh"):
+        (workdir / name).write_text(name)
+    assert gpu_pack.wait_and_collect(workdir, out, 0, sleep=lambda s: None) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "report.md", "run.log", "state.json"]
+    (workdir / "done").write_text("0\n")
+    assert gpu_pack.wait_and_collect(workdir, out, 30, sleep=lambda s: pytest.fail("waited")) == 0
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", ".gpu-pack/c1/x"], check=False)
+    assert ignored.returncode == 0

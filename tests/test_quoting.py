@@ -399,7 +399,7 @@ FAKE_CMAKE = """#!/bin/sh
 if [ "$1" = --build ]; then
   if [ -n "${FAIL_BUILD:-}" ]; then echo 'ninja: build stopped'; exit 1; fi
   mkdir -p "$2/bin"
-  printf '#!/bin/sh\\necho version: 1\\n' > "$2/bin/llama-server"
+  printf '#!/bin/sh\\necho version: 1\\necho "  --port N   port to listen"\\n' > "$2/bin/llama-server"
   chmod +x "$2/bin/llama-server"
 fi
 """

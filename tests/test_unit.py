@@ -11,7 +11,7 @@ import pytest
 from gpubox import LlamaServer, ModelFile
 from gpubox.gpu import Gpu
 from gpubox.inventory import inventory_boxes
-from gpubox.servers.llama import binary_path
+from gpubox.servers.base import binary_path
 from gpubox.unit import render_unit, server_environment
 from tests.test_hardening import H200X2
 

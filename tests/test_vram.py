@@ -535,15 +535,18 @@ def test_plan_json_shape_on_the_seed_box(capsys: pytest.CaptureFixture[str]) -> 
     document = json.loads(capsys.readouterr().out)  # stdout is the JSON document and nothing else
     (host,) = document["hosts"]
     assert host["host"] == "danarch4090" and host["fits"] is True and host["problems"] == []
-    (gpu,) = host["gpus"]
+    gpu, speech_gpu = host["gpus"]
     assert gpu["index"] == 0 and gpu["capacity_bytes"] == 24564 * MIB and gpu["fits"] is True
     (service,) = gpu["services"]
     assert service["service"] == "gemma4"
     terms = service["terms_bytes"]
     assert set(terms) == {"weights", "draft_weights", "kv_cache", "draft_kv", "compute", "headroom"}
     assert terms["draft_kv"] == 0 and terms["headroom"] == CUDA_CONTEXT_MIB * MIB
-    assert service["total_bytes"] == sum(terms.values()) == gpu["used_bytes"]
+    # the seed's ~10 GB of growth past the at-load plan is kept free on GPU 0 (reserve_mib)
+    assert gpu["reserved_bytes"] == 9500 * MIB
+    assert service["total_bytes"] == sum(terms.values()) == gpu["used_bytes"] - gpu["reserved_bytes"]
     assert gpu["free_bytes"] == gpu["capacity_bytes"] - gpu["used_bytes"]
+    assert speech_gpu["index"] == 1 and [s["service"] for s in speech_gpu["services"]] == ["whisper", "piper"]
 
 
 def _smol_inventory(tmp_path: Path, ctx_size: int) -> str:

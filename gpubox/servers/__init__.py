@@ -2,5 +2,7 @@
 
 from gpubox.servers.base import Flag, Service
 from gpubox.servers.llama import LlamaServer
+from gpubox.servers.piper import PiperServer, SpeechSmoke
+from gpubox.servers.whisper import TranscriptionSmoke, WhisperServer
 
-__all__ = ["Flag", "LlamaServer", "Service"]
+__all__ = ["Flag", "LlamaServer", "PiperServer", "Service", "SpeechSmoke", "TranscriptionSmoke", "WhisperServer"]

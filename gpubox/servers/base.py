@@ -25,7 +25,8 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from gpubox.spec import Spec, Violation, is_loopback, refuse
+from gpubox.llamacpp import HELP_CACHE_SUFFIX
+from gpubox.spec import ModelFile, Spec, Violation, is_loopback, refuse
 
 UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -72,6 +73,16 @@ class Flag:
         return [self.flag, self.render(value)]
 
 
+def model_path(model: ModelFile) -> str:
+    """How a model file renders as a flag's value: its path on the host."""
+    return model.path
+
+
+def binary_path(prefix: str, program: str = "llama-server") -> str:
+    """The program in the active install: `{prefix}/current` is switched atomically per build."""
+    return f"{prefix}/current/{program}"
+
+
 def flag_of(word: str) -> str | None:
     """The flag an ``extra_args`` word sets (``--port=9`` -> ``--port``); None for a value."""
     if not word.startswith("-") or word == "-":
@@ -107,6 +118,11 @@ class Service(Spec):
     """
 
     PROGRAM: ClassVar[str]
+    """The program in its install's ``current`` directory (``llama-server``; piper's ``bin/python3``)."""
+    PROGRAM_ARGS: ClassVar[tuple[str, ...]] = ()
+    """Words between the program and the flags (piper: ``-m piper.http_server``)."""
+    RESTART: ClassVar[str] = "on-failure"
+    """The unit's ``Restart=``: ``always`` for a server that exits 0 on errors (whisper-server)."""
     AUTHENTICATES: ClassVar[bool] = False
     """Whether the server checks an API key; a server that does not may listen on loopback only."""
     FLAGS: ClassVar[tuple[Flag, ...]] = ()
@@ -169,7 +185,7 @@ class Service(Spec):
 
     def argv(self, binary: str) -> list[str]:
         """The command line: the binary, every typed flag in table order, then ``extra_args``."""
-        words = [binary]
+        words = [binary, *self.PROGRAM_ARGS]
         for flag in self.FLAGS:
             words += flag.words(getattr(self, flag.field))
         return [*words, *self.extra_args]
@@ -180,8 +196,29 @@ class Service(Spec):
         extra = [flag_of(word) for word in self.extra_args]
         return [word for words in rendered for word in words] + [flag for flag in extra if flag is not None]
 
+    def model_files(self) -> list[tuple[str, ModelFile]]:
+        """Every model file the service loads, with its field name, in field order."""
+        found = [(name, getattr(self, name)) for name in type(self).model_fields]
+        return [(name, value) for name, value in found if isinstance(value, ModelFile)]
+
+    def models(self) -> list[ModelFile]:
+        """The model files this service loads (a llama-server's model, then its drafter)."""
+        return [model for _, model in self.model_files()]
+
     def read_only_files(self) -> list[str]:
         """Files the service reads and must not write (its models, its key file)."""
+        return [model.path for model in self.models()]
+
+    def binary(self, prefix: str) -> str:
+        """The program the unit runs, in the install at ``prefix``."""
+        return binary_path(prefix, self.PROGRAM)
+
+    def help_file(self, prefix: str) -> str:
+        """Where the install saved the server's ``--help`` (the flag check reads it, runs nothing)."""
+        return f"{self.binary(prefix)}{HELP_CACHE_SUFFIX}"
+
+    def host_programs(self) -> list[str]:
+        """Programs the server runs on the host besides its own (whisper's ``--convert``: ffmpeg)."""
         return []
 
     def warnings(self) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gpubox.servers.base import Flag, Service
+from gpubox.servers.base import Flag, Service, model_path
 from gpubox.spec import ModelFile, SmokeThresholds, Violation, absolute_path, is_loopback
 
 # Values the pinned llama.cpp (0c1e57098) accepts, read from its `llama-server --help`.
@@ -41,14 +41,10 @@ KEY_DIR = "/etc/gpubox/keys"
 GENERATE = "generate"
 
 
-def _model_path(model: ModelFile) -> str:
-    return model.path
-
-
 # `--parallel` has no omit value: its default is auto (4 slots), the parallel trap, so it is always rendered.
 LLAMA_SERVER_FLAGS: tuple[Flag, ...] = (
-    Flag("model", "--model", ("-m",), render=_model_path),
-    Flag("model_draft", "--model-draft", ("-md", "--spec-draft-model"), render=_model_path),
+    Flag("model", "--model", ("-m",), render=model_path),
+    Flag("model_draft", "--model-draft", ("-md", "--spec-draft-model"), render=model_path),
     Flag("spec_type", "--spec-type", omit="none"),
     Flag("spec_draft_n_max", "--spec-draft-n-max"),
     Flag("spec_draft_ngl", "--spec-draft-ngl", ("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft")),
@@ -72,11 +68,6 @@ LLAMA_SERVER_FLAGS: tuple[Flag, ...] = (
 )
 
 
-def binary_path(prefix: str, program: str = PROGRAM) -> str:
-    """The program in the active build: `{prefix}/current` is switched atomically per build."""
-    return f"{prefix}/current/{program}"
-
-
 class LlamaServer(Service):
     """One llama-server systemd service."""
 
@@ -84,6 +75,7 @@ class LlamaServer(Service):
     AUTHENTICATES: ClassVar[bool] = True
     FLAGS: ClassVar[tuple[Flag, ...]] = LLAMA_SERVER_FLAGS
 
+    type: Literal["llama-server"] = "llama-server"
     user: str = "llama"
     port: int = Field(default=8080, ge=1, le=65535)
     model: ModelFile
@@ -154,13 +146,8 @@ class LlamaServer(Service):
         "spec_draft_type_v": None,
     }
 
-    def models(self) -> list[ModelFile]:
-        """The GGUFs this service loads: the model, then the drafter."""
-        return [model for model in (self.model, self.model_draft) if model is not None]
-
     def read_only_files(self) -> list[str]:
-        files = [model.path for model in self.models()]
-        return files + ([self.api_key_file] if self.api_key_file is not None else [])
+        return super().read_only_files() + ([self.api_key_file] if self.api_key_file is not None else [])
 
 
 # --- the rules, in the order of the README's rule table --------------------------------------------

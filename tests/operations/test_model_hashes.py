@@ -16,9 +16,9 @@ import pytest
 from pyinfra.context import ctx_host, ctx_state
 from pyinfra_testing.util import FakeState, parse_value
 
-import operations.llamacpp
 import operations.service
 import operations.smoke
+import operations.source_build
 import operations.vram
 from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile
 from gpubox.verified import stamp_path
@@ -166,9 +166,9 @@ def test_a_model_shared_by_two_services_is_placed_and_stamped_once(monkeypatch: 
     monkeypatch.setattr(operations.models, "place", place)
     monkeypatch.setattr(operations.models, "stamp", stamp)
     monkeypatch.setattr(operations.models, "unused", lambda **kwargs: calls.append(("unused", "")))
-    monkeypatch.setattr(operations.llamacpp, "build", lambda spec: [])
+    monkeypatch.setattr(operations.source_build, "build", lambda spec: [])
     monkeypatch.setattr(operations.vram, "fits", lambda **kwargs: None)
-    monkeypatch.setattr(operations.service, "llama_server", llama_server)
+    monkeypatch.setattr(operations.service, "server", llama_server)
     monkeypatch.setattr(operations.smoke, "smoke_test", lambda *args: None)
     host = SimpleNamespace(name="box", data={"box": shared_model_box()})
     with ctx_host.use(host):

@@ -135,6 +135,8 @@ def _build_specs(op: Any, args: list[Any], kwargs: dict[str, Any]) -> tuple[list
         hint = hints.get(name) if name is not None else None
         if isinstance(hint, type) and issubclass(hint, BaseModel) and isinstance(value, dict):
             return hint.model_validate(value)
+        if hint is not None and not isinstance(hint, type) and isinstance(value, dict):
+            return TypeAdapter(hint).validate_python(value)  # a union of specs (AnyService, AnySourceBuild)
         return value
 
     built_args = [build(names[index] if index < len(names) else None, value) for index, value in enumerate(args)]

@@ -1,6 +1,6 @@
 """CLI for the test bed.
 
-``python -m tests.testbed up [--bind-llama] [--bind SRC:DST] [--bind-ro SRC:DST]``
+``python -m tests.testbed up [--bind-llama] [--bind-whisper] [--bind SRC:DST] [--bind-ro SRC:DST]``
     boot a host, print its SSH port / key / pid / inventory, and record it in a state file;
 ``python -m tests.testbed down``
     stop and delete every test host recorded in the registry (tests.testbed.registry): the one
@@ -21,6 +21,8 @@ from pathlib import Path
 from tests.testbed.assets import cache_dir, ccache_dir, llama_cpp_repo, sha256_file, smollm2_gguf
 from tests.testbed.host import build_rootfs, create_host
 from tests.testbed.registry import reap
+from tests.testbed.speech import WHISPER_REPO_MOUNT
+from tests.testbed.whisper_assets import whisper_cpp_repo
 
 LLAMA_REPO_MOUNT = "/srv/llama.cpp.git"
 CCACHE_MOUNT = "/var/cache/ccache-shared"
@@ -53,6 +55,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         repo, _ = llama_cpp_repo()
         binds_ro.append((str(repo), LLAMA_REPO_MOUNT))
         binds.append((str(ccache_dir()), CCACHE_MOUNT))
+    if args.bind_whisper:
+        whisper_repo, _ = whisper_cpp_repo()
+        binds_ro.append((str(whisper_repo), WHISPER_REPO_MOUNT))
     host = create_host(binds=binds, binds_ro=binds_ro, ssh_port=args.port)
     host.detach()  # the nspawn process outlives this CLI; `down` stops it
     inventory = host.write_pyinfra_inventory(host.root.parent / "inventory.py", user=args.user)
@@ -64,6 +69,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "root": str(host.root),
         "inventory": str(inventory),
         "console_log": str(host.console_log),
+        "speech": bool(args.bind_whisper),
     }
     state_file().write_text(json.dumps(state, indent=2))
     for key, value in state.items():
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--bind-ro", action="append", default=[], metavar="SRC:DST")
     up.add_argument("--bind-llama", action="store_true",
                     help=f"bind the llama.cpp repo at {LLAMA_REPO_MOUNT} and ccache at {CCACHE_MOUNT}")
+    up.add_argument("--bind-whisper", action="store_true",
+                    help=f"bind the whisper.cpp repo at {WHISPER_REPO_MOUNT}: the box gets whisper-server and piper")
     up.add_argument("--port", type=int, default=None, help="sshd port (default: a free one)")
     up.add_argument("--user", default="root", help="ssh user for the generated inventory")
     up.set_defaults(func=cmd_up)

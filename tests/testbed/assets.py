@@ -13,6 +13,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from gpubox.bench import free_port
@@ -117,28 +118,40 @@ def llama_cpp_sdist() -> Path:
     )
 
 
-def llama_cpp_repo() -> tuple[Path, str]:
-    """A git repo of llama.cpp (vendored in llama-cpp-python) with one deterministic commit.
+def cached_repo(repo: Path) -> str | None:
+    """HEAD of a repo made by :func:`repo_from_sdist` (packed for clones); None when there is none yet."""
+    if not (repo / ".git").is_dir():
+        return None
+    try:
+        sha = _git(repo, "rev-parse", "--verify", "HEAD")
+    except subprocess.CalledProcessError:
+        return None
+    if len(sha) != 40:
+        return None
+    if not any((repo / ".git" / "objects" / "pack").glob("*.pack")):
+        _git(repo, "repack", "-a", "-d", "-q")
+    return sha
 
-    Returns ``(repo_path, full_40_hex_sha)``.  Idempotent: reuses the cached repo.
+
+def repo_from_sdist(
+    sdist: Path,
+    repo: Path,
+    tree: str,
+    pick: Callable[[tarfile.TarInfo], bool],
+    message: str,
+    tar_filter: str = "data",
+) -> tuple[Path, str]:
+    """Make ``repo`` a git repo of the source tree an sdist vendors, with one deterministic commit.
+
+    ``pick`` selects the tar members of the tree, ``tree`` globs its directory once extracted. The
+    repo lets any sha be fetched (a host's shallow fetch of the pinned commit) and is one packfile.
     """
-    repo = cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
-    if (repo / ".git").is_dir():
-        try:
-            sha = _git(repo, "rev-parse", "--verify", "HEAD")
-            if len(sha) == 40:
-                if not any((repo / ".git" / "objects" / "pack").glob("*.pack")):
-                    _git(repo, "repack", "-a", "-d", "-q")
-                return repo, sha
-        except subprocess.CalledProcessError:
-            pass
-    sdist = llama_cpp_sdist()
-    tmp = Path(tempfile.mkdtemp(prefix=".llama-", dir=cache_dir()))
+    tmp = Path(tempfile.mkdtemp(prefix=".repo-", dir=cache_dir()))
     try:
         with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name + "/"]
-            tar.extractall(tmp, members=members, filter="tar")
-        (src,) = tmp.glob("*/vendor/llama.cpp")
+            # "data" also drops the archive's owner (another uid), which git would call dubious.
+            tar.extractall(tmp, members=[member for member in tar.getmembers() if pick(member)], filter=tar_filter)
+        (src,) = tmp.glob(tree)
         gitfile = src / ".git"
         if gitfile.is_file() or gitfile.is_symlink():
             gitfile.unlink()
@@ -149,8 +162,7 @@ def llama_cpp_repo() -> tuple[Path, str]:
         _git(src, "config", "uploadpack.allowAnySHA1InWant", "true")
         _git(src, "config", "core.autocrlf", "false")
         _git(src, "add", "-A", "-f", ".")
-        _git(src, "commit", "-q", "--no-gpg-sign", "--no-verify", "-m",
-             f"llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}")
+        _git(src, "commit", "-q", "--no-gpg-sign", "--no-verify", "-m", message)
         sha = _git(src, "rev-parse", "HEAD")
         # One packfile: clones (file:// upload-pack) reuse it instead of compressing loose objects.
         _git(src, "repack", "-a", "-d", "-q")
@@ -160,6 +172,25 @@ def llama_cpp_repo() -> tuple[Path, str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return repo, sha
+
+
+def llama_cpp_repo() -> tuple[Path, str]:
+    """A git repo of llama.cpp (vendored in llama-cpp-python) with one deterministic commit.
+
+    Returns ``(repo_path, full_40_hex_sha)``.  Idempotent: reuses the cached repo.
+    """
+    repo = cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+    sha = cached_repo(repo)
+    if sha is not None:
+        return repo, sha
+    return repo_from_sdist(
+        llama_cpp_sdist(),
+        repo,
+        "*/vendor/llama.cpp",
+        lambda member: "/vendor/llama.cpp/" in member.name + "/",
+        f"llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}",
+        tar_filter="tar",
+    )
 
 
 def smollm2_wheel() -> Path:

@@ -4,7 +4,7 @@ Steps (each records into WORKDIR/state.json; a failed step is recorded and the n
 
   prepare  unpack a trimmed llama.cpp tarball, `git init` + commit it; its sha is the pinned commit
   facts    pyinfra @local fact facts.gpu.NvidiaGpus / facts.cuda.CudaToolkit, NVML with bandwidth
-  build    the real operations.llamacpp.build on @local (pyinfra -y @local build_deploy.py), timed,
+  build    the real operations.source_build.build on @local (pyinfra -y @local build_deploy.py), timed,
            run twice (the second must change nothing), then ninja once more ("no work to do")
   smoke    one SmolLM2 service per GPU, pinned, started with its rendered unit's ExecStart and
            Environment; run_smoke with a GPU-residency probe, drafter off and on (draft-simple)
@@ -34,6 +34,26 @@ Two more steps, not part of `all` (they need two GPUs and build llama-server the
 
   scripts/gpu-validate prepare isobuild --workdir /root/gv --tarball llama.tgz --jobs 24
   scripts/gpu-validate isolation report --workdir /root/gv --model /root/models/X.gguf --iso-deadline 330
+
+The speech service and the seed's two-GPU layout, not part of `all` either:
+
+  seedbuild   start isobuild's sm90 llama-server build (plain cmake, llama-server only) in the background;
+              seedlayout waits for it (so it runs beside the whisper step's build)
+  whisper     unpack the trimmed whisper.cpp tarball (git init + commit, like prepare), fetch it into
+              /opt/whisper.cpp/src with gpubox.build.fetch_script, then gpubox.build.build_script(
+              WhisperCppBuild, "cuda", architectures from the GPU probe, nvcc, ccache=False): timed; the
+              stamp read back with installed_command/is_installed. Then whisper-server (tiny.en) started from
+              its rendered unit, pinned to GPU 1 (the seed's speech GPU; GPU 0 on a one-GPU machine): /health
+              polled from the start, samples/jfk.wav and the piper round-trip WAV transcribed 3 times each
+              with gpubox.speech.transcribe_command (curl), judged by TranscriptCheck (WER, RTF); nvidia-smi's
+              memory of its pid against gpubox.vram.speech_terms and whisper's logged buffer sizes
+  seedlayout  SmolLM2's llama-server pinned to GPU 0 and whisper-server pinned to GPU 1, both started from
+              their rendered units (render_unit with the probe's GPU records), both answering a request at
+              the same time; nvidia-smi's compute apps must list each pid on its own GPU's uuid only
+
+  scripts/gpu-validate prepare seedbuild whisper seedlayout report --workdir /root/gv --tarball llama.tgz
+      --whisper-tarball whisper.tgz --jobs 16 --out report.md
+  (scripts/gpu-pack packs the tarballs, models, WAV and wheels and prints the device calls that run this.)
 """
 
 # The logic of scripts/gpu-validate (a thin entry point). Pure pieces (the argument parser, the command
@@ -48,9 +68,12 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -73,9 +96,12 @@ from gpubox.gpu import (
     parse_compute_apps_probe,
     parse_gpu_probe,
 )
-from gpubox.servers.llama import LlamaServer, binary_path
+from gpubox.servers.base import Service, binary_path
+from gpubox.servers.llama import LlamaServer
+from gpubox.servers.whisper import JFK_TEXT, TranscriptionSmoke, WhisperServer
 from gpubox.smoke import (
     GpuProcesses,
+    TransportError,
     check_gpu_residency,
     read_spec_counters,
     requests_transport,
@@ -83,9 +109,20 @@ from gpubox.smoke import (
     smoke_table,
     wait_until_healthy,
 )
-from gpubox.spec import LlamaCppBuild, ModelFile, SmokeThresholds
+from gpubox.spec import LlamaCppBuild, ModelFile, SmokeThresholds, WhisperCppBuild
+from gpubox.speech import SpeechError, TranscriptCheck, parse_transcription, parse_wav_header, transcribe_command
 from gpubox.unit import render_unit, server_environment
-from gpubox.vram import CUDA_CONTEXT_MIB, MIB, ServicePlan, load_model_header, parse_memory_breakdown, plan_service
+from gpubox.vram import (
+    CUDA_CONTEXT_MIB,
+    MIB,
+    WHISPER_STATE_MIB,
+    WHISPER_WEIGHTS_MIB,
+    ServicePlan,
+    load_model_header,
+    parse_memory_breakdown,
+    plan_service,
+    speech_terms,
+)
 from tests.testbed.tiny_gemma4 import write_tiny_gemma4
 
 if TYPE_CHECKING:
@@ -97,6 +134,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD_DEPLOY = REPO / "scripts" / "gpu_validate" / "build_deploy.py"
 
 PREFIX = "/opt/llama.cpp"
+WHISPER_PREFIX = "/opt/whisper.cpp"
 # SmolLM2-Instruct ends a raw prompt at once (EOS after 1 token): the smoke prompt uses its chat template.
 CHAT_PROMPT = (
     "<|im_start|>user\nWrite a short story about a lighthouse keeper who finds a map.<|im_end|>\n"
@@ -112,9 +150,12 @@ BUILD_ATTEMPTS = ("first", "second (no-op)")
 BUILD_SPEC_ENV = "GPUBOX_VALIDATE_BUILD"
 
 STEP_NAMES = ("prepare", "facts", "build", "smoke", "mtp", "bench", "vram")
-MODEL_STEPS = ("smoke", "bench", "vram", "isolation")  # they wait for --model (it may still be arriving)
+MODEL_STEPS = ("smoke", "bench", "vram", "isolation", "seedlayout")  # they wait for --model (it may still be arriving)
 BUILD_STEPS = ("bench", "vram", "smoke", "mtp")  # skipped when the build failed
 # Not part of `all` (two GPUs, their own plain-cmake builds): `isobuild` then `isolation`.
+# Not part of `all` either (their own builds; seedlayout needs two GPUs): the speech steps.
+SPEECH_STEP_NAMES = ("seedbuild", "whisper", "seedlayout")
+ROUNDTRIP_TEXT = "The quick brown fox jumps over the lazy dog."
 
 
 # --------------------------------------------------------------------------- command line
@@ -122,7 +163,8 @@ BUILD_STEPS = ("bench", "vram", "smoke", "mtp")  # skipped when the build failed
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("steps", nargs="+", choices=[*STEP_NAMES, "isobuild", "isolation", "report", "all"])
+    parser.add_argument("steps", nargs="+",
+                        choices=[*STEP_NAMES, "isobuild", "isolation", *SPEECH_STEP_NAMES, "report", "all"])
     parser.add_argument("--workdir", default="/root/gv")
     parser.add_argument("--tarball", default=str(REPO / ".gpu" / "llama.tgz"))
     parser.add_argument("--src", default="/root/llama-src")
@@ -134,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="report path (default WORKDIR/gpu-validation.md)")
     parser.add_argument("--iso-deadline", type=float, default=480.0,
                         help="seconds after which the isolation step skips the cases left")
+    parser.add_argument("--whisper-tarball", default=str(REPO / ".gpu-pack" / "whisper.tgz"),
+                        help="the trimmed whisper.cpp tree (scripts/gpu-pack)")
+    parser.add_argument("--whisper-src", default="/root/whisper-src")
+    parser.add_argument("--whisper-model", default="/root/models/ggml-tiny.en.bin",
+                        help="Whisper tiny.en as a ggml model (whisper_tiny_en_ggml())")
+    parser.add_argument("--jfk", default=None, help="samples/jfk.wav (default: the unpacked whisper.cpp tree's)")
+    parser.add_argument("--roundtrip-wav", default="/root/models/roundtrip-fox.wav",
+                        help="piper's WAV of --roundtrip-text (made where piper runs: scripts/gpu-pack)")
+    parser.add_argument("--roundtrip-text", default=ROUNDTRIP_TEXT)
     return parser
 
 
@@ -152,6 +203,10 @@ def skip_reason(step: str, errors: Mapping[str, str]) -> str | None:
         return "skipped: the build failed"
     if step == "isolation" and "isobuild" in errors:
         return "skipped: the isobuild step failed"
+    if step in ("seedbuild", "seedlayout") and "prepare" in errors:
+        return "skipped: the prepare step failed"
+    if step == "seedlayout" and "seedbuild" in errors:
+        return "skipped: the seedbuild step failed"
     return None
 
 
@@ -229,7 +284,7 @@ def rich_text(renderable: RenderableType) -> str:
 # --------------------------------------------------------------------------- prepare
 
 
-def git_commands(src: Path) -> list[str]:
+def git_commands(src: Path, message: str = "llama.cpp 0c1e57098 (trimmed)") -> list[str]:
     """Make the unpacked tree a git repository with one commit (served to the build by file://)."""
     git = f"git -C {shlex.quote(str(src))}"
     return [
@@ -238,7 +293,7 @@ def git_commands(src: Path) -> list[str]:
         f"{git} config uploadpack.allowAnySHA1InWant true",
         f"{git} config core.autocrlf false",
         f"{git} add -A -f",
-        f"{git} -c user.name=gpubox -c user.email=gpubox@localhost commit -q -m 'llama.cpp 0c1e57098 (trimmed)'",
+        f"{git} -c user.name=gpubox -c user.email=gpubox@localhost commit -q -m {shlex.quote(message)}",
     ]
 
 
@@ -251,23 +306,29 @@ def prepared_record(src: Path, sha: str) -> Json:
     return {"src": str(src), "commit": sha.strip(), "repo": f"file://{src}"}
 
 
-def step_prepare(args: argparse.Namespace, state: State) -> None:
-    src = Path(args.src)
+def unpack_committed(tarball: str, src: Path, message: str) -> str:
+    """Unpack `tarball` into `src` and commit it (once: an existing repository is kept); its full sha."""
     if not (src / ".git").is_dir():
         src.mkdir(parents=True, exist_ok=True)
-        code, out = sh(["tar", "xzf", args.tarball, "-C", str(src)])
+        code, out = sh(["tar", "xzf", tarball, "-C", str(src)])
         if code:
             raise RuntimeError(out)
         env = git_env(os.environ)
-        for command in git_commands(src):
+        for command in git_commands(src, message):
             code, out = sh(command, env=env)
             if code:
                 raise RuntimeError(f"{command}: {out}")
     code, sha = sh(["git", "-C", str(src), "rev-parse", "HEAD"])
     if code:
         raise RuntimeError(sha)
+    return sha.strip()
+
+
+def step_prepare(args: argparse.Namespace, state: State) -> None:
+    src = Path(args.src)
+    sha = unpack_committed(args.tarball, src, "llama.cpp 0c1e57098 (trimmed)")
     state["prepare"] = prepared_record(src, sha)
-    log(f"llama.cpp source {src} at {sha.strip()}")
+    log(f"llama.cpp source {src} at {sha}")
 
 
 # --------------------------------------------------------------------------- facts
@@ -489,15 +550,24 @@ def parse_unit(text: str) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
-def unit_command(server: LlamaServer, gpus: Sequence[Gpu] = ()) -> tuple[list[str], dict[str, str], str]:
+def install_prefix(server: Service) -> str:
+    """Where the service's program is installed: llama.cpp's prefix, or whisper.cpp's."""
+    return WHISPER_PREFIX if isinstance(server, WhisperServer) else PREFIX
+
+
+def unit_command(
+    server: Service, gpus: Sequence[Gpu] = (), binary: str | None = None
+) -> tuple[list[str], dict[str, str], str]:
     """(argv, environment, unit text): what the rendered unit starts, checked against argv/server_environment.
 
     `gpus`: the host's GPU records (the NvidiaGpus fact's: UUID and minor number), as the unit operation
-    renders with; the unit pins its GPUs by UUID.
+    renders with; the unit pins its GPUs by UUID. `binary`: the program the unit names (default: the
+    service's program in its install's `current`, as the deploy renders it).
     """
-    text = render_unit(server, binary_path(PREFIX), gpus)
+    program = binary or server.binary(install_prefix(server))
+    text = render_unit(server, program, gpus)
     argv, env = parse_unit(text)
-    if argv != server.argv(binary_path(PREFIX)) or env != server_environment(server, gpus):
+    if argv != server.argv(program) or env != server_environment(server, gpus):
         raise RuntimeError(f"unit text does not parse back to the server's argv/server_environment:\n{text}")
     return argv, env, text
 
@@ -508,23 +578,28 @@ def process_env(base: Mapping[str, str], unit_env: Mapping[str, str]) -> dict[st
 
 
 class Server:
-    """A llama-server started from its rendered unit's ExecStart and Environment=, logging to WORKDIR."""
+    """A server (llama-server, whisper-server) started from its rendered unit's ExecStart and Environment=,
+    logging to WORKDIR."""
 
     def __init__(
         self,
-        server: LlamaServer,
+        server: Any,
         workdir: Path,
         tag: str,
         *,
         launch: tuple[list[str], dict[str, str], str] | None = None,
         gpus: Sequence[Gpu] = (),
+        binary: str | None = None,
     ) -> None:
         """`launch`: (argv, environment, unit text) to start instead of the unit's (the isolation step's).
 
-        `gpus`: the host's GPU records the unit is rendered with (`fact_gpu_records`).
+        `gpus`: the host's GPU records the unit is rendered with (`fact_gpu_records`). `binary`: the
+        program the unit names, when it is not the install's `current` one (a plain cmake build's).
+        `server` is a `Service` (typed Any: the steps read their own service type's fields from it).
         """
         self.server = server
-        self.argv, self.env, self.unit = launch or unit_command(server, gpus)
+        self.started = time.monotonic()
+        self.argv, self.env, self.unit = launch or unit_command(server, gpus, binary)
         self.log_path = workdir / f"server-{tag}.log"
         self.log: IO[bytes] = open(self.log_path, "w+b")  # noqa: SIM115
         self.process = subprocess.Popen(
@@ -554,7 +629,8 @@ class Server:
 def wait_healthy(server: Server, timeout_s: float = 180) -> bool:
     def sleep(seconds: float) -> None:
         if server.process.poll() is not None:
-            raise RuntimeError(f"llama-server exited {server.process.returncode}:\n{server.log_text()[-2500:]}")
+            raise RuntimeError(f"{server.server.PROGRAM} exited {server.process.returncode}:\n"
+                               f"{server.log_text()[-2500:]}")
         time.sleep(seconds)
 
     return wait_until_healthy(requests_transport(server.url), timeout_s, sleep=sleep, poll_interval_s=0.25).healthy
@@ -1300,6 +1376,511 @@ def step_isolation(args: argparse.Namespace, state: State) -> None:
             f"smoke={record.get('smoke')}")
 
 
+# --------------------------------------------------------------------------- whisper-server (speech to text)
+#
+# whisper.cpp is built by the product's own scripts: gpubox.build.fetch_script clones the pinned commit into
+# {prefix}/src, gpubox.build.build_script(WhisperCppBuild, "cuda", ...) configures, builds, installs into
+# builds/, writes the gpubox-build.json stamp and switches `current`. whisper-server then runs from its
+# rendered unit (render_unit with the probe's GPU records: CUDA_VISIBLE_DEVICES=<uuid>), like the llama
+# services above.
+
+WHISPER_PORT = 8090
+WHISPER_GPU = 1  # the seed's speech GPU (inventory/home.py); GPU 0 on a one-GPU machine
+WHISPER_RUNS = 3
+WHISPER_MODEL_ARCHITECTURE = "tiny.en"
+WHISPER_MAX_WER = 0.2
+WHISPER_MAX_RTF = 0.5  # the seed's TranscriptionSmoke(max_real_time_factor=0.5)
+WHISPER_REQUEST_TIMEOUT_S = 120.0
+# whisper.cpp's own log of what it allocates (src/whisper.cpp: whisper_model_load, whisper_init_state), in MB
+# of 10^6 bytes: "model size    =   77.11 MB", "kv self size  =    3.15 MB", "compute buffer (conv)   = ...".
+WHISPER_BUFFER_RE = re.compile(
+    r"(model\s+size|kv\s+(?:self|cross|pad)\s+size|compute buffer \((?:conv|encode|cross|decode)\))"
+    r"\s*=\s*([0-9]+(?:\.[0-9]+)?)\s*MB"
+)
+WHISPER_LOG_PATTERN = re.compile(
+    r"ggml_cuda_init|CUDA|backend|GPU|Device \d|flash|model size|kv \w+\s+size|compute buffer|error|fail|"
+    r"listening|system_info",
+    re.IGNORECASE,
+)
+
+
+def whisper_build_spec(prepared: Mapping[str, Any], jobs: int) -> WhisperCppBuild:
+    """The deploy's whisper.cpp build of the prepared tree at its pinned commit: CUDA, whisper-server."""
+    return WhisperCppBuild(repo=prepared["repo"], commit=prepared["commit"], cuda="on", prefix=WHISPER_PREFIX,
+                           jobs=jobs)
+
+
+def whisper_gpu(indices: Sequence[int]) -> int:
+    """The GPU whisper-server is pinned to: GPU 1, as in the seed, or the only one."""
+    return WHISPER_GPU if WHISPER_GPU in indices else indices[-1]
+
+
+def whisper_model_file(info: Mapping[str, Any]) -> ModelFile:
+    return ModelFile(path=info["path"], sha256=info["sha256"], format="ggml-whisper",
+                     architecture=WHISPER_MODEL_ARCHITECTURE)
+
+
+def whisper_service(model: ModelFile, gpu: int, port: int = WHISPER_PORT) -> WhisperServer:
+    """The seed's whisper service (English, flash attention, its smoke thresholds) with tiny.en, pinned to `gpu`."""
+    return WhisperServer(
+        name=f"whisper-gpu{gpu}", gpus=(gpu,), model=model, language="en", flash_attn=True, port=port,
+        smoke=TranscriptionSmoke(max_word_error_rate=WHISPER_MAX_WER, max_real_time_factor=WHISPER_MAX_RTF,
+                                 timeout_s=WHISPER_REQUEST_TIMEOUT_S),
+    )
+
+
+def stamp_check_record(output: str, spec: WhisperCppBuild, flavor: plan.Flavor) -> Json:
+    """What the deploy's no-op check sees after the build: the stamp's text, and whether `current` points here."""
+    found = plan.parse_installed(output.splitlines())
+    matches, points_here = plan.is_installed(found, spec, flavor)
+    return {"stamp": found.stamp, "current": found.current, "stamp_matches": matches,
+            "current_points_here": points_here}
+
+
+def health_transitions(samples: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """[seconds, answer] samples of /health -> the first sample of each run of equal answers."""
+    out: list[list[Any]] = []
+    for seconds, answer in samples:
+        if not out or out[-1][1] != answer:
+            out.append([seconds, answer])
+    return out
+
+
+def whisper_buffers_mb(log_text: str) -> dict[str, float]:
+    """whisper.cpp's logged buffer sizes (MB = 10^6 bytes), by name (`kv pad  size` is logged with two spaces:
+    names are read with their spaces collapsed); the last state's when it logs several."""
+    return {" ".join(name.split()): float(value) for name, value in WHISPER_BUFFER_RE.findall(log_text)}
+
+
+def mb_to_mib(mb: float) -> float:
+    return mb * 1e6 / MIB
+
+
+def whisper_vram_record(
+    service: WhisperServer, model_bytes: int, buffers_mb: Mapping[str, float], process_mib: int | None
+) -> Json:
+    """The planner's whisper term (gpubox.vram.speech_terms, with its table's weights and with the file's size)
+    against nvidia-smi's memory of the process and whisper's logged buffers."""
+    planned = {k: v / MIB for k, v in speech_terms(service).items()}
+    planned_file = {k: v / MIB for k, v in speech_terms(service, model_bytes).items()}
+    logged = {name: mb_to_mib(mb) for name, mb in buffers_mb.items()}
+    weights = logged.get("model size", 0.0)
+    state_mib = sum(v for k, v in logged.items() if k != "model size")
+    logged_total = weights + state_mib
+    planned_total = sum(planned.values())
+    planned_file_total = sum(planned_file.values())
+    size = (service.model.architecture or "").removesuffix(".en")
+    return {
+        "planned_terms_mib": {k: round(v, 1) for k, v in planned.items()},
+        "planned_total_mib": round(planned_total, 1),
+        "planned_file_terms_mib": {k: round(v, 1) for k, v in planned_file.items()},
+        "planned_file_total_mib": round(planned_file_total, 1),
+        "table": {"weights_mib": WHISPER_WEIGHTS_MIB.get(size), "state_mib": WHISPER_STATE_MIB.get(size)},
+        "model_bytes": model_bytes,
+        "logged_mb": dict(buffers_mb),
+        "logged_mib": {k: round(v, 2) for k, v in logged.items()},
+        "logged_weights_mib": round(weights, 1),
+        "logged_state_mib": round(state_mib, 1),
+        "logged_total_mib": round(logged_total, 1),
+        "process_mib": process_mib,
+        "gap_mib": None if process_mib is None else round(planned_total - process_mib, 1),
+        "gap_file_mib": None if process_mib is None else round(planned_file_total - process_mib, 1),
+        "measured_minus_logged_mib": None if process_mib is None else round(process_mib - logged_total, 1),
+    }
+
+
+def transcript_record(audio: str, run: int, expected: str, heard: str, audio_s: float, seconds: float) -> Json:
+    """One transcription judged as the deploy's smoke test judges it (gpubox.speech.TranscriptCheck)."""
+    check = TranscriptCheck.judge(expected, heard, audio_s, seconds, max_wer=WHISPER_MAX_WER, max_rtf=WHISPER_MAX_RTF)
+    return {"audio": audio, "run": run, "heard": heard, "expected": expected, "audio_s": round(audio_s, 3),
+            "seconds": round(seconds, 4), "rtf": round(check.rtf, 4), "wer": round(check.wer, 4),
+            "passed": check.passed, "failures": check.failures}
+
+
+def transcript_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Json]:
+    """Per audio: runs, median seconds / RTF, WER of each run, the distinct transcripts, all passed."""
+    out: dict[str, Json] = {}
+    for audio in dict.fromkeys(r["audio"] for r in records):
+        runs = [r for r in records if r["audio"] == audio]
+        ok = [r for r in runs if "error" not in r]
+        out[audio] = {
+            "runs": len(runs), "answered": len(ok),
+            "median_seconds": round(statistics.median(r["seconds"] for r in ok), 4) if ok else None,
+            "median_rtf": round(statistics.median(r["rtf"] for r in ok), 4) if ok else None,
+            "wers": [r["wer"] for r in ok], "transcripts": list(dict.fromkeys(r["heard"] for r in ok)),
+            "passed": bool(ok) and len(ok) == len(runs) and all(r["passed"] for r in ok),
+        }
+    return out
+
+
+def wav_seconds(path: Path) -> float:
+    data = path.read_bytes()
+    return parse_wav_header(data[:65536], file_size=len(data)).duration_s
+
+
+def transcribe(url: str, wav: Path, timeout: float) -> tuple[str, float, str]:
+    """(text, seconds, client): gpubox.speech.transcribe_command run here (curl), parsed by parse_transcription.
+
+    Without curl on the machine, requests posts the same form and its answer is printed the way the curl
+    command prints it, so parse_transcription reads both.
+    """
+    if shutil.which("curl"):
+        result = subprocess.run(["sh", "-c", transcribe_command(url, str(wav), timeout, language="en")],
+                                capture_output=True, text=True, timeout=timeout + 10)
+        if result.returncode and result.stderr:
+            raise TransportError(f"curl exit {result.returncode}: {result.stderr.strip()[-300:]}")
+        text, seconds = parse_transcription(result.stdout, result.returncode)
+        return text, seconds, "curl"
+    started = time.monotonic()
+    with open(wav, "rb") as fh:
+        response = requests.post(f"{url}/inference", files={"file": (wav.name, fh, "audio/wav")},
+                                 data={"response_format": "json", "temperature": "0", "language": "en"},
+                                 timeout=timeout)
+    stdout = f"{response.text}\n{response.status_code}\n{time.monotonic() - started:.6f}"
+    text, seconds = parse_transcription(stdout, 0)
+    return text, seconds, "requests (no curl on the machine)"
+
+
+def poll_health(server: Server, timeout_s: float = 180.0, interval_s: float = 0.05) -> list[list[Any]]:
+    """/health from the process's start until 200: [seconds since start, status code or `refused`] samples."""
+    samples: list[list[Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            answer: Any = requests.get(f"{server.url}/health", timeout=2).status_code
+        except requests.RequestException:
+            answer = "refused"
+        samples.append([round(time.monotonic() - server.started, 3), answer])
+        if answer == 200:
+            return samples
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.server.PROGRAM} exited {server.process.returncode}:\n"
+                               f"{server.log_text()[-2500:]}")
+        time.sleep(interval_s)
+    return samples
+
+
+def gpu_records() -> tuple[str, list[Gpu]]:
+    """The NvidiaGpus fact's probe, run here: its output and the GPU records the units are rendered with."""
+    _, output = sh(gpu_probe_command())
+    return output, parse_gpu_probe(output.splitlines())
+
+
+def whisper_log_lines(text: str, limit: int = 40) -> list[str]:
+    """whisper-server's device and buffer lines, each once (system_info is logged per request)."""
+    return list(dict.fromkeys(line.rstrip() for line in text.splitlines() if WHISPER_LOG_PATTERN.search(line)))[:limit]
+
+
+def whisper_model_record(path: str) -> Json:
+    data = Path(path).read_bytes()
+    return {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def build_whisper(args: argparse.Namespace, result: Json, gpus: Sequence[Gpu]) -> WhisperCppBuild:
+    """Unpack and commit the tarball, then the product's fetch and build scripts; the timings and the stamp."""
+    src = Path(args.whisper_src)
+    sha = unpack_committed(args.whisper_tarball, src, "whisper.cpp f24588a (trimmed)")
+    result["prepared"] = prepared_record(src, sha)
+    spec = whisper_build_spec(result["prepared"], args.jobs)
+    architectures = plan.resolve_architectures(spec, gpus)
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    script = plan.build_script(spec, "cuda", architectures, nvcc, ccache=False)
+    result.update({"spec": spec.model_dump(mode="json"), "architectures": architectures, "nvcc": nvcc,
+                   "configure": plan.cmake_configure_args(spec, "cuda", architectures, nvcc, ccache=False)})
+    (Path(args.workdir) / "whisper-build.sh").write_text(script)
+    for name, text in (("fetch", plan.fetch_script(spec)), ("build", script)):
+        log(f"whisper: gpubox {name} script")
+        started = time.monotonic()
+        code, out = sh(["sh", "-c", text], timeout=3000)
+        seconds = round(time.monotonic() - started, 1)
+        result[f"{name}_run"] = {"exit": code, "seconds": seconds, "output_tail": out[-3000:]}
+        log(f"whisper {name}: exit {code} in {seconds} s")
+        if code:
+            _, tail = sh(["tail", "-n", "40", plan.log_path(spec, "cuda")])
+            result[f"{name}_run"]["log_tail"] = tail
+            raise RuntimeError(f"the whisper.cpp {name} script failed (exit {code}):\n{out[-2500:]}")
+    _, out = sh(plan.installed_command(plan.stamp_path(spec, "cuda"), plan.current_link(spec)))
+    result["stamp_check"] = stamp_check_record(out, spec, "cuda")
+    binary = shlex.quote(spec_binary(spec))
+    _, out = sh(f"ls {shlex.quote(plan.install_dir(spec, 'cuda'))}; readelf -d {binary} | grep NEEDED; "
+                f"ls -l {binary} | awk '{{print $5}}'")
+    result["installed"] = out
+    _, listing = sh(f"cuobjdump --list-elf {binary}; cuobjdump --list-ptx {binary}")
+    result["fatbin"] = fatbin_summary(listing)
+    _, help_text = sh(["cat", f"{spec_binary(spec)}.help"])
+    result["help_option_lines"] = sum(1 for line in help_text.splitlines() if line.lstrip().startswith("-"))
+    return spec
+
+
+def spec_binary(spec: WhisperCppBuild) -> str:
+    return binary_path(spec.prefix, spec.PROJECT.server)
+
+
+def step_whisper(args: argparse.Namespace, state: State) -> None:  # noqa: C901
+    """Build whisper.cpp the deploy's way, then serve tiny.en pinned to GPU 1 and transcribe two WAVs 3 times."""
+    workdir = Path(args.workdir)
+    probe_output, gpus = gpu_records()
+    result: Json = {"probe_output": probe_output, "gpus": [gpu.to_json() for gpu in gpus]}
+    state["whisper"] = result
+    if not gpus:
+        raise RuntimeError(f"the GPU probe found no GPU:\n{probe_output}")
+    started = time.monotonic()
+    try:
+        build_whisper(args, result, gpus)
+    finally:
+        result["build_step_seconds"] = round(time.monotonic() - started, 1)
+        state["whisper"] = result
+    wait_for_model(args.whisper_model, args.wait_model)
+    if state["whisper_model"] is None:
+        state["whisper_model"] = whisper_model_record(args.whisper_model)
+    model = whisper_model_file(state["whisper_model"])
+    gpu = whisper_gpu([g.index for g in gpus])
+    uuid = next(g.uuid for g in gpus if g.index == gpu)
+    service = whisper_service(model, gpu)
+    jfk = Path(args.jfk or Path(args.whisper_src) / "samples" / "jfk.wav")
+    audios = [("jfk.wav", jfk, JFK_TEXT), ("piper round trip", Path(args.roundtrip_wav), args.roundtrip_text)]
+    result["audio"] = {name: {"path": str(path), "seconds": round(wav_seconds(path), 3) if path.is_file() else None,
+                              "expected": text} for name, path, text in audios}
+    idle = gpu_used_mib()
+    server = Server(service, workdir, f"whisper-gpu{gpu}", gpus=gpus)
+    result.update({"service": service.name, "gpu": gpu, "uuid": uuid, "pid": server.process.pid, "argv": server.argv,
+                   "environment": server.env, "unit": server.unit, "gpu_used_mib_idle": idle})
+    state["whisper"] = result
+    transcripts: list[Json] = []
+    try:
+        samples = poll_health(server)
+        result["health"] = health_transitions(samples)
+        result["health_polls"] = len(samples)
+        healthy = bool(samples) and samples[-1][1] == 200
+        result["healthy"] = healthy
+        result["healthy_after_s"] = samples[-1][0] if healthy else None
+        if not healthy:
+            raise RuntimeError(f"whisper-server not healthy:\n{server.log_text()[-2500:]}")
+        for name, path, expected in audios:
+            if not path.is_file():
+                transcripts.append({"audio": name, "run": 0, "error": f"{path} is missing"})
+                continue
+            audio_s = wav_seconds(path)
+            for run in range(1, WHISPER_RUNS + 1):
+                try:
+                    heard, seconds, client = transcribe(server.url, path, WHISPER_REQUEST_TIMEOUT_S)
+                    transcripts.append(transcript_record(name, run, expected, heard, audio_s, seconds))
+                    result["client"] = client
+                except (SpeechError, TransportError, subprocess.TimeoutExpired, requests.RequestException) as error:
+                    transcripts.append({"audio": name, "run": run, "error": f"{type(error).__name__}: {error}"})
+                result["transcripts"] = transcripts
+                state["whisper"] = result
+                log(f"whisper {name} run {run}: {transcripts[-1]}")
+        apps = compute_apps()
+        result["compute_apps"] = [app.model_dump(mode="json") for app in apps]
+        result["held_mib"] = held_mib(server.process.pid, apps)
+        result["residency_failures"] = check_gpu_residency(server.process.pid, {uuid}, apps)
+        result["gpu_used_mib_serving"] = gpu_used_mib()
+    finally:
+        server.stop()
+        log_text = server.log_path.read_text(errors="replace")
+        result["log_lines"] = whisper_log_lines(log_text)
+        result["log_tail"] = log_text.splitlines()[-15:]
+        result["buffers_mb"] = whisper_buffers_mb(log_text)
+        state["whisper"] = result
+    own = result.get("held_mib") or {}
+    process_mib = own.get(uuid)
+    result["vram"] = whisper_vram_record(service, state["whisper_model"]["size"], result["buffers_mb"], process_mib)
+    result["summary"] = transcript_summary(transcripts)
+    failures = [f"{r['audio']} run {r['run']}: {r['error']}" for r in transcripts if "error" in r]
+    failures += [f"{r['audio']} run {r['run']}: {f}" for r in transcripts if "error" not in r for f in r["failures"]]
+    failures += result.get("residency_failures") or []
+    if not result["stamp_check"]["stamp_matches"] or not result["stamp_check"]["current_points_here"]:
+        failures.append(f"the stamp check after the build: {result['stamp_check']}")
+    result["failures"] = failures
+    result["passed"] = not failures
+    state["whisper"] = result
+    log(f"whisper: passed={not failures} summary={result['summary']} vram={result['vram']}")
+    if failures:
+        raise RuntimeError("whisper step: " + "; ".join(failures))
+
+
+# --------------------------------------------------------------------------- the seed's layout (two GPUs)
+#
+# The seed's box: the LLM on GPU 0, speech on GPU 1. Both servers are started from their rendered units
+# (CUDA_VISIBLE_DEVICES=<uuid>) and answer a request at the same time; nvidia-smi's compute apps must then
+# list each pid on its own GPU's uuid and nowhere else.
+
+SEED_LLAMA_GPU = 0
+SEED_N_PREDICT = 256
+BACKGROUND: dict[str, tuple[subprocess.Popen[bytes], float, Path]] = {}
+"""Builds started in the background by a step of this run (seedbuild), waited for by a later one."""
+
+
+def seed_llama_binary(workdir: Path, exists: Callable[[str], bool] = os.path.exists) -> str:
+    """The llama-server seedlayout runs: seedbuild's, or else the `build` step's install (`current`)."""
+    built = str(iso_binary(workdir, "sm90"))
+    installed = binary_path(PREFIX)
+    return installed if not exists(built) and exists(installed) else built
+
+
+def layout_failures(expected: Mapping[int, str], apps: Sequence[ComputeApp], names: Mapping[int, str]) -> list[str]:
+    """Each pid must be listed on its own GPU's uuid, and only there."""
+    failures: list[str] = []
+    for pid, uuid in expected.items():
+        held = sorted({app.gpu_uuid for app in apps if app.pid == pid})
+        if not held:
+            failures.append(f"{names.get(pid, pid)} (pid {pid}) is not among nvidia-smi's compute apps")
+        elif held != [uuid]:
+            failures.append(f"{names.get(pid, pid)} (pid {pid}) is on {', '.join(held)}; expected {uuid} only")
+    return failures
+
+
+def layout_rows(apps: Sequence[ComputeApp], names: Mapping[int, str], gpus: Sequence[Gpu]) -> list[Json]:
+    """nvidia-smi's compute apps with the service of each pid and the index of each uuid."""
+    index = {gpu.uuid: gpu.index for gpu in gpus}
+    return [{"pid": app.pid, "service": names.get(app.pid, "(other)"), "gpu": index.get(app.gpu_uuid),
+             "gpu_uuid": app.gpu_uuid, "used_memory_mib": app.used_memory_mib} for app in apps]
+
+
+def overlap_seconds(a: Sequence[float], b: Sequence[float]) -> float:
+    """How long two (start, end) intervals overlap."""
+    return round(max(0.0, min(a[1], b[1]) - max(a[0], b[0])), 4)
+
+
+def seed_completion_body(n_predict: int = SEED_N_PREDICT) -> Json:
+    return {"prompt": CHAT_PROMPT, "n_predict": n_predict, "temperature": 0, "ignore_eos": True,
+            "cache_prompt": False}
+
+
+def step_seedbuild(args: argparse.Namespace, state: State) -> None:
+    """Start isobuild's sm90 llama-server build in the background (seedlayout waits for it)."""
+    workdir = Path(args.workdir)
+    binary = iso_binary(workdir, "sm90")
+    if binary.exists():
+        state["seedbuild"] = {"reused": str(binary)}
+        return
+    spec = iso_build_spec(state["prepare"], args.jobs)
+    script = iso_build_script(Path(state["prepare"]["src"]), iso_build_dir(workdir, "sm90"), "90", args.jobs, spec)
+    log_file = workdir / "seed-build-sm90.log"
+    with open(log_file, "wb") as sink:
+        process = subprocess.Popen(script, shell=True, stdout=sink, stderr=subprocess.STDOUT)
+    BACKGROUND["seedbuild"] = (process, time.monotonic(), log_file)
+    state["seedbuild"] = {"command": script, "pid": process.pid, "log": str(log_file), "jobs": args.jobs}
+
+
+def wait_seedbuild(args: argparse.Namespace, state: State) -> Json:
+    record: Json = dict(state["seedbuild"] or {})
+    running = BACKGROUND.pop("seedbuild", None)
+    if running:
+        process, started, log_file = running
+        code = process.wait()
+        record.update({"exit": code, "seconds": round(time.monotonic() - started, 1),
+                       "output_tail": log_file.read_text(errors="replace")[-2000:]})
+        state["seedbuild"] = record
+        log(f"seedbuild: exit {code} after {record['seconds']} s")
+    return record
+
+
+def step_seedlayout(args: argparse.Namespace, state: State) -> None:  # noqa: C901
+    """SmolLM2 on GPU 0 and whisper-server on GPU 1, each from its unit, serving at once: who is where."""
+    workdir = Path(args.workdir)
+    result: Json = {"build": wait_seedbuild(args, state)}
+    state["seedlayout"] = result
+    probe_output, gpus = gpu_records()
+    result.update({"probe_output": probe_output, "gpus": [gpu.to_json() for gpu in gpus]})
+    if len(gpus) < 2:
+        raise RuntimeError(f"the seed's layout needs two GPUs, this machine has {len(gpus)}")
+    llama_binary = seed_llama_binary(workdir)
+    whisper_binary = binary_path(WHISPER_PREFIX, "whisper-server")
+    for binary in (llama_binary, whisper_binary):
+        if not Path(binary).exists():
+            raise RuntimeError(f"{binary} is missing: run seedbuild (llama-server) and whisper (whisper-server) first")
+    if state["whisper_model"] is None:
+        wait_for_model(args.whisper_model, args.wait_model)
+        state["whisper_model"] = whisper_model_record(args.whisper_model)
+    llama = smoke_service(state_model_file(args, state), SEED_LLAMA_GPU, draft=False)
+    whisper = whisper_service(whisper_model_file(state["whisper_model"]), whisper_gpu([g.index for g in gpus]))
+    uuids = {g.index: g.uuid for g in gpus}
+    idle = gpu_used_mib()
+    servers = [Server(llama, workdir, "seed-llama", gpus=gpus, binary=llama_binary),
+               Server(whisper, workdir, "seed-whisper", gpus=gpus)]
+    names = {server.process.pid: server.server.name for server in servers}
+    expected = {server.process.pid: uuids[server.server.gpus[0]] for server in servers}
+    result["services"] = [
+        {"service": s.server.name, "program": s.server.PROGRAM, "gpu": s.server.gpus[0],
+         "uuid": uuids[s.server.gpus[0]], "pid": s.process.pid, "argv": s.argv, "environment": s.env, "unit": s.unit}
+        for s in servers
+    ]
+    result["gpu_used_mib_idle"] = idle
+    state["seedlayout"] = result
+    jfk = Path(args.jfk or Path(args.whisper_src) / "samples" / "jfk.wav")
+    jfk_s = wav_seconds(jfk)
+    try:
+        for record, server in zip(result["services"], servers, strict=True):
+            samples = poll_health(server)
+            record["healthy_after_s"] = samples[-1][0] if samples and samples[-1][1] == 200 else None
+            if record["healthy_after_s"] is None:
+                raise RuntimeError(f"{server.server.name} not healthy:\n{server.log_text()[-2500:]}")
+        llama_url, whisper_url = servers[0].url, servers[1].url
+        # Warm-up: the first request of each pays for its CUDA graphs and kernels' first loads.
+        requests.post(f"{llama_url}/completion", json=seed_completion_body(8), timeout=120)
+        transcribe(whisper_url, jfk, WHISPER_REQUEST_TIMEOUT_S)
+        answers: Json = {}
+        t0 = time.monotonic()
+
+        def ask_llama() -> None:
+            started = time.monotonic() - t0
+            response = requests.post(f"{llama_url}/completion", json=seed_completion_body(), timeout=300)
+            timings = response.json().get("timings", {}) if response.ok else {}
+            answers["llama"] = {"interval": [round(started, 4), round(time.monotonic() - t0, 4)],
+                                "status": response.status_code, "predicted_n": timings.get("predicted_n"),
+                                "tokens_per_second": timings.get("predicted_per_second")}
+
+        def ask_whisper() -> None:
+            started = time.monotonic() - t0
+            try:
+                text, seconds, _ = transcribe(whisper_url, jfk, WHISPER_REQUEST_TIMEOUT_S)
+                check = TranscriptCheck.judge(JFK_TEXT, text, jfk_s, seconds, max_wer=WHISPER_MAX_WER,
+                                              max_rtf=WHISPER_MAX_RTF)
+                answer: Json = {"text": text, "seconds": seconds, "rtf": round(check.rtf, 4),
+                                "wer": round(check.wer, 4)}
+            except (SpeechError, TransportError) as error:
+                answer = {"error": str(error)}
+            answers["whisper"] = {**answer, "interval": [round(started, 4), round(time.monotonic() - t0, 4)]}
+
+        threads = [threading.Thread(target=ask_llama), threading.Thread(target=ask_whisper)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.05)
+        during = compute_apps()
+        for thread in threads:
+            thread.join(timeout=320)
+        after = compute_apps()
+        result["requests"] = answers
+        if "llama" in answers and "whisper" in answers:
+            result["overlap_s"] = overlap_seconds(answers["llama"]["interval"], answers["whisper"]["interval"])
+        result["compute_apps_during"] = layout_rows(during, names, gpus)
+        result["compute_apps_after"] = layout_rows(after, names, gpus)
+        result["gpu_used_mib_serving"] = gpu_used_mib()
+        result["failures"] = layout_failures(expected, after, names)
+        result["failures_during"] = layout_failures(expected, during, names)
+    finally:
+        for server in servers:
+            server.stop()
+        result["log_lines"] = {s.server.name: (whisper_log_lines(s.log_path.read_text(errors="replace"), 15)
+                                               if s.server.PROGRAM == "whisper-server" else
+                                               iso_log_lines(s.log_path.read_text(errors="replace"), 15))
+                               for s in servers}
+        state["seedlayout"] = result
+    failures = list(result["failures"])
+    for name in ("llama", "whisper"):
+        answer = result["requests"].get(name) or {}
+        if answer.get("error") or answer.get("status", 200) != 200 or not answer:
+            failures.append(f"the {name} request failed: {answer}")
+    result["passed"] = not failures
+    state["seedlayout"] = result
+    log(f"seedlayout: passed={not failures} apps={result['compute_apps_after']} requests={result['requests']}")
+    if failures:
+        raise RuntimeError("seed layout: " + "; ".join(failures))
+
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -1361,12 +1942,38 @@ def summary(state: Mapping[str, Any]) -> str:  # noqa: C901
     if vram:
         gaps = [row["gap_mib"] for row in vram]
         rows.append(("vram", f"estimate - measured {min(gaps):g} .. {max(gaps):g} MiB over {len(vram)} servers"))
+    rows.extend(speech_summary_rows(state))
     for step, error in errors.items():
         rows.append((f"FAILED {step}", error.strip().splitlines()[-1][:200] if error.strip() else "?"))
     if timings:
         rows.append(("step seconds", ", ".join(f"{k} {v:g}" for k, v in timings.items())))
     return ("\n## Summary\n\n| what | result |\n| --- | --- |\n"
             + "".join(f"| {k} | {v.replace('|', '/')} |\n" for k, v in rows) + "\n")
+
+
+def speech_summary_rows(state: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The summary's rows of the whisper and seedlayout steps."""
+    rows: list[tuple[str, str]] = []
+    w = state.get("whisper") or {}
+    build = w.get("build_run")
+    if build:
+        check = w.get("stamp_check") or {}
+        rows.append(("whisper build", f"exit {build['exit']}, {build['seconds']} s (gpubox build_script, "
+                                      f"architectures `{';'.join(w.get('architectures') or [])}`); stamp seen: "
+                                      f"{check.get('stamp_matches')}, current: {check.get('current_points_here')}"))
+    for audio, summary_ in (w.get("summary") or {}).items():
+        rows.append((f"whisper {audio}", f"passed={summary_['passed']}, median RTF {summary_['median_rtf']}, "
+                                         f"WER {summary_['wers']}, \"{' / '.join(summary_['transcripts'])}\""))
+    v = w.get("vram")
+    if v:
+        rows.append(("whisper VRAM", f"planned {v['planned_total_mib']:g} MiB, measured {mib(v['process_mib'])} MiB "
+                                     f"(logged buffers {v['logged_total_mib']:g} MiB)"))
+    s = state.get("seedlayout") or {}
+    if "failures" in s:
+        placed = ", ".join(f"{r['service']} pid {r['pid']} on GPU {r['gpu']} ({r['used_memory_mib']} MiB)"
+                           for r in s.get("compute_apps_after") or [])
+        rows.append(("seed layout", f"each pid on its own GPU only: {not s['failures']}; {placed}"))
+    return rows
 
 
 def machine_section(facts: Mapping[str, Any]) -> str:
@@ -1655,6 +2262,150 @@ def isolation_section(iso: Mapping[str, Any], isobuild: Mapping[str, Any] | None
     return "".join(out)
 
 
+def mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def health_text(transitions: Sequence[Sequence[Any]] | None) -> str:
+    """`refused (0.01 s) → 200 (0.84 s)`: what /health answered from the start, and when each answer began."""
+    return " → ".join(f"{answer} ({seconds:g} s)" for seconds, answer in transitions or []) or "-"
+
+
+def whisper_section(w: Mapping[str, Any]) -> str:  # noqa: C901
+    out: list[str] = ["\n## whisper-server (whisper.cpp, built by gpubox)\n"]
+    spec = w.get("spec") or {}
+    prepared = w.get("prepared") or {}
+    if prepared:
+        out.append(f"whisper.cpp f24588a's tree (trimmed), committed on the machine at `{prepared['commit']}` in "
+                   f"`{prepared['src']}`; `gpubox.build.fetch_script` cloned it into `{spec.get('prefix')}/src`, "
+                   f"then `gpubox.build.build_script(WhisperCppBuild(...), \"cuda\", "
+                   f"{w.get('architectures')}, {w.get('nvcc')!r}, ccache=False)` built, installed and switched "
+                   f"`current`.\n\n")
+        out.append("| script | exit | wall time |\n| --- | --- | --- |\n")
+        for name in ("fetch", "build"):
+            run = w.get(f"{name}_run")
+            if run:
+                out.append(f"| `{name}_script` | {run['exit']} | {run['seconds']} s |\n")
+        out.append("\n")
+    if w.get("configure"):
+        out.append("CMake configure (the product's `cmake_configure_args`):\n" + fence(shlex.join(w["configure"])))
+    check = w.get("stamp_check")
+    if check:
+        out.append(f"The deploy's no-op check afterwards (`installed_command` + `parse_installed` + `is_installed`): "
+                   f"stamp matches **{check['stamp_matches']}**, `current` points here "
+                   f"**{check['current_points_here']}** (`current` → `{check['current']}`); the stamp:\n"
+                   + fence(check["stamp"] or "(none)"))
+    if w.get("installed"):
+        fatbin = w.get("fatbin") or {}
+        out.append(f"Installed build (files, the binary's NEEDED libraries, its size in bytes); its fatbin: SASS "
+                   f"{', '.join(fatbin.get('sass') or []) or '-'}, PTX {', '.join(fatbin.get('ptx') or []) or '-'}; "
+                   f"its saved `--help` lists {w.get('help_option_lines')} option lines.\n" + fence(w["installed"]))
+    for name in ("fetch", "build"):
+        run = w.get(f"{name}_run") or {}
+        if run.get("exit"):
+            out.append(f"The {name} script failed:\n" + fence(run["output_tail"]) + fence(run.get("log_tail", "")))
+    if w.get("service"):
+        out.append(f"\n### {w['service']} on GPU {w['gpu']} (`{w['uuid']}`), pid {w.get('pid')}\n\n")
+        out.append(f"Started from the rendered unit's `ExecStart`/`Environment=` "
+                   f"(`CUDA_VISIBLE_DEVICES={(w.get('environment') or {}).get('CUDA_VISIBLE_DEVICES')}`). "
+                   f"`/health` from the start, polled every 50 ms ({w.get('health_polls')} polls): "
+                   f"{health_text(w.get('health'))}.\n\n")
+    audio = w.get("audio") or {}
+    transcripts = w.get("transcripts") or []
+    if transcripts:
+        out.append(f"Transcriptions (`gpubox.speech.transcribe_command`, {w.get('client', 'curl')}; judged by "
+                   f"`TranscriptCheck`: WER ≤ {WHISPER_MAX_WER:g}, RTF ≤ {WHISPER_MAX_RTF:g}):\n\n"
+                   "| audio | run | audio s | request s | RTF | WER | passed | transcript |\n"
+                   "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+        for r in transcripts:
+            if "error" in r:
+                out.append(f"| {r['audio']} | {r['run']} | - | - | - | - | error | {r['error'][:200]} |\n")
+                continue
+            out.append(f"| {r['audio']} | {r['run']} | {r['audio_s']:g} | {r['seconds']:.3f} | {r['rtf']:.4f} | "
+                       f"{r['wer']:.3f} | {r['passed']} | {r['heard'].replace('|', '/')} |\n")
+        out.append("\n")
+        for name, info in audio.items():
+            out.append(f"- {name}: `{info['path']}`, {info['seconds']} s; expected: \"{info['expected']}\"\n")
+        out.append("\n")
+    v = w.get("vram")
+    if v:
+        planned, logged = v["planned_terms_mib"], v["logged_mib"]
+        out.append(
+            "VRAM: the planner's whisper term (`gpubox.vram.speech_terms(server)`: weights + state + "
+            f"`CUDA_CONTEXT_MIB`) against nvidia-smi's memory of the pid (compute apps) and whisper.cpp's own "
+            f"logged buffers (MB = 10^6 bytes, shown in MiB):\n\n"
+            "| term | planned MiB (table) | planned MiB (file size) | measured MiB |\n| --- | --- | --- | --- |\n"
+            f"| weights | {mib(planned.get('weights'))} | {mib(v['planned_file_terms_mib'].get('weights'))} | "
+            f"{mib(v['logged_weights_mib'])} (logged `model size`) |\n"
+            f"| state (KV self/cross/pad, compute buffers) | {mib(planned.get('compute'))} | "
+            f"{mib(v['planned_file_terms_mib'].get('compute'))} | {mib(v['logged_state_mib'])} (logged) |\n"
+            f"| CUDA context and the rest | {mib(planned.get('headroom'))} | "
+            f"{mib(v['planned_file_terms_mib'].get('headroom'))} | {mib(v['measured_minus_logged_mib'])} "
+            "(process − logged) |\n"
+            f"| **total** | **{mib(v['planned_total_mib'])}** | **{mib(v['planned_file_total_mib'])}** | "
+            f"**{mib(v['process_mib'])}** (nvidia-smi, the pid) |\n\n"
+            f"Planned − measured: {mib(v['gap_mib'])} MiB (table weights), {mib(v['gap_file_mib'])} MiB (file "
+            f"size, {v['model_bytes']} bytes).\n\n"
+            "| logged buffer | MB | MiB |\n| --- | --- | --- |\n"
+            + "".join(f"| {name} | {mb:g} | {logged.get(name, 0):g} |\n" for name, mb in v["logged_mb"].items())
+            + "\n"
+        )
+    if w.get("compute_apps") is not None:
+        out.append("nvidia-smi compute apps while it served: "
+                   + (", ".join(f"pid {a['pid']} on …{a['gpu_uuid'][-8:]} {a['used_memory_mib']} MiB"
+                                for a in w["compute_apps"]) or "none")
+                   + f"; residency: {w.get('residency_failures') or 'on its GPU only'}.\n\n")
+    if w.get("log_lines"):
+        out.append("whisper-server's log (device, buffers):\n" + fence("\n".join(w["log_lines"])))
+    if w.get("failures"):
+        out.append("Failures:\n" + "".join(f"- {f}\n" for f in w["failures"]) + "\n")
+    if w.get("unit"):
+        out.append("The rendered unit:\n" + fence(w["unit"]))
+    return "".join(out)
+
+
+def seedlayout_section(s: Mapping[str, Any]) -> str:
+    out: list[str] = ["\n## The seed's layout: llama-server on GPU 0, whisper-server on GPU 1\n"]
+    build = s.get("build") or {}
+    if build.get("exit") is not None:
+        out.append(f"llama-server: isobuild's plain cmake sm90 build (seedbuild, in the background beside the "
+                   f"whisper build): exit {build['exit']}, {build['seconds']} s.\n\n")
+    services = s.get("services") or []
+    if services:
+        out.append("| service | program | GPU | uuid | CUDA_VISIBLE_DEVICES | pid | healthy after s |\n"
+                   "| --- | --- | --- | --- | --- | --- | --- |\n")
+        for r in services:
+            out.append(f"| {r['service']} | {r['program']} | {r['gpu']} | `{r['uuid']}` | "
+                       f"`{r['environment'].get('CUDA_VISIBLE_DEVICES')}` | {r['pid']} | "
+                       f"{r.get('healthy_after_s')} |\n")
+        out.append("\n")
+    answers = s.get("requests") or {}
+    if answers:
+        llama, whisper = answers.get("llama") or {}, answers.get("whisper") or {}
+        out.append(f"Both at once (started together, after one warm-up request each): llama-server "
+                   f"`/completion` {llama.get('predicted_n')} tokens at "
+                   f"{tokens_per_second(llama.get('tokens_per_second'))} tok/s over {llama.get('interval')} s; "
+                   f"whisper-server `/inference` of jfk.wav over "
+                   f"{whisper.get('interval')} s (RTF {whisper.get('rtf')}, WER {whisper.get('wer')}: "
+                   f"\"{whisper.get('text', whisper.get('error'))}\"); overlap {s.get('overlap_s')} s.\n\n")
+    for key, when in (("compute_apps_during", "during the requests"), ("compute_apps_after", "after both answered")):
+        rows = s.get(key)
+        if rows is None:
+            continue
+        out.append(f"nvidia-smi `--query-compute-apps=pid,gpu_uuid,used_memory`, {when}:\n\n"
+                   "| pid | service | GPU | gpu_uuid | used MiB |\n| --- | --- | --- | --- | --- |\n")
+        out.extend(f"| {r['pid']} | {r['service']} | {r['gpu']} | `{r['gpu_uuid']}` | {r['used_memory_mib']} |\n"
+                   for r in rows)
+        out.append("\n")
+    if "failures" in s:
+        out.append(f"Each pid on its own GPU's uuid and nowhere else: **{'yes' if not s['failures'] else 'NO'}**"
+                   + "".join(f"\n- {f}" for f in s["failures"]) + "\n\n")
+    for name, lines in (s.get("log_lines") or {}).items():
+        out.append(f"{name}'s log (device lines):\n"
+                   + fence("\n".join(lines) or "(none: llama-server logs its devices at -lv 4 only)"))
+    return "".join(out)
+
+
 def failures_section(errors: Mapping[str, str]) -> str:
     out: list[str] = ["\n## Steps that failed\n"]
     for step, error in errors.items():
@@ -1683,6 +2434,10 @@ def render_report(state: dict[str, Any]) -> str:
         out.append(vram_section(state["vram"]))
     if state.get("isolation"):
         out.append(isolation_section(state["isolation"], state.get("isobuild")))
+    if state.get("whisper"):
+        out.append(whisper_section(state["whisper"]))
+    if state.get("seedlayout"):
+        out.append(seedlayout_section(state["seedlayout"]))
     if errors:
         out.append(failures_section(errors))
     return "".join(out)
@@ -1702,6 +2457,7 @@ STEPS: dict[str, Callable[[argparse.Namespace, State], None]] = {
     "prepare": step_prepare, "facts": step_facts, "build": step_build,
     "smoke": step_smoke, "mtp": step_mtp, "bench": step_bench, "vram": step_vram,
     "isobuild": step_isobuild, "isolation": step_isolation,
+    "seedbuild": step_seedbuild, "whisper": step_whisper, "seedlayout": step_seedlayout,
 }
 
 

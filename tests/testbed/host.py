@@ -44,6 +44,7 @@ INCLUDE: tuple[str, ...] = (
     "dbus",
     "openssh-server",
     "python3",
+    "python3-venv",
     "sudo",
     "iproute2",
     "git",

@@ -1,4 +1,5 @@
-"""Build llama.cpp at a pinned commit on the host and switch `{prefix}/current` to it atomically."""
+"""Build a ggml project (llama.cpp, whisper.cpp) at a pinned commit on the host and switch
+`{prefix}/current` to it atomically: one code path, the project's differences in its spec."""
 
 from __future__ import annotations
 
@@ -6,16 +7,16 @@ from typing import Any
 
 from pyinfra import host
 from pyinfra.api import FunctionCommand, OperationError, deploy, operation
-from pyinfra.facts.files import Link
 from pyinfra.facts.server import LinuxDistribution, Which
 from pyinfra.operations import apt, pacman
 
+from facts.build import InstalledBuild
 from facts.cuda import CudaToolkit
 from facts.gpu import NvidiaGpus
-from facts.llamacpp import LlamaCppCheckout, LlamaServerVersion
+from facts.llamacpp import LlamaCppCheckout
 from gpubox import build as plan
 from gpubox.quoting import shell_word
-from gpubox.spec import LlamaCppBuild
+from gpubox.spec import AnySourceBuild, SourceBuild
 
 from .host_commands import connector_arguments, run
 from .host_facts import fact_once
@@ -24,7 +25,7 @@ DEBIAN_PACKAGES = ["git", "cmake", "ninja-build", "build-essential", "ccache", "
 ARCH_PACKAGES = ["git", "cmake", "ninja", "base-devel", "ccache", "openssl"]
 
 
-@deploy("llama.cpp build dependencies")
+@deploy("Source build dependencies")
 def dependencies() -> None:
     """
     Install git, cmake, ninja, a C++ toolchain and ccache from the distro (apt or pacman); CUDA is
@@ -34,15 +35,15 @@ def dependencies() -> None:
 
     .. code:: python
 
-        llamacpp.dependencies()
+        source_build.dependencies()
     """
     distro = host.get_fact(LinuxDistribution)
     names = {distro["name"] or "", *(distro["release_meta"].get("ID_LIKE", "") or "").split()}
     ids = {name.lower() for name in names} | {(distro["release_meta"].get("ID") or "").lower()}
     if ids & {"debian", "ubuntu"}:
-        apt.packages(name="Install llama.cpp build dependencies (apt)", packages=DEBIAN_PACKAGES)
+        apt.packages(name="Install build dependencies (apt)", packages=DEBIAN_PACKAGES)
     elif ids & {"arch", "arch linux", "archlinux"}:
-        pacman.packages(name="Install llama.cpp build dependencies (pacman)", packages=ARCH_PACKAGES)
+        pacman.packages(name="Install build dependencies (pacman)", packages=ARCH_PACKAGES)
     else:
         raise OperationError(
             f"gpubox installs build dependencies on Debian/Ubuntu and Arch; this host is {distro['name']!r}: "
@@ -51,17 +52,17 @@ def dependencies() -> None:
 
 
 @operation()
-def source(build: LlamaCppBuild):  # type: ignore[no-untyped-def]
+def source(build: AnySourceBuild):  # type: ignore[no-untyped-def]
     """
     Fetch the pinned commit shallowly into ``{prefix}/src`` and check it out detached; a dirty tree is refused.
 
-    + build: the ``LlamaCppBuild`` (repo, full commit, prefix)
+    + build: the ``SourceBuild`` (repo, full commit, prefix)
 
     **Example:**
 
     .. code:: python
 
-        llamacpp.source(name="llama.cpp source at 0c1e57098bba", build=box.llama_cpp)
+        source_build.source(name="llama.cpp source at 0c1e57098bba", build=box.llama_cpp)
     """
     src = plan.src_dir(build)
     checkout = host.get_fact(LlamaCppCheckout, path=src)
@@ -77,7 +78,7 @@ def source(build: LlamaCppBuild):  # type: ignore[no-untyped-def]
     yield plan.fetch_script(build)
 
 
-def _flavor(build: LlamaCppBuild) -> tuple[plan.Flavor, list[str]]:
+def _flavor(build: SourceBuild) -> tuple[plan.Flavor, list[str]]:
     """The build's flavor and CUDA architectures on this host, from its GPU and CUDA facts."""
     gpus = fact_once(NvidiaGpus)
     try:
@@ -87,37 +88,37 @@ def _flavor(build: LlamaCppBuild) -> tuple[plan.Flavor, list[str]]:
         raise OperationError(str(error)) from error
 
 
-def _installed(build: LlamaCppBuild, flavor: plan.Flavor) -> tuple[bool, bool]:
-    """Whether the pinned build is installed (its llama-server reports the commit), and `current` points at it."""
-    version = fact_once(LlamaServerVersion, path=f"{plan.install_dir(build, flavor)}/llama-server")
-    current = fact_once(Link, path=plan.current_link(build))
-    installed = version is not None and plan.reports_commit(version.commit, build.commit)
-    points_here = bool(current) and current["link_target"].rstrip("/") == f"builds/{plan.build_name(build, flavor)}"
-    return installed, points_here
+def _installed(build: SourceBuild, flavor: plan.Flavor) -> tuple[bool, bool]:
+    """Whether the pinned build is installed (its stamp records this project, commit, flavor and
+    targets), and `current` points at it: one fact, no binary run."""
+    fact = fact_once(InstalledBuild, stamp=plan.stamp_path(build, flavor), current=plan.current_link(build))
+    found = plan.InstalledBuild.model_validate(fact)
+    return plan.is_installed(found, build, flavor)
 
 
 @operation()
-def install(build: LlamaCppBuild):  # type: ignore[no-untyped-def]
+def install(build: AnySourceBuild):  # type: ignore[no-untyped-def]
     """
     Configure, build and install into ``builds/{commit}-{flavor}``, then switch ``current`` to it.
 
-    + build: the ``LlamaCppBuild``; ``cuda`` and ``cuda_architectures`` are resolved against the
+    + build: the ``SourceBuild``; ``cuda`` and ``cuda_architectures`` are resolved against the
       host's GPU and CUDA facts
 
-    A no-op when that build is installed, its llama-server reports the pinned commit and ``current``
-    points at it. A failed build leaves ``current`` and running services as they were.
+    A no-op when that build is installed (its ``gpubox-build.json`` stamp records the project, the
+    pinned commit, the flavor and the targets) and ``current`` points at it. A failed build leaves
+    ``current`` and running services as they were.
 
     **Example:**
 
     .. code:: python
 
-        llamacpp.install(name="llama.cpp build 0c1e57098bba -> /opt/llama.cpp/current", build=box.llama_cpp)
+        source_build.install(name="llama.cpp build 0c1e57098bba -> /opt/llama.cpp/current", build=box.llama_cpp)
     """
     flavor, architectures = _flavor(build)
     installed, points_here = _installed(build, flavor)
     if installed:
         if points_here:
-            host.noop(f"llama.cpp {build.commit[:12]} ({flavor}) is installed and current")
+            host.noop(f"{build.PROJECT.name} {build.commit[:12]} ({flavor}) is installed and current")
             return
         yield plan.switch_script(build, flavor)
         return
@@ -126,7 +127,7 @@ def install(build: LlamaCppBuild):  # type: ignore[no-untyped-def]
     nvcc = toolkit.nvcc_path if (flavor == "cuda" and toolkit is not None) else None
     arch_note = f", CUDA architectures {';'.join(architectures)}" if architectures else ""
     host.log(
-        f"building llama.cpp {build.commit[:12]} ({flavor}{arch_note}): progress below, "
+        f"building {build.PROJECT.name} {build.commit[:12]} ({flavor}{arch_note}): progress below, "
         f"the full log in {shell_word(plan.log_path(build, flavor))}"
     )
     script = plan.build_script(build, flavor, architectures, nvcc, ccache)
@@ -140,12 +141,12 @@ def _build_showing_progress(script: str, arguments: dict[str, Any]) -> None:
         host.log("; ".join(line for line in output.stdout_lines if line.startswith("pruned ")))
 
 
-@deploy("llama.cpp")
-def build(spec: LlamaCppBuild, with_dependencies: bool = True) -> list:  # type: ignore[type-arg]
+@deploy("Source build")
+def build(spec: SourceBuild, with_dependencies: bool = True) -> list:  # type: ignore[type-arg]
     """
     Dependencies, source at the pinned commit, build + install + switch; returns the op metas.
 
-    + spec: the ``LlamaCppBuild``
+    + spec: the ``SourceBuild``
     + with_dependencies: install the build dependencies first
 
     When the pinned build is installed and current, only the (no-op) install check is planned: the
@@ -155,11 +156,12 @@ def build(spec: LlamaCppBuild, with_dependencies: bool = True) -> list:  # type:
 
     .. code:: python
 
-        build_metas = llamacpp.build(box.llama_cpp)
+        build_metas = source_build.build(box.llama_cpp)
     """
-    install_name = f"llama.cpp build {spec.commit[:12]} -> {spec.prefix}/current"
+    project = spec.PROJECT.name
+    install_name = f"{project} build {spec.commit[:12]} -> {spec.prefix}/current"
     if all(_installed(spec, _flavor(spec)[0])):
         return [install(name=install_name, build=spec)]
     if with_dependencies:
         dependencies()
-    return [source(name=f"llama.cpp source at {spec.commit[:12]}", build=spec), install(name=install_name, build=spec)]
+    return [source(name=f"{project} source at {spec.commit[:12]}", build=spec), install(name=install_name, build=spec)]

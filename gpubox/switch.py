@@ -1,0 +1,66 @@
+"""The atomic switch every install shares (a source build, a piper venv): `{prefix}/current` and
+`{prefix}/previous` are symlinks to a directory under `{prefix}/{kind}/`, changed by renames only.
+
+    {prefix}/{kind}/{name}   complete installs, each made beside the others, never edited in place
+    {prefix}/current         the active one: what the units run
+    {prefix}/previous        the one before the last switch: what a failed smoke test switches back to
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from gpubox.quoting import shell_word
+
+
+def switch_lines(prefix: str, target: str) -> list[str]:
+    """Remember the active install as `previous`, then point `current` at `target` (`builds/NAME`)."""
+    current = shell_word(f"{prefix}/current")
+    current_new = shell_word(f"{prefix}/current.new")
+    previous = shell_word(f"{prefix}/previous")
+    previous_new = shell_word(f"{prefix}/previous.new")
+    quoted_target = shell_word(target)
+    return [
+        f'if [ -L {current} ] && [ "$(readlink {current})" != {quoted_target} ]; then '
+        f'ln -sfn "$(readlink {current})" {previous_new} && mv -T {previous_new} {previous}; fi',
+        f"ln -sfn {quoted_target} {current_new} && mv -T {current_new} {current}",
+    ]
+
+
+def rollback_script(prefix: str) -> str:
+    """Point `current` back at `previous` (after a smoke test missed on a new install)."""
+    current = shell_word(f"{prefix}/current")
+    current_new = shell_word(f"{prefix}/current.new")
+    previous = shell_word(f"{prefix}/previous")
+    return (
+        f'if [ -L {previous} ]; then ln -sfn "$(readlink {previous})" {current_new} '
+        f"&& mv -T {current_new} {current}; fi"
+    )
+
+
+def prune_lines(prefix: str, kind: str, keep: int, also: Sequence[str] = ()) -> list[str]:
+    """Remove installs under `{prefix}/{kind}/` beyond `keep`, newest kept first; `current` and
+    `previous` are always kept. `also`: more paths to remove with one, `$name` standing for its name
+    (a build's work tree and log). One directory a line (a newline is refused in paths)."""
+    quoted = shell_word(prefix)
+    extra = "".join(f" {path}" for path in also)
+    return [
+        f'current=$(readlink {quoted}/current || true); previous=$(readlink {quoted}/previous || true); kept=0',
+        f"ls -1td {quoted}/{kind}/*/ 2>/dev/null | while IFS= read -r dir; do",
+        '  name=$(basename "$dir")',
+        f'  if [ "{kind}/$name" = "$current" ] || [ "{kind}/$name" = "$previous" ]; then continue; fi',
+        f"  if [ $kept -lt {keep - 2} ]; then kept=$((kept + 1)); continue; fi",
+        f'  rm -rf "$dir"{extra} && echo "pruned {kind}/$name"',
+        "done",
+    ]
+
+
+def stamp_matches(found: str | None, expected: str) -> bool:
+    """Whether an install's stamp (its text; None when missing) records what `expected` does (JSON)."""
+    if not found:
+        return False
+    try:
+        return bool(json.loads(found) == json.loads(expected))
+    except ValueError:
+        return False

@@ -1,0 +1,95 @@
+"""Install piper TTS at a pinned version in a virtualenv on the host; switch `{prefix}/current` to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyinfra import host, state
+from pyinfra.api import FileUploadCommand, OperationError, deploy, operation
+from pyinfra.facts.server import LinuxDistribution
+from pyinfra.operations import apt
+
+from facts.build import InstalledBuild
+from gpubox import build
+from gpubox import piper_install as plan
+from gpubox.quoting import shell_word
+from gpubox.spec import PiperInstall
+
+from .host_facts import fact_once
+
+
+def _installed(install: PiperInstall, flavor: plan.PiperFlavor) -> tuple[bool, bool]:
+    """Whether this version and flavor is installed (its stamp says so), and `current` points at it."""
+    fact = fact_once(InstalledBuild, stamp=plan.stamp_path(install, flavor), current=plan.current_link(install))
+    found = build.InstalledBuild.model_validate(fact)
+    points_here = (found.current or "").rstrip("/") == f"venvs/{plan.venv_name(install, flavor)}"
+    return plan.stamp_matches(found.stamp, install, flavor), points_here
+
+
+def _wheels(install: PiperInstall) -> list[Path]:
+    assert install.wheelhouse is not None
+    directory = Path(install.wheelhouse)
+    if not directory.is_absolute() and state.cwd:
+        directory = Path(state.cwd) / directory
+    wheels = sorted(directory.glob("*.whl"))
+    if not wheels:
+        raise OperationError(f"piper.wheelhouse {directory} holds no wheels: build it with `pip download` first")
+    return wheels
+
+
+@operation()
+def install(install: PiperInstall, flavor: plan.PiperFlavor = "cpu"):  # type: ignore[no-untyped-def]
+    """
+    Install ``piper-tts[http]`` at the pinned version into ``venvs/{version}-{flavor}``, save its
+    ``--help`` and stamp, and switch ``current`` to it (the previous venv is kept for rollback).
+
+    + install: the ``PiperInstall`` (version, prefix, wheelhouse)
+    + flavor: ``cuda`` puts onnxruntime-gpu in place of onnxruntime (for ``--cuda``), else ``cpu``
+
+    A no-op when that venv's stamp records the version and flavor and ``current`` points at it.
+    With a wheelhouse its wheels are uploaded and installed with ``--no-index``.
+
+    **Example:**
+
+    .. code:: python
+
+        piper.install(name="piper-tts 1.8.0 -> /opt/piper/current", install=box.piper)
+    """
+    installed, points_here = _installed(install, flavor)
+    if installed and points_here:
+        host.noop(f"{install.requirement} ({flavor}) is installed and current")
+        return
+    if installed:
+        yield "\n".join(["set -eu", *plan.switch_lines(install, flavor)])
+        return
+    if install.wheelhouse is not None:
+        wheels = _wheels(install)
+        host.log(f"uploading {len(wheels)} wheels ({sum(w.stat().st_size for w in wheels) >> 20} MiB) for piper")
+        yield f"mkdir -p {shell_word(plan.wheelhouse_dir(install))}"
+        for wheel in wheels:
+            yield FileUploadCommand(str(wheel), f"{plan.wheelhouse_dir(install)}/{wheel.name}")
+    yield plan.install_script(install, flavor)
+
+
+@deploy("piper")
+def piper(install_spec: PiperInstall, flavor: plan.PiperFlavor = "cpu") -> list:  # type: ignore[type-arg]
+    """
+    python3-venv (Debian) and the pinned piper install; returns the op metas.
+
+    + install_spec: the ``PiperInstall``
+    + flavor: ``cuda`` when a piper service runs on a GPU
+
+    **Example:**
+
+    .. code:: python
+
+        piper_metas = piper.piper(box.piper, "cpu")
+    """
+    name = f"{install_spec.requirement} ({flavor}) -> {install_spec.prefix}/current"
+    if all(_installed(install_spec, flavor)):
+        return [install(name=name, install=install_spec, flavor=flavor)]
+    distro = host.get_fact(LinuxDistribution)
+    ids = {(distro["release_meta"].get("ID") or "").lower(), *(distro["release_meta"].get("ID_LIKE") or "").split()}
+    if ids & {"debian", "ubuntu"}:
+        apt.packages(name="Install python3-venv (apt)", packages=["python3-venv"])
+    return [install(name=name, install=install_spec, flavor=flavor)]
