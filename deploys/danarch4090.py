@@ -15,14 +15,14 @@ from pyinfra.operations.util import any_changed
 from gpubox.inventory import box_from_host_data
 from gpubox.servers.piper import PiperServer
 from gpubox.servers.whisper import WhisperServer
-from operations import models, piper, service, smoke, source_build, vram
+from operations import box_state, models, piper, service, smoke, source_build, vram
 
 box = box_from_host_data(host.data.get("box"), host.name)
+box_state.prefetch_box(box)  # what the checks below read, in one round trip
 
 install_metas = {id(build): source_build.build(build) for build in box.builds()}
 if box.piper is not None:
-    flavor = "cuda" if any(server.cuda for server in box.services_of(PiperServer)) else "cpu"
-    install_metas[id(box.piper)] = piper.piper(box.piper, flavor)
+    install_metas[id(box.piper)] = piper.piper(box.piper, box_state.piper_flavor(box))  # type: ignore[arg-type]
 
 placed_by_path = {}
 for user, model in box.models():

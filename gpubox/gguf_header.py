@@ -198,9 +198,6 @@ class _Reader:
     def string(self) -> str:
         return self.take(self.unpack("Q")).decode("utf-8", errors="replace")
 
-    def skip_string(self) -> None:
-        self.take(self.unpack("Q"))
-
     def value(self, value_type: GGUFValueType) -> MetadataValue:
         if value_type == GGUFValueType.STRING:
             return self.string()
@@ -221,10 +218,21 @@ class _Reader:
         values = struct.unpack(f"{self.endian}{length}{fmt}", self.take(length * struct.calcsize(fmt)))
         return list(values)
 
+    def skip_strings(self, count: int) -> None:
+        """Step over `count` length-prefixed strings without copying them (a vocab has 50k-260k)."""
+        head, position, end = self.head, self.position, len(self.head)
+        size_at = struct.Struct(self.endian + "Q").unpack_from
+        for _ in range(count):
+            if position + 8 > end:
+                raise _HeadEnded
+            position += 8 + size_at(head, position)[0]
+        if position > end:
+            raise _HeadEnded
+        self.position = position
+
     def skip_array(self, element_type: GGUFValueType, length: int) -> None:
         if element_type == GGUFValueType.STRING:
-            for _ in range(length):
-                self.skip_string()
+            self.skip_strings(length)
         elif element_type == GGUFValueType.ARRAY:
             for _ in range(length):
                 self.skip_array(GGUFValueType(self.unpack("I")), self.unpack("Q"))

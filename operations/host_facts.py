@@ -4,17 +4,21 @@ pyinfra loads a fact afresh at every `host.get_fact` (a round trip each), and ru
 checks twice in a run that plans first (without -y). The GPUs, the CUDA toolkit and the installed
 build's version are read by several operations of one run; a model's stat and stamp by its `place`
 and `stamp` operations (and the surgical deploy's checks). Each is loaded once per host and run
-here. An operation about to change what a fact read (`place` replacing a model) `forget`s it first,
-so the operations after it read the host again.
+here, until an operation changes the host (`changes_so_far`): after that, facts are read afresh.
+An operation about to change what a fact read (`place` replacing a model) `forget`s it first, so
+the operations after it read the host again. `prefetch` loads many facts in one round trip: the
+full deploy reads every check's fact that way (`operations.box_state`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 from pyinfra import host, state
 from pyinfra.api.facts import FactBase
+
+from facts import batch
 
 T = TypeVar("T")
 
@@ -39,13 +43,52 @@ def once(key: Hashable, load: Callable[[], T]) -> T:
     return value
 
 
+def changes_so_far() -> int:
+    """How many of this host's operations have changed it in this run so far.
+
+    A fact read before a change may be out of date after it (the build a flag check reads did not
+    exist yet): `fact_once` keeps a value only for as long as this number stays the same. With -y,
+    pyinfra runs each operation's checks as it executes it, so on a host that changes, the facts
+    after the first change are read again, one by one, as pyinfra would.
+    """
+    operations = getattr(state, "ops", {}).get(host, {}).values()
+    return sum(1 for data in operations if data.operation_meta.is_complete() and data.operation_meta.did_change())
+
+
 def _fact_key(fact: type[FactBase[Any]], arguments: dict[str, Any]) -> Hashable:
-    return (fact, tuple(sorted(arguments.items())))
+    return (changes_so_far(), fact, tuple(sorted(arguments.items())))
 
 
 def fact_once(fact: type[FactBase[T]], **arguments: Any) -> T:
-    """`host.get_fact(fact, **arguments)`, loaded at most once per host in this run."""
+    """`host.get_fact(fact, **arguments)`, loaded at most once per host in this run while nothing
+    changed on the host (`changes_so_far`)."""
     return once(_fact_key(fact, arguments), lambda: host.get_fact(fact, **arguments))
+
+
+def fact_name(fact: type[FactBase[Any]]) -> str:
+    """The name `pyinfra @host fact` takes: `files.File`, `facts.gpu.NvidiaGpus`."""
+    return f"{fact.__module__.removeprefix('pyinfra.facts.')}.{fact.__name__}"
+
+
+FactRead = tuple[type[FactBase[Any]], dict[str, Any]]
+"""A fact and the arguments an operation will read it with (through `fact_once`)."""
+
+
+def prefetch(reads: Sequence[FactRead]) -> None:
+    """Load every fact of `reads` not loaded yet in one round trip; `fact_once` then answers from it.
+
+    The arguments must be the very ones the operations pass to `fact_once` (a fact read with others
+    is loaded on its own, as before: slower, never wrong).
+    """
+    loaded = _loaded()
+    todo = list({_fact_key(fact, arguments): (fact, arguments) for fact, arguments in reads}.items())
+    todo = [(key, read) for key, read in todo if (host.name, key) not in loaded]
+    if not todo:
+        return
+    requests = tuple((fact_name(fact), tuple(sorted(arguments.items()))) for _, (fact, arguments) in todo)
+    found = batch.values(requests, host.get_fact(batch.Facts, requests=requests))
+    for (key, _), value in zip(todo, found, strict=True):
+        loaded[(host.name, key)] = value
 
 
 def forget(fact: type[FactBase[Any]], **arguments: Any) -> None:

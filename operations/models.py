@@ -21,7 +21,7 @@ from gpubox.quoting import shell_word
 from gpubox.spec import ModelFile, ModelFormat
 from gpubox.verified import STAMP_DIR, stamp_path, stamp_text, stamp_vouches
 
-from .host_facts import fact_once, forget, once
+from .host_facts import FactRead, fact_once, forget, once
 
 # Read the head in growing steps: a small vocab fits in 4 MiB, Gemma's 262k-token vocab does not.
 HEAD_STEPS = (4 << 20, 32 << 20, 128 << 20)
@@ -146,6 +146,11 @@ def host_sha256(path: str, info: FileInfo) -> str | None:
         return None
     stat_key = ("sha256", path, info["size"], info["mtime"], info["ctime"])
     return once(stat_key, lambda: host.get_fact(Sha256File, path=path))
+
+
+def facts_read(model: ModelFile) -> list[FactRead]:
+    """What `place` and `stamp` read of a model on a host where it is placed (for `host_facts.prefetch`)."""
+    return [(File, {"path": model.path}), (FileContents, {"path": stamp_path(model.path)})]
 
 
 def verified_by_stamp(model: ModelFile, info: FileInfo) -> bool:
@@ -286,7 +291,7 @@ def unused(in_box: Sequence[str], remove: bool = False):  # type: ignore[no-unty
         models.unused(name="Models no longer in the box", in_box=[model.path for _, model in box.models()])
     """
     keep = set(in_box)
-    stamped = [StampedModel.model_validate(item) for item in host.get_fact(VerifiedStamps) or []]
+    stamped = [StampedModel.model_validate(item) for item in fact_once(VerifiedStamps) or []]
     kept, removed = [], 0
     for item in stamped:
         if item.path in keep:

@@ -15,13 +15,18 @@ from gpubox import piper_install as plan
 from gpubox.quoting import shell_word
 from gpubox.spec import PiperInstall
 
-from .host_facts import fact_once
+from .host_facts import FactRead, fact_once
+
+
+def facts_read(install: PiperInstall, flavor: plan.PiperFlavor) -> list[FactRead]:
+    """What `piper(...)` reads on a host where piper is installed (for `host_facts.prefetch`)."""
+    return [(InstalledBuild, {"stamp": plan.stamp_path(install, flavor), "current": plan.current_link(install)})]
 
 
 def _installed(install: PiperInstall, flavor: plan.PiperFlavor) -> tuple[bool, bool]:
     """Whether this version and flavor is installed (its stamp says so), and `current` points at it."""
-    fact = fact_once(InstalledBuild, stamp=plan.stamp_path(install, flavor), current=plan.current_link(install))
-    found = build.InstalledBuild.model_validate(fact)
+    ((fact, arguments),) = facts_read(install, flavor)
+    found = build.InstalledBuild.model_validate(fact_once(fact, **arguments))
     points_here = (found.current or "").rstrip("/") == f"venvs/{plan.venv_name(install, flavor)}"
     return plan.stamp_matches(found.stamp, install, flavor), points_here
 

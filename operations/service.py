@@ -8,7 +8,8 @@ from io import StringIO
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, OperationError, deploy, operation
 from pyinfra.facts.files import File, FileContents
-from pyinfra.facts.server import Users, Which
+from pyinfra.facts.server import Which
+from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import server as server_ops
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
@@ -16,7 +17,7 @@ from pyinfra.operations.util.files import generate_color_diff
 
 from facts.gpu import NvidiaGpus
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion, ServerOptions
-from facts.systemd import StaleProcess
+from facts.systemd import ExistingUsers, StaleProcess
 from gpubox import llamacpp as records
 from gpubox.box import AnyService
 from gpubox.gpu import gpus_from_fact
@@ -27,7 +28,7 @@ from gpubox.servers.base import Service
 from gpubox.servers.llama import LlamaServer
 from gpubox.unit import render_unit, service_gpus
 
-from .host_facts import fact_once
+from .host_facts import FactRead, fact_once
 
 UNIT_DIR = "/etc/systemd/system"
 
@@ -65,10 +66,8 @@ def flags_supported(server: AnyService, prefix: str):  # type: ignore[no-untyped
         if host.get_fact(Which, command=program) is None:
             raise OperationError(f"{server.unit_name} needs {program} on the host: install it, or turn off the field")
     binary = server.binary(prefix)
-    if isinstance(server, LlamaServer):
-        flags = host.get_fact(LlamaServerFlags, path=binary)
-    else:
-        flags = host.get_fact(ServerOptions, path=server.help_file(prefix))
+    fact, arguments = _flags_read(server, prefix)
+    flags = fact_once(fact, **arguments)
     if flags is None:
         if state.is_executing:
             raise OperationError(f"no {server.PROGRAM} at {binary}: its install must run first")
@@ -87,6 +86,37 @@ def flags_supported(server: AnyService, prefix: str):  # type: ignore[no-untyped
             raise OperationError(f"{server.unit_name}: {error}") from error
     host.noop(f"every flag of {server.unit_name} is in {binary} --help")
     yield from ()
+
+
+def _flags_read(server: Service, prefix: str) -> FactRead:
+    """llama-server's flags (its --help, saved or run); another server's saved --help."""
+    if isinstance(server, LlamaServer):
+        return LlamaServerFlags, {"path": server.binary(prefix)}
+    return ServerOptions, {"path": server.help_file(prefix)}
+
+
+def _stale_read(server: Service, prefix: str) -> FactRead:
+    return StaleProcess, {
+        "unit_name": server.unit_name,
+        "unit_path": unit_path(server),
+        "files": tuple(server.read_only_files()),
+        "binary": server.binary(prefix),
+    }
+
+
+def _systemd_reads(server: Service) -> list[FactRead]:
+    arguments = {"services": (server.unit_name,)}
+    return [(SystemdStatus, arguments), (SystemdEnabled, arguments)]
+
+
+def facts_read(server: Service, prefix: str) -> list[FactRead]:
+    """The facts `server(...)` reads on a host where the service exists (`host_facts.prefetch` loads them)."""
+    reads: list[FactRead] = [
+        (ExistingUsers, {"names": (server.user,)}),
+        _flags_read(server, prefix),
+        (FileContents, {"path": unit_path(server)}),
+    ]
+    return [*reads, _stale_read(server, prefix), *_systemd_reads(server)]
 
 
 def _gpus_field(server: Service) -> str:
@@ -129,7 +159,7 @@ def unit(server: AnyService, prefix: str):  # type: ignore[no-untyped-def]
         except ValueError as error:
             raise OperationError(f"{server.unit_name}: {error}") from error
     text = render_unit(server, server.binary(prefix), host_gpus)
-    old_lines = host.get_fact(FileContents, path=path)
+    old_lines = fact_once(FileContents, path=path)
     new_lines = text.splitlines()
     if old_lines is not None and [line.rstrip("\n") for line in old_lines] == new_lines:
         host.noop(f"{path} is up to date")
@@ -207,18 +237,55 @@ def running_current(server: AnyService, prefix: str):  # type: ignore[no-untyped
 
         service.running_current(name="gemma4.service runs what is on disk", server=server, prefix="/opt/llama.cpp")
     """
-    reasons = host.get_fact(
-        StaleProcess,
-        unit_name=server.unit_name,
-        unit_path=unit_path(server),
-        files=tuple(server.read_only_files()),
-        binary=server.binary(prefix),
-    )
+    fact, arguments = _stale_read(server, prefix)
+    reasons = fact_once(fact, **arguments)
     if not reasons:
         host.noop(f"{server.unit_name} runs what is on disk (or is not running)")
         return
     host.log(f"{server.unit_name} must restart: " + "; ".join(reasons))
     yield "true"
+
+
+@operation()
+def restart(server: Service):  # type: ignore[no-untyped-def]
+    """
+    Restart the service (``systemctl restart``): run only when something it depends on changed.
+
+    + server: the service
+
+    **Example:**
+
+    .. code:: python
+
+        service.restart(name="Restart gemma4.service", server=server, _if=any_changed(unit_meta))
+    """
+    yield f"systemctl restart {shell_word(server.unit_name)}"
+
+
+@operation()
+def running_and_enabled(server: Service):  # type: ignore[no-untyped-def]
+    """
+    Start the service if it is not running and enable it at boot if it is not enabled; one
+    ``systemctl show`` for both (read with the run's other facts).
+
+    + server: the service
+
+    **Example:**
+
+    .. code:: python
+
+        service.running_and_enabled(name="gemma4.service running and enabled at boot", server=server)
+    """
+    status_read, enabled_read = _systemd_reads(server)
+    running = (fact_once(status_read[0], **status_read[1]) or {}).get(server.unit_name)
+    enabled = (fact_once(enabled_read[0], **enabled_read[1]) or {}).get(server.unit_name)
+    if running and enabled:
+        host.noop(f"{server.unit_name} is running and enabled")
+        return
+    if not enabled:
+        yield f"systemctl enable {shell_word(server.unit_name)}"
+    if not running:
+        yield f"systemctl start {shell_word(server.unit_name)}"
 
 
 @deploy("Service")
@@ -244,7 +311,7 @@ def server(  # type: ignore[no-untyped-def]
         restart = service.server(box.service("gemma4"), "/opt/llama.cpp", changed=[*build_metas, placed])
     """
     # pyinfra's user operation reads three facts (users, groups, OS); a user that exists needs none of it.
-    if ensure_user and server.user not in fact_once(Users):
+    if ensure_user and server.user not in fact_once(ExistingUsers, names=(server.user,)):
         server_ops.user(
             name=f"Service user {server.user}",
             user=server.user,
@@ -254,7 +321,7 @@ def server(  # type: ignore[no-untyped-def]
             ensure_home=False,
         )
     flags_supported(
-        name=f"Flags of {server.unit_name} exist in the installed {server.PROGRAM.rsplit('/', 1)[-1]}",
+        name=f"Flags of {server.unit_name} exist in the installed {server.type}",
         server=server,
         prefix=prefix,
     )
@@ -263,21 +330,12 @@ def server(  # type: ignore[no-untyped-def]
     unit_meta = unit(name=f"Unit {unit_path(server)}", server=server, prefix=prefix)
     stale_meta = running_current(name=f"{server.unit_name} runs what is on disk", server=server, prefix=prefix)
     restart_on = [unit_meta, stale_meta, *key_metas, *(changed or [])]
-    # When pyinfra checks for changes before running (a dry run, or a run that asks to confirm), it has
-    # already run every operation's checks: on a converged host nothing will change, so the reload and
-    # the restart are not planned at all and the dry run reads "nothing to do", not "conditional change".
-    # With -y nothing is checked ahead, and asking would load every fact twice: they stay conditional.
+    # Every check above decides from facts read once for the run (prefetched), so asking whether any of
+    # them will change costs no round trip: on a converged host the reload, the restart and the smoke
+    # test are not planned at all, and a dry run reads "nothing to do", not "conditional change".
     restart_meta = None
-    if not state.should_check_for_changes() or any(meta.will_change for meta in restart_on):
+    if any(meta.will_change for meta in restart_on):
         systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(*restart_on))
-        restart_meta = systemd.service(
-            name=f"Restart {server.unit_name}",
-            service=server.unit_name,
-            running=True,
-            restarted=True,
-            _if=any_changed(*restart_on),
-        )
-    systemd.service(
-        name=f"{server.unit_name} running and enabled at boot", service=server.unit_name, running=True, enabled=True
-    )
+        restart_meta = restart(name=f"Restart {server.unit_name}", server=server, _if=any_changed(*restart_on))
+    running_and_enabled(name=f"{server.unit_name} running and enabled at boot", server=server)
     return restart_meta

@@ -19,7 +19,7 @@ from gpubox.quoting import shell_word
 from gpubox.spec import AnySourceBuild, SourceBuild
 
 from .host_commands import connector_arguments, run
-from .host_facts import fact_once
+from .host_facts import FactRead, fact_once
 
 DEBIAN_PACKAGES = ["git", "cmake", "ninja-build", "build-essential", "ccache", "libssl-dev"]
 ARCH_PACKAGES = ["git", "cmake", "ninja", "base-devel", "ccache", "openssl"]
@@ -86,6 +86,16 @@ def _flavor(build: SourceBuild) -> tuple[plan.Flavor, list[str]]:
         return flavor, plan.resolve_architectures(build, gpus) if flavor == "cuda" else []
     except plan.BuildRefused as error:
         raise OperationError(str(error)) from error
+
+
+def facts_read(build: SourceBuild) -> list[FactRead]:
+    """What `build(...)` reads on a host where the build is installed (for `host_facts.prefetch`):
+    the GPUs, the toolkit and the stamp of either flavor (which one is the host's depends on the first two)."""
+    stamps: list[FactRead] = [
+        (InstalledBuild, {"stamp": plan.stamp_path(build, flavor), "current": plan.current_link(build)})
+        for flavor in ("cpu", "cuda")
+    ]
+    return [(NvidiaGpus, {}), (CudaToolkit, {}), *stamps]
 
 
 def _installed(build: SourceBuild, flavor: plan.Flavor) -> tuple[bool, bool]:

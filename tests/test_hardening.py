@@ -21,7 +21,7 @@ from pyinfra.api import OperationError
 from pyinfra.context import ctx_host, ctx_state
 from pyinfra_testing.util import FakeState
 
-from gpubox import LlamaServer, ModelFile
+from gpubox import LlamaServer, ModelFile, PiperServer, WhisperServer
 from gpubox.gpu import Gpu
 from gpubox.inventory import inventory_boxes
 from gpubox.servers.base import Service
@@ -44,6 +44,10 @@ def h200(index: int, uuid: str, bus_id: str, minor_number: int | None) -> Gpu:
     )
 
 
+WHISPER_MODEL = ModelFile(path="/srv/models/ggml-tiny.en.bin", sha256="c" * 64, format="ggml-whisper")
+VOICE = ModelFile(path="/srv/voices/joe.onnx", sha256="d" * 64, format="onnx")
+VOICE_CONFIG = ModelFile(path="/srv/voices/joe.onnx.json", sha256="e" * 64, format="json")
+
 # A real 2x H200 box (/work/shared/fixtures/h200x2/nvidia-smi-q.txt: GPU UUID, Minor Number, Bus Id).
 GPU0_UUID = "GPU-9221d4eb-2b4d-b7c1-2c6b-7a75ed88edf1"
 GPU1_UUID = "GPU-b24f7cae-ff51-0892-ffe1-3246cfca6f01"
@@ -63,6 +67,10 @@ UNIT_TYPES: dict[str, Callable[[], Service]] = {
     ),
     "models-under-home": lambda: LlamaServer(name="home", model=HOME_MODEL, gpus=(0,)),
     "models-under-home-cpu": lambda: LlamaServer(name="home-cpu", model=HOME_MODEL),
+    "whisper-gpu": lambda: WhisperServer(name="whisper", model=WHISPER_MODEL, gpus=(1,)),
+    "whisper-cpu": lambda: WhisperServer(name="whisper-cpu", model=WHISPER_MODEL, no_gpu=True, convert=True),
+    "piper-gpu": lambda: PiperServer(name="piper", voice=VOICE, voice_config=VOICE_CONFIG, gpus=(1,)),
+    "piper-cpu": lambda: PiperServer(name="piper-cpu", voice=VOICE, voice_config=VOICE_CONFIG),
 }
 
 

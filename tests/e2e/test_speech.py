@@ -99,11 +99,15 @@ def test_the_whole_box_converges_and_speaks_and_listens(deployer: Deployer) -> N
 
 def test_a_second_run_changes_nothing(deployer: Deployer) -> None:
     before = audio_state(deployer)
-    result, elapsed = deployer.run(FULL, "-y")
+    result, elapsed = deployer.run(FULL, "-y", "-v")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     changed = [name for name, outcome in ops_reporting(result.stdout) if outcome == "Success"]
     assert changed == [], changed
+    # three services, five installs and models: still one round trip of facts, and no restart planned
+    loads = re.findall(r"Loaded fact (\S+)", re.sub(r"\x1b\[[0-9;]*m", "", output))
+    assert loads == ["facts.batch.Facts"], loads
+    assert "Restart " not in output and "Smoke test" not in output
     assert audio_state(deployer) == before
     record("speech no-op rerun s", round(elapsed, 1))
 

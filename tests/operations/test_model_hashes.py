@@ -16,6 +16,7 @@ import pytest
 from pyinfra.context import ctx_host, ctx_state
 from pyinfra_testing.util import FakeState, parse_value
 
+import operations.box_state
 import operations.service
 import operations.smoke
 import operations.source_build
@@ -168,6 +169,7 @@ def test_a_model_shared_by_two_services_is_placed_and_stamped_once(monkeypatch: 
     monkeypatch.setattr(operations.models, "unused", lambda **kwargs: calls.append(("unused", "")))
     monkeypatch.setattr(operations.source_build, "build", lambda spec: [])
     monkeypatch.setattr(operations.vram, "fits", lambda **kwargs: None)
+    monkeypatch.setattr(operations.box_state, "prefetch_box", lambda box: None)
     monkeypatch.setattr(operations.service, "server", llama_server)
     monkeypatch.setattr(operations.smoke, "smoke_test", lambda *args: None)
     host = SimpleNamespace(name="box", data={"box": shared_model_box()})

@@ -1,0 +1,36 @@
+"""Read what a whole-box deploy will look at on the host in one round trip.
+
+A converged host's deploy is a series of checks, each a fact, each a round trip over SSH: with
+three services that was 32 of them. Each operation module says what it reads (`facts_read`), with
+the arguments it will read them with; `prefetch_box` loads them all in one command
+(`facts.batch.Facts`), and the operations' `fact_once` answers from it.
+"""
+
+from __future__ import annotations
+
+from facts.models import VerifiedStamps
+from gpubox.box import Box
+from gpubox.servers.piper import PiperServer
+
+from . import models, piper, service, source_build
+from .host_facts import FactRead, prefetch
+
+
+def piper_flavor(box: Box) -> str:
+    """`cuda` when a piper service runs on a GPU (onnxruntime-gpu), else `cpu`."""
+    return "cuda" if any(server.cuda for server in box.services_of(PiperServer)) else "cpu"
+
+
+def box_reads(box: Box) -> list[FactRead]:
+    """Every fact the full deploy reads on a converged host, with its arguments."""
+    reads: list[FactRead] = [read for build in box.builds() for read in source_build.facts_read(build)]
+    if box.piper is not None:
+        reads += piper.facts_read(box.piper, piper_flavor(box))  # type: ignore[arg-type]
+    reads += [read for _, model in box.models() for read in models.facts_read(model)]
+    reads += [read for server in box.services for read in service.facts_read(server, box.install_of(server).prefix)]
+    return [*reads, (VerifiedStamps, {})]
+
+
+def prefetch_box(box: Box) -> None:
+    """Load what the full deploy reads, in one round trip."""
+    prefetch(box_reads(box))
