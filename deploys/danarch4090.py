@@ -10,19 +10,17 @@ its install changed, and is smoke tested after a restart (speech round trip when
 """
 
 from pyinfra import host
-from pyinfra.operations.util import any_changed
 
 from gpubox.inventory import box_from_host_data
-from gpubox.servers.piper import PiperServer
-from gpubox.servers.whisper import WhisperServer
 from operations import box_state, models, piper, service, smoke, source_build, vram
 
 box = box_from_host_data(host.data.get("box"), host.name)
 box_state.prefetch_box(box)  # what the checks below read, in one round trip
 
-install_metas = {id(build): source_build.build(build) for build in box.builds()}
+# Each install's operation metas, by its prefix (a box's installs have their own prefixes).
+install_metas = {build.prefix: source_build.build(build) for build in box.builds()}
 if box.piper is not None:
-    install_metas[id(box.piper)] = piper.piper(box.piper, box_state.piper_flavor(box))  # type: ignore[arg-type]
+    install_metas[box.piper.prefix] = piper.piper(box.piper, box_state.piper_flavor(box))
 
 placed_by_path = {}
 for user, model in box.models():
@@ -36,31 +34,12 @@ vram.fits(name="The services fit their GPUs' memory", box=box)
 restarts = {}
 for server in box.services:
     install = box.install_of(server)
-    model_metas = [placed_by_path[model.path] for model in server.models()]
-    restarts[server.name] = service.server(server, install.prefix, changed=[*install_metas[id(install)], *model_metas])
-    smoke.smoke_test(server, restarts[server.name], install, install_metas[id(install)])
+    changed = [*install_metas[install.prefix], *(placed_by_path[model.path] for model in server.models())]
+    restarts[server.name] = service.server(server, install.prefix, changed=changed)
+    smoke.smoke_test(server, restarts[server.name], install, install_metas[install.prefix])
 
-# The speech round trip: the first piper service speaks, the first whisper-server hears it.
-speakers, listeners = box.services_of(PiperServer), box.services_of(WhisperServer)
-if speakers and listeners and speakers[0].smoke and listeners[0].smoke:
-    pair = (speakers[0], listeners[0])
-    metas = [restarts[server.name] for server in pair if restarts[server.name] is not None]
-    if metas:
-        rollbacks = [
-            (
-                server,
-                smoke.Rollback(box.install_of(server), any_changed(*install_metas[id(box.install_of(server))])),
-                any_changed(restarts[server.name]) if restarts[server.name] is not None else (lambda: False),
-            )
-            for server in pair
-        ]
-        smoke.round_trip(
-            name=f"Round trip {pair[0].unit_name} -> {pair[1].unit_name}",
-            piper=pair[0],
-            whisper=pair[1],
-            rollbacks=rollbacks,
-            _if=any_changed(*metas),
-        )
+# The speech round trip, when a restart could have changed either end: piper speaks, whisper hears.
+smoke.round_trip_test(box, restarts, install_metas)
 
 # Last, once the services run on the box's models: the files gpubox placed that left the box are
 # reported, and deleted with `--data gpubox_remove_unused_models=true` (unless a unit still names one).

@@ -66,7 +66,13 @@ class Box(Spec):
     def _box_rules(self) -> Self:
         refuse(
             type(self).__name__,
-            [*self._unique_names_and_ports(), *self._installs(), *self._known_gpus(), *self._one_checksum()],
+            [
+                *self._unique_names_and_ports(),
+                *self._installs(),
+                *self._own_prefixes(),
+                *self._known_gpus(),
+                *self._one_checksum(),
+            ],
         )
         return self
 
@@ -82,6 +88,23 @@ class Box(Spec):
             for position, service in enumerate(self.services)
             if getattr(self, INSTALL_FIELDS[type(service)][0]) is None
         ]
+
+    def _own_prefixes(self) -> list[Violation]:
+        """Each install switches `{prefix}/current` and prunes under it: two at one prefix would clobber each other."""
+        owners: dict[str, str] = {}
+        problems: list[Violation] = []
+        for field in ("llama_cpp", "whisper_cpp", "piper"):
+            install: SourceBuild | PiperInstall | None = getattr(self, field)
+            if install is None:
+                continue
+            owner = owners.setdefault(install.prefix, field)
+            if owner != field:
+                problems.append((
+                    (field, "prefix"),
+                    f"{install.prefix} is {owner}'s prefix already: give each install its own prefix",
+                    install.prefix,
+                ))
+        return problems
 
     def install_of(self, service: Service) -> SourceBuild | PiperInstall:
         """The build or install ``service`` runs from (the rules made sure there is one)."""

@@ -27,6 +27,7 @@ its source (paths relative to the llama.cpp tree):
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -895,8 +896,15 @@ def load_model_header(path: str | Path) -> GgufFile:
     """The header of a local GGUF: a full model, or a header-only copy flagged ``gpubox.header_only``.
 
     A header-only copy's file ends before the tensor data its header describes; it reports the
-    size the full file would have (``tensor_data_end``).
+    size the full file would have (``tensor_data_end``). A file is parsed once per process while its
+    size and mtime stay the same (a drafter is often the target's own file).
     """
+    stat = Path(path).stat()
+    return _load_model_header(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_model_header(path: str, size: int, mtime_ns: int) -> GgufFile:
     try:
         return read_gguf_header(path)
     except TruncatedGgufError:

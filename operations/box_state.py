@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from facts.models import VerifiedStamps
 from gpubox.box import Box
+from gpubox.piper_install import PiperFlavor
 from gpubox.servers.piper import PiperServer
 
 from . import models, piper, service, source_build
 from .host_facts import FactRead, prefetch
 
 
-def piper_flavor(box: Box) -> str:
+def piper_flavor(box: Box) -> PiperFlavor:
     """`cuda` when a piper service runs on a GPU (onnxruntime-gpu), else `cpu`."""
     return "cuda" if any(server.cuda for server in box.services_of(PiperServer)) else "cpu"
 
@@ -25,7 +26,7 @@ def box_reads(box: Box) -> list[FactRead]:
     """Every fact the full deploy reads on a converged host, with its arguments."""
     reads: list[FactRead] = [read for build in box.builds() for read in source_build.facts_read(build)]
     if box.piper is not None:
-        reads += piper.facts_read(box.piper, piper_flavor(box))  # type: ignore[arg-type]
+        reads += piper.facts_read(box.piper, piper_flavor(box))
     reads += [read for _, model in box.models() for read in models.facts_read(model)]
     reads += [read for server in box.services for read in service.facts_read(server, box.install_of(server).prefix)]
     return [*reads, (VerifiedStamps, {})]

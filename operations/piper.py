@@ -7,7 +7,6 @@ from pathlib import Path
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, OperationError, deploy, operation
 from pyinfra.facts.server import LinuxDistribution
-from pyinfra.operations import apt
 
 from facts.build import InstalledBuild
 from gpubox import build
@@ -93,6 +92,8 @@ def piper(install_spec: PiperInstall, flavor: plan.PiperFlavor = "cpu") -> list:
     name = f"{install_spec.requirement} ({flavor}) -> {install_spec.prefix}/current"
     if all(_installed(install_spec, flavor)):
         return [install(name=name, install=install_spec, flavor=flavor)]
+    from pyinfra.operations import apt  # here: only an install pays for importing it (see source_build)
+
     distro = host.get_fact(LinuxDistribution)
     ids = {(distro["release_meta"].get("ID") or "").lower(), *(distro["release_meta"].get("ID_LIKE") or "").split()}
     if ids & {"debian", "ubuntu"}:

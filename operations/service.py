@@ -10,7 +10,6 @@ from pyinfra.api import FileUploadCommand, OperationError, deploy, operation
 from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import Which
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
-from pyinfra.operations import server as server_ops
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 from pyinfra.operations.util.files import generate_color_diff
@@ -312,6 +311,8 @@ def server(  # type: ignore[no-untyped-def]
     """
     # pyinfra's user operation reads three facts (users, groups, OS); a user that exists needs none of it.
     if ensure_user and server.user not in fact_once(ExistingUsers, names=(server.user,)):
+        from pyinfra.operations import server as server_ops  # here: only a missing user pays its import
+
         server_ops.user(
             name=f"Service user {server.user}",
             user=server.user,

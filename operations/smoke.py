@@ -21,7 +21,7 @@ from rich.console import Console
 
 from facts.gpu import NvidiaComputeApps, NvidiaGpus
 from gpubox import piper_install, speech
-from gpubox.box import AnyService
+from gpubox.box import AnyService, Box
 from gpubox.build import rollback_script as build_rollback_script
 from gpubox.quoting import shell_word
 from gpubox.servers.base import Service
@@ -355,6 +355,45 @@ def round_trip(  # type: ignore[no-untyped-def]
     measure = lambda outcome: _measure_round_trip(piper, whisper, outcome, arguments)  # noqa: E731
     missed = f"the round trip {piper.unit_name} -> {whisper.unit_name} failed"
     yield FunctionCommand(_smoke_or_roll_back, (measure, rollbacks, arguments, missed), {})
+
+
+def round_trip_test(
+    box: Box, restarts: Mapping[str, OperationMeta | None], install_metas: Mapping[str, list[OperationMeta]]
+) -> None:
+    """
+    The round trip of the box's first piper and first whisper-server (both with smoke thresholds),
+    after a restart of either only; a miss rolls back whichever of the two this run restarted.
+
+    + box: the host's Box
+    + restarts: each service's restart op meta by name (None: nothing could change it)
+    + install_metas: each install's op metas by its prefix
+
+    **Example:**
+
+    .. code:: python
+
+        smoke.round_trip_test(box, restarts, install_metas)
+    """
+    speakers, listeners = box.services_of(PiperServer), box.services_of(WhisperServer)
+    if not (speakers and listeners and speakers[0].smoke and listeners[0].smoke):
+        return
+    pair: tuple[PiperServer, WhisperServer] = (speakers[0], listeners[0])
+    metas = [meta for meta in (restarts[server.name] for server in pair) if meta is not None]
+    if not metas:
+        return
+    rollbacks = []
+    for server in pair:
+        install = box.install_of(server)
+        restart = restarts[server.name]
+        restarted = any_changed(restart) if restart is not None else (lambda: False)
+        rollbacks.append((server, Rollback(install, any_changed(*install_metas[install.prefix])), restarted))
+    round_trip(
+        name=f"Round trip {pair[0].unit_name} -> {pair[1].unit_name}",
+        piper=pair[0],
+        whisper=pair[1],
+        rollbacks=rollbacks,
+        _if=any_changed(*metas),
+    )
 
 
 def whisper_audio(server: WhisperServer, build: SourceBuild | None) -> str | None:

@@ -8,7 +8,6 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import FunctionCommand, OperationError, deploy, operation
 from pyinfra.facts.server import LinuxDistribution, Which
-from pyinfra.operations import apt, pacman
 
 from facts.build import InstalledBuild
 from facts.cuda import CudaToolkit
@@ -37,6 +36,10 @@ def dependencies() -> None:
 
         source_build.dependencies()
     """
+    # Here, not at the top: pyinfra's package operations take ~0.1 s to import, which a converged
+    # host's deploy (the common case: nothing to install) should not pay.
+    from pyinfra.operations import apt, pacman
+
     distro = host.get_fact(LinuxDistribution)
     names = {distro["name"] or "", *(distro["release_meta"].get("ID_LIKE", "") or "").split()}
     ids = {name.lower() for name in names} | {(distro["release_meta"].get("ID") or "").lower()}

@@ -282,3 +282,18 @@ def test_model_file_formats_need_the_right_architecture() -> None:
         ModelFile(path="/m.bin", sha256="a" * 64, format="ggml-whisper", architecture="huge")
     with pytest.raises(ValidationError, match="no architecture"):
         ModelFile(path="/v.onnx", sha256="a" * 64, format="onnx", architecture="vits")
+
+
+def test_a_placeholder_sha256_is_a_warning_naming_the_field() -> None:
+    placeholder = TINY_EN.model_copy(update={"sha256": "2" * 64})
+    server = WhisperServer(name="w", model=placeholder)
+    ((field, why),) = server.warnings()
+    assert field == "model.sha256" and "placeholder" in why and "sha256sum /srv/models/ggml-tiny.en.bin" in why
+    assert whisper().warnings() == []  # a real-looking checksum says nothing
+    assert [field for field, _ in piper().warnings()] == []
+
+
+def test_two_installs_may_not_share_a_prefix() -> None:
+    with pytest.raises(ValidationError) as error:
+        Box.model_validate(three_services(whisper_cpp={"commit": "1" * 40, "prefix": "/opt/llama.cpp"}))
+    assert fields_refused(error) == {"whisper_cpp.prefix"}

@@ -222,8 +222,20 @@ class Service(Spec):
         return []
 
     def warnings(self) -> list[tuple[str, str]]:
-        """What the rules accept but a reviewer would question: (field, why); `gpubox check` shows them."""
-        return []
+        """What the rules accept but a reviewer would question: (field, why); `gpubox check` shows them.
+
+        Every server type: a model whose sha256 is one digit repeated (a placeholder the deploy would
+        refuse on the host, where the file's real checksum is printed).
+        """
+        return [
+            (
+                f"{field}.sha256",
+                f"{model.sha256[:8]}... is a placeholder: fill in the real sha256 (`sha256sum {model.path}`); "
+                f"the deploy refuses the file until it matches",
+            )
+            for field, model in self.model_files()
+            if len(set(model.sha256)) == 1 and model.sha256[0].isdigit()
+        ]
 
 
 def typed_flags(service_type: type[Service]) -> dict[str, str]:

@@ -124,13 +124,13 @@ class LlamaServer(Service):
     def warnings(self) -> list[tuple[str, str]]:
         """What the rules accept but a reviewer would question: (field, why)."""
         if self.api_key_file is None:
-            return [(
+            return [*super().warnings(), (
                 "api_key_file",
                 f"{self.host}:{self.port} takes requests without a key: any web page open in a browser on "
                 f"this machine can POST to it (llama-server allows every CORS origin). Set "
                 f'api_key_file="generate" (the deploy creates a key readable by root and {self.user} only)',
             )]
-        return []
+        return super().warnings()
 
     @property
     def drafts(self) -> bool:
