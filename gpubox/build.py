@@ -26,7 +26,6 @@ from gpubox.cuda import Nvcc
 from gpubox.gpu import Gpu, cuda_architectures
 from gpubox.llamacpp import HELP_CACHE_SUFFIX, VERSION_CACHE_SUFFIX
 from gpubox.quoting import shell_join, shell_word
-from gpubox.records import Record
 from gpubox.spec import SourceBuild
 
 Flavor = Literal["cpu", "cuda"]
@@ -57,7 +56,7 @@ def log_path(build: SourceBuild, flavor: Flavor) -> str:
 
 
 def current_link(build: SourceBuild) -> str:
-    return f"{build.prefix}/current"
+    return switch.current_link(build.prefix)
 
 
 def previous_link(build: SourceBuild) -> str:
@@ -269,31 +268,6 @@ def switch_script(build: SourceBuild, flavor: Flavor) -> str:
     return "\n".join([*_switch_lines(build, flavor), *prune_lines(build)])
 
 
-class InstalledBuild(Record):
-    """What the host has of a build: its stamp's text (None: not installed, or built before stamps)
-    and where ``current`` points (None: no link)."""
-
-    stamp: str | None
-    current: str | None
-
-
-_CURRENT_MARK = "@@current"
-
-
-def installed_command(stamp: str, current: str) -> str:
-    """One round trip for the no-op check: a build's stamp, then the `current` link's target."""
-    return f"cat {shell_word(stamp)} 2>/dev/null; echo; echo {_CURRENT_MARK}; readlink {shell_word(current)} || true"
-
-
-def parse_installed(lines: Sequence[str]) -> InstalledBuild:
-    """The output of :func:`installed_command`."""
-    marker = lines.index(_CURRENT_MARK) if _CURRENT_MARK in lines else len(lines)
-    stamp = "\n".join(line for line in lines[:marker] if line.strip()).strip()
-    current = "".join(lines[marker + 1 :]).strip()
-    return InstalledBuild(stamp=stamp or None, current=current or None)
-
-
-def is_installed(found: InstalledBuild, build: SourceBuild, flavor: Flavor) -> tuple[bool, bool]:
+def is_installed(found: switch.InstalledBuild, build: SourceBuild, flavor: Flavor) -> tuple[bool, bool]:
     """Whether this build is installed (its stamp matches), and whether `current` points at it."""
-    points_here = (found.current or "").rstrip("/") == f"builds/{build_name(build, flavor)}"
-    return stamp_matches(found.stamp, build, flavor), points_here
+    return switch.installed_here(found, stamp_text(build, flavor), f"builds/{build_name(build, flavor)}")

@@ -48,15 +48,16 @@ def stamp_path(install: PiperInstall, flavor: PiperFlavor) -> str:
 
 
 def current_link(install: PiperInstall) -> str:
-    return f"{install.prefix}/current"
+    return switch.current_link(install.prefix)
 
 
 def stamp_text(install: PiperInstall, flavor: PiperFlavor) -> str:
     return json.dumps({"package": install.requirement, "flavor": flavor}, sort_keys=True)
 
 
-def stamp_matches(found: str | None, install: PiperInstall, flavor: PiperFlavor) -> bool:
-    return switch.stamp_matches(found, stamp_text(install, flavor))
+def is_installed(found: switch.InstalledBuild, install: PiperInstall, flavor: PiperFlavor) -> tuple[bool, bool]:
+    """Whether this version and flavor is installed (its stamp matches), and `current` points at it."""
+    return switch.installed_here(found, stamp_text(install, flavor), f"venvs/{venv_name(install, flavor)}")
 
 
 def install_script(install: PiperInstall, flavor: PiperFlavor) -> str:

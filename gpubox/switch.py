@@ -12,11 +12,16 @@ import json
 from collections.abc import Sequence
 
 from gpubox.quoting import shell_word
+from gpubox.records import Record
+
+
+def current_link(prefix: str) -> str:
+    return f"{prefix}/current"
 
 
 def switch_lines(prefix: str, target: str) -> list[str]:
     """Remember the active install as `previous`, then point `current` at `target` (`builds/NAME`)."""
-    current = shell_word(f"{prefix}/current")
+    current = shell_word(current_link(prefix))
     current_new = shell_word(f"{prefix}/current.new")
     previous = shell_word(f"{prefix}/previous")
     previous_new = shell_word(f"{prefix}/previous.new")
@@ -64,3 +69,33 @@ def stamp_matches(found: str | None, expected: str) -> bool:
         return bool(json.loads(found) == json.loads(expected))
     except ValueError:
         return False
+
+
+class InstalledBuild(Record):
+    """What the host has of an install: its stamp's text (None: not installed, or made before stamps)
+    and where ``current`` points (None: no link)."""
+
+    stamp: str | None
+    current: str | None
+
+
+_CURRENT_MARK = "@@current"
+
+
+def installed_command(stamp: str, current: str) -> str:
+    """One round trip for the no-op check: an install's stamp, then the `current` link's target."""
+    return f"cat {shell_word(stamp)} 2>/dev/null; echo; echo {_CURRENT_MARK}; readlink {shell_word(current)} || true"
+
+
+def parse_installed(lines: Sequence[str]) -> InstalledBuild:
+    """The output of :func:`installed_command`."""
+    marker = lines.index(_CURRENT_MARK) if _CURRENT_MARK in lines else len(lines)
+    stamp = "\n".join(line for line in lines[:marker] if line.strip()).strip()
+    current = "".join(lines[marker + 1 :]).strip()
+    return InstalledBuild(stamp=stamp or None, current=current or None)
+
+
+def installed_here(found: InstalledBuild, expected_stamp: str, target: str) -> tuple[bool, bool]:
+    """Whether the install is there (its stamp records `expected_stamp`), and `current` points at
+    `target` (`builds/NAME`, `venvs/NAME`)."""
+    return stamp_matches(found.stamp, expected_stamp), (found.current or "").rstrip("/") == target

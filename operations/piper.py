@@ -9,8 +9,8 @@ from pyinfra.api import FileUploadCommand, OperationError, deploy, operation
 from pyinfra.facts.server import LinuxDistribution
 
 from facts.build import InstalledBuild
-from gpubox import build
 from gpubox import piper_install as plan
+from gpubox import switch
 from gpubox.quoting import shell_word
 from gpubox.spec import PiperInstall
 
@@ -25,9 +25,7 @@ def facts_read(install: PiperInstall, flavor: plan.PiperFlavor) -> list[FactRead
 def _installed(install: PiperInstall, flavor: plan.PiperFlavor) -> tuple[bool, bool]:
     """Whether this version and flavor is installed (its stamp says so), and `current` points at it."""
     ((fact, arguments),) = facts_read(install, flavor)
-    found = build.InstalledBuild.model_validate(fact_once(fact, **arguments))
-    points_here = (found.current or "").rstrip("/") == f"venvs/{plan.venv_name(install, flavor)}"
-    return plan.stamp_matches(found.stamp, install, flavor), points_here
+    return plan.is_installed(switch.InstalledBuild.model_validate(fact_once(fact, **arguments)), install, flavor)
 
 
 def _wheels(install: PiperInstall) -> list[Path]:

@@ -14,6 +14,7 @@ from facts.cuda import CudaToolkit
 from facts.gpu import NvidiaGpus
 from facts.llamacpp import LlamaCppCheckout
 from gpubox import build as plan
+from gpubox import switch
 from gpubox.quoting import shell_word
 from gpubox.spec import AnySourceBuild, SourceBuild
 
@@ -105,7 +106,7 @@ def _installed(build: SourceBuild, flavor: plan.Flavor) -> tuple[bool, bool]:
     """Whether the pinned build is installed (its stamp records this project, commit, flavor and
     targets), and `current` points at it: one fact, no binary run."""
     fact = fact_once(InstalledBuild, stamp=plan.stamp_path(build, flavor), current=plan.current_link(build))
-    found = plan.InstalledBuild.model_validate(fact)
+    found = switch.InstalledBuild.model_validate(fact)
     return plan.is_installed(found, build, flavor)
 
 

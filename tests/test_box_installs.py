@@ -8,16 +8,10 @@ import subprocess
 from pathlib import Path
 
 from gpubox import Box, ExpectedGpu, PiperInstall
-from gpubox.build import (
-    InstalledBuild,
-    installed_command,
-    is_installed,
-    parse_installed,
-    stamp_matches,
-    stamp_text,
-)
+from gpubox.build import is_installed, stamp_matches, stamp_text
 from gpubox.piper_install import install_script, rollback_script, stamp_path
 from gpubox.spec import LlamaCppBuild, WhisperCppBuild
+from gpubox.switch import InstalledBuild, installed_command, parse_installed
 from gpubox.vram import MIB, WHISPER_CUDA_CONTEXT_MIB, WHISPER_STATE_MIB, WHISPER_WEIGHTS_MIB, moves, plan_box
 from tests.test_speech_services import three_services
 

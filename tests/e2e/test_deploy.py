@@ -120,13 +120,19 @@ def ops_reporting(output: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def make_deployer(host: TestHost, tmp_path_factory: pytest.TempPathFactory, **config: Any) -> Deployer:
+    """A Deployer of the test host's box (inventory/testbed.py), with `config` added to its config."""
+    base = {
+        **inventory_config(host.pyinfra_host_name(), host.pyinfra_host_data()),
+        "jobs": os.cpu_count() or 2,
+        **config,
+    }
+    return Deployer(host, tmp_path_factory.mktemp("e2e") / "config.json", base)
+
+
 @pytest.fixture(scope="module")
 def deployer(test_host: TestHost, tmp_path_factory: pytest.TempPathFactory) -> Deployer:
-    base = {
-        **inventory_config(test_host.pyinfra_host_name(), test_host.pyinfra_host_data()),
-        "jobs": os.cpu_count() or 2,
-    }
-    return Deployer(test_host, tmp_path_factory.mktemp("e2e") / "config.json", base)
+    return make_deployer(test_host, tmp_path_factory)
 
 
 def smoke_numbers(output: str) -> dict[str, float | str]:

@@ -8,7 +8,6 @@ wheelhouse with --no-index, and speaks with the joe voice. All on the CPU here.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import CCACHE_MOUNT, LLAMA_REPO_MOUNT
-from tests.e2e.test_deploy import FULL, SURGICAL, Deployer, ops_reporting, record
-from tests.testbed import TestHost, booted_host, inventory_config
+from tests.e2e.test_deploy import FULL, SURGICAL, Deployer, make_deployer, ops_reporting, record
+from tests.testbed import TestHost, booted_host
 from tests.testbed.piper_assets import PIPER_VERSION
 from tests.testbed.speech import WHISPER_REPO_MOUNT, speech_config
 from tests.testbed.whisper_assets import whisper_cpp_repo
@@ -53,12 +52,7 @@ def speech_host(can_boot_hosts: None, llama_repo: tuple[Path, str], shared_ccach
 
 @pytest.fixture(scope="module")
 def deployer(speech_host: TestHost, tmp_path_factory: pytest.TempPathFactory) -> Deployer:
-    base = {
-        **inventory_config(speech_host.pyinfra_host_name(), speech_host.pyinfra_host_data()),
-        "jobs": os.cpu_count() or 2,
-        **speech_config(),
-    }
-    return Deployer(speech_host, tmp_path_factory.mktemp("speech") / "config.json", base)
+    return make_deployer(speech_host, tmp_path_factory, **speech_config())
 
 
 def audio_state(deployer: Deployer) -> dict[str, str]:

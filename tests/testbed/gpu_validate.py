@@ -84,7 +84,7 @@ from typing import IO, TYPE_CHECKING, Any
 import requests
 from rich.console import Console, RenderableType
 
-from gpubox import bench
+from gpubox import bench, switch
 from gpubox import build as plan
 from gpubox.gguf_header import read_gguf_header
 from gpubox.gpu import (
@@ -1431,7 +1431,7 @@ def whisper_service(model: ModelFile, gpu: int, port: int = WHISPER_PORT) -> Whi
 
 def stamp_check_record(output: str, spec: WhisperCppBuild, flavor: plan.Flavor) -> Json:
     """What the deploy's no-op check sees after the build: the stamp's text, and whether `current` points here."""
-    found = plan.parse_installed(output.splitlines())
+    found = switch.parse_installed(output.splitlines())
     matches, points_here = plan.is_installed(found, spec, flavor)
     return {"stamp": found.stamp, "current": found.current, "stamp_matches": matches,
             "current_points_here": points_here}
@@ -1599,7 +1599,7 @@ def build_whisper(args: argparse.Namespace, result: Json, gpus: Sequence[Gpu]) -
             _, tail = sh(["tail", "-n", "40", plan.log_path(spec, "cuda")])
             result[f"{name}_run"]["log_tail"] = tail
             raise RuntimeError(f"the whisper.cpp {name} script failed (exit {code}):\n{out[-2500:]}")
-    _, out = sh(plan.installed_command(plan.stamp_path(spec, "cuda"), plan.current_link(spec)))
+    _, out = sh(switch.installed_command(plan.stamp_path(spec, "cuda"), plan.current_link(spec)))
     result["stamp_check"] = stamp_check_record(out, spec, "cuda")
     binary = shlex.quote(spec_binary(spec))
     _, out = sh(f"ls {shlex.quote(plan.install_dir(spec, 'cuda'))}; readelf -d {binary} | grep NEEDED; "
@@ -2119,11 +2119,18 @@ def mtp_section(mtp: Mapping[str, Any]) -> str:  # noqa: C901
     if mtp.get("log_context"):
         out.append("Server log, the loading lines (model, drafter, KV, offload):\n"
                    + fence("\n".join(mtp["log_context"])))
-    if mtp.get("failures"):
-        out.append("Failures:\n" + "".join(f"- {f}\n" for f in mtp["failures"]) + "\n")
-    if mtp.get("unit"):
-        out.append("The rendered unit:\n" + fence(mtp["unit"]))
+    out += failures_and_unit(mtp)
     return "".join(out)
+
+
+def failures_and_unit(step: Mapping[str, Any]) -> list[str]:
+    """A step section's last paragraphs: its failures, then the unit its server was started from."""
+    out: list[str] = []
+    if step.get("failures"):
+        out.append("Failures:\n" + "".join(f"- {failure}\n" for failure in step["failures"]) + "\n")
+    if step.get("unit"):
+        out.append("The rendered unit:\n" + fence(step["unit"]))
+    return out
 
 
 def bench_section(bench_state: Mapping[str, Any]) -> str:
@@ -2357,10 +2364,7 @@ def whisper_section(w: Mapping[str, Any]) -> str:  # noqa: C901
                    + f"; residency: {w.get('residency_failures') or 'on its GPU only'}.\n\n")
     if w.get("log_lines"):
         out.append("whisper-server's log (device, buffers):\n" + fence("\n".join(w["log_lines"])))
-    if w.get("failures"):
-        out.append("Failures:\n" + "".join(f"- {f}\n" for f in w["failures"]) + "\n")
-    if w.get("unit"):
-        out.append("The rendered unit:\n" + fence(w["unit"]))
+    out += failures_and_unit(w)
     return "".join(out)
 
 
