@@ -25,7 +25,7 @@ if box.piper is not None:
 placed_by_path = {}
 for user, model in box.models():
     role = "Drafter" if model is getattr(user, "model_draft", None) else "Model"
-    placed = models.place(name=f"{role} {model.path}", model=model)
+    placed = models.place(name=f"{role} {model.path}", model=model, hub=box.huggingface)
     models.stamp(name=f"{role} {model.path} verified", model=model, placed=placed)
     placed_by_path[model.path] = placed
 

@@ -21,7 +21,7 @@ if box.llama_cpp is None or server.model_draft is None:
 speculation.supported(
     name=f"llama-server supports --spec-type {server.spec_type}", server=server, prefix=box.llama_cpp.prefix
 )
-drafter = models.place(name=f"Drafter {server.model_draft.path}", model=server.model_draft)
+drafter = models.place(name=f"Drafter {server.model_draft.path}", model=server.model_draft, hub=box.huggingface)
 models.stamp(name=f"Drafter {server.model_draft.path} verified", model=server.model_draft, placed=drafter)
 speculation.drafter_architecture(
     name=f"Drafter is a {server.model_draft.architecture} GGUF", model=server.model_draft

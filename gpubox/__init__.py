@@ -1,17 +1,29 @@
 """gpubox: typed, declarative pyinfra deploys for GPU boxes that serve LLMs with llama-server, and speech."""
 
 from gpubox.box import Box
+from gpubox.monitoring.spec import HostMonitoring, Monitoring
 from gpubox.servers.llama import LlamaServer
 from gpubox.servers.piper import PiperServer, SpeechSmoke
 from gpubox.servers.whisper import TranscriptionSmoke, WhisperServer
-from gpubox.spec import ExpectedGpu, LlamaCppBuild, ModelFile, PiperInstall, SmokeThresholds, WhisperCppBuild
+from gpubox.spec import (
+    ExpectedGpu,
+    HuggingFace,
+    LlamaCppBuild,
+    ModelFile,
+    PiperInstall,
+    SmokeThresholds,
+    WhisperCppBuild,
+)
 
 __all__ = [
     "Box",
     "ExpectedGpu",
+    "HostMonitoring",
+    "HuggingFace",
     "LlamaCppBuild",
     "LlamaServer",
     "ModelFile",
+    "Monitoring",
     "PiperInstall",
     "PiperServer",
     "SmokeThresholds",

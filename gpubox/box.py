@@ -6,12 +6,14 @@ from typing import Annotated, Any, Self
 
 from pydantic import Discriminator, Tag, model_validator
 
+from gpubox.monitoring.spec import HostMonitoring
 from gpubox.servers.base import Service
 from gpubox.servers.llama import LlamaServer
 from gpubox.servers.piper import PiperServer
 from gpubox.servers.whisper import WhisperServer
 from gpubox.spec import (
     ExpectedGpu,
+    HuggingFace,
     LlamaCppBuild,
     ModelFile,
     PiperInstall,
@@ -54,6 +56,8 @@ class Box(Spec):
     + piper: the piper install piper services run
     + services: every service, each pinned to its GPUs
     + expected_gpus: the GPUs the box should have; the planner budgets against them
+    + monitoring: the ports of the host's node-exporter and Prometheus agent (deploys/observability.py)
+    + huggingface: the hub ``hf://`` model sources come from and the token file for gated ones
     """
 
     llama_cpp: LlamaCppBuild | None = None
@@ -61,6 +65,8 @@ class Box(Spec):
     piper: PiperInstall | None = None
     services: tuple[AnyService, ...]
     expected_gpus: tuple[ExpectedGpu, ...] | None = None
+    monitoring: HostMonitoring = HostMonitoring()
+    huggingface: HuggingFace | None = None
 
     @model_validator(mode="after")
     def _box_rules(self) -> Self:
@@ -143,6 +149,14 @@ class Box(Spec):
                 ))
             names.setdefault(service.name, position)
             ports.setdefault(service.port, service.name)
+        for field in ("node_exporter_port", "agent_port"):
+            port = getattr(self.monitoring, field)
+            if port in ports:
+                problems.append((
+                    ("monitoring", field),
+                    f"port {port} is already used by service {ports[port]!r}: give it its own port",
+                    port,
+                ))
         return problems
 
     def _known_gpus(self) -> list[Violation]:

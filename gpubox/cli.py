@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from gpubox import cli_client, cli_plan
+from gpubox import cli_client, cli_monitoring, cli_plan
 from gpubox.inventory import HostBox, InventoryError, inventory_boxes
 from gpubox.tables import problems_table, services_table, warnings_table
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=cmd_check)
     cli_client.register(commands)
     cli_plan.register(commands)
+    cli_monitoring.register(commands)
     return parser
 
 

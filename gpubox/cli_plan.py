@@ -17,41 +17,19 @@ from typing import Any
 from rich.console import Console
 
 from gpubox.box import Box
-from gpubox.gguf_header import GgufError, GgufFile
+from gpubox.gguf_header import GgufFile
 from gpubox.inventory import HostBox, InventoryError, inventory_boxes
 from gpubox.spec import Problem
 from gpubox.tables import explain_terms, gpu_table, mib, print_refusal, problems_table
 from gpubox.vram import (
     DEFAULT_HEADERS_DIR,
     BoxPlan,
-    header_path_for,
-    load_model_header,
+    headers_for_box,
     plan_box,
 )
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
-
-def headers_for_box(box: Box, headers_dir: Path) -> tuple[dict[str, GgufFile], list[str]]:
-    """Read each model's header on the controller; return them by host path, and what was missing."""
-    headers: dict[str, GgufFile] = {}
-    missing: list[str] = []
-    for service, model in box.models():
-        if model.format != "gguf":
-            continue
-        path = header_path_for(model, headers_dir)
-        if path is None:
-            missing.append(
-                f"{service.name}: no header for {model.path}: set its source to a local file, or put a "
-                f"header-only GGUF at {headers_dir / Path(model.path).name}"
-            )
-            continue
-        try:
-            headers[model.path] = load_model_header(path)
-        except (OSError, GgufError) as error:
-            missing.append(f"{service.name}: {path}: {error}")
-    return headers, missing
-
 
 def _problem_json(problem: Problem) -> dict[str, str | None]:
     return {"field": problem.field, "message": problem.message}

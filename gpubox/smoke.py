@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
 from gpubox.gpu import ComputeApp
-from gpubox.promtext import PrometheusTextError, parse_prometheus_text
 from gpubox.quoting import shell_join
 from gpubox.spec import SmokeThresholds
 
@@ -270,6 +270,20 @@ class SpecCounters(BaseModel):
     accepted_tokens: float
 
 
+def unlabelled_samples(text: str) -> dict[str, float] | None:
+    """The label-less samples of Prometheus text by sample name (a counter's keeps its ``_total``, and
+    llama-server's names their ``llamacpp:``); later duplicates win. None when the text is malformed."""
+    try:
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if not sample.labels
+        }
+    except ValueError:
+        return None
+
+
 def read_spec_counters(transport: Transport, timeout_s: float = HEALTH_REQUEST_TIMEOUT_S) -> SpecCounters | None:
     """The counters, or None when `/metrics` is off (no `--metrics`), unreachable or lacks them."""
     try:
@@ -278,11 +292,8 @@ def read_spec_counters(transport: Transport, timeout_s: float = HEALTH_REQUEST_T
         return None
     if response.status != 200:
         return None
-    try:
-        samples = parse_prometheus_text(response.body)
-    except PrometheusTextError:
-        return None
-    if METRIC_DRAFT_TOKENS not in samples or METRIC_ACCEPTED_TOKENS not in samples:
+    samples = unlabelled_samples(response.body)
+    if samples is None or METRIC_DRAFT_TOKENS not in samples or METRIC_ACCEPTED_TOKENS not in samples:
         return None
     return SpecCounters(draft_tokens=samples[METRIC_DRAFT_TOKENS], accepted_tokens=samples[METRIC_ACCEPTED_TOKENS])
 

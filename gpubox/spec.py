@@ -10,9 +10,12 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import ClassVar, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from gpubox.hf import DEFAULT_ENDPOINT, HF_SCHEME, HfReference, parse_reference
 
 SHA1_HEX = re.compile(r"^[0-9a-f]{40}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -304,8 +307,9 @@ class ModelFile(Spec):
     sha256: str
     source: str | None = Field(
         default=None,
-        description="a file on the controller or an https URL; None: the file must already be on the "
-        "host with this sha256",
+        description="a file on the controller, an https URL, or a Hugging Face reference pinned to a commit "
+        "(hf://org/repo/file@<40-hex>, downloaded with the box's huggingface settings); None: the file must "
+        "already be on the host with this sha256",
     )
     format: ModelFormat = "gguf"
     architecture: str | None = Field(
@@ -351,13 +355,52 @@ class ModelFile(Spec):
             return None
         if value.startswith("http://"):
             raise ValueError(f"source must be https (or a file on the controller), got {value!r}")
+        if value.startswith(HF_SCHEME):
+            parse_reference(value)
+            return value
         if "://" in value and not value.startswith("https://"):
-            raise ValueError(f"source must be an https URL or a controller path, got {value!r}")
+            raise ValueError(
+                f"source must be an https URL, an hf://org/repo/file@<commit> reference or a controller path, "
+                f"got {value!r}"
+            )
         return value
 
     @property
     def source_is_url(self) -> bool:
-        return self.source is not None and self.source.startswith("https://")
+        """Downloaded on the host (an https URL or a hub reference), not uploaded from the controller."""
+        return self.source is not None and (self.source.startswith("https://") or self.hf_reference is not None)
+
+    @property
+    def hf_reference(self) -> HfReference | None:
+        return parse_reference(self.source) if self.source is not None and self.source.startswith(HF_SCHEME) else None
+
+    def download_url(self, hub: HuggingFace | None = None) -> str:
+        """Where the host downloads the file from: the URL, or the hub's resolve URL of the reference."""
+        assert self.source is not None and self.source_is_url, f"{self.path}: no URL to download from"
+        reference = self.hf_reference
+        if reference is None:
+            return self.source
+        return reference.url(hub.endpoint if hub is not None else DEFAULT_ENDPOINT)
+
+
+class HuggingFace(Spec):
+    """Where ``hf://`` model sources come from, and the token for gated ones.
+
+    + endpoint: the hub's base URL (https); tests point it at a local server
+    + token_file: a file on the controller holding the token, readable by its owner only (0600); None:
+      ``$HF_TOKEN_FILE``, else no token (public files)
+    """
+
+    endpoint: str = DEFAULT_ENDPOINT
+    token_file: str | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"endpoint must be an https URL such as {DEFAULT_ENDPOINT}, got {value!r}")
+        return value.rstrip("/")
 
 
 class SmokeThresholds(Spec):

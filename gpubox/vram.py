@@ -35,6 +35,7 @@ from pathlib import Path
 from gpubox.box import Box
 from gpubox.gguf_header import (
     ArraySummary,
+    GgufError,
     GgufFile,
     MetadataValue,
     TruncatedGgufError,
@@ -960,3 +961,24 @@ def parse_memory_breakdown(log_text: str) -> MemoryBreakdown:
     return MemoryBreakdown(
         lines=tuple((match["kind"], match["device"], float(match["mib"])) for match in _BUFFER_LINE.finditer(log_text))
     )
+
+
+def headers_for_box(box: Box, headers_dir: Path) -> tuple[dict[str, GgufFile], list[str]]:
+    """Read each model's header on the controller; return them by host path, and what was missing."""
+    headers: dict[str, GgufFile] = {}
+    missing: list[str] = []
+    for service, model in box.models():
+        if model.format != "gguf":
+            continue
+        path = header_path_for(model, headers_dir)
+        if path is None:
+            missing.append(
+                f"{service.name}: no header for {model.path}: set its source to a local file, or put a "
+                f"header-only GGUF at {headers_dir / Path(model.path).name}"
+            )
+            continue
+        try:
+            headers[model.path] = load_model_header(path)
+        except (OSError, GgufError) as error:
+            missing.append(f"{service.name}: {path}: {error}")
+    return headers, missing

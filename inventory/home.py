@@ -8,15 +8,18 @@ planner budgets GPU 1 against `expected_gpus`). The LLM recipe is the seed write
 with `--flash-attn on` (the seed's bare `--flash-attn` no longer parses) and `--parallel 1`
 rendered explicitly (its default is 4 slots: the parallel trap).
 
-Run: `gpubox check inventory/home.py`, `pyinfra inventory/home.py deploys/danarch4090.py`.
+Run: `gpubox check inventory/home.py`, `pyinfra inventory/home.py deploys/danarch4090.py`; watch it
+with `pyinfra inventory/home.py deploys/observability.py` and `gpubox top inventory/home.py`.
 """
 
 from gpubox import (
     Box,
     ExpectedGpu,
+    HuggingFace,
     LlamaCppBuild,
     LlamaServer,
     ModelFile,
+    Monitoring,
     PiperInstall,
     PiperServer,
     SmokeThresholds,
@@ -32,11 +35,19 @@ LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 # whisper.cpp with whisper-server's /health and /inference (the commit the tests build: pywhispercpp 1.5.1's).
 WHISPER_CPP_COMMIT = "f24588a272ae8e23280d9c220536437164e6ed28"
 
-# The QAT GGUFs are placed by hand on the box (the seed does not download them). Put the output
-# of `sha256sum` of your copies here: a deploy refuses a file whose checksum differs, and its
-# message prints the checksum it found.
+# The QAT GGUFs are a gated download from Google's Gemma 4 release on the Hugging Face hub (the seed
+# placed them by hand): accept the licence on each model page, put a read token in a file only you can
+# read (`chmod 600 ~/.config/gpubox/hf-token`) and the deploy downloads them on the box, resuming a cut
+# download, the token only ever in a root-only header file for curl. The seed names the files, not the
+# repos: the repo names below are the release's naming pattern, and the revisions and sha256s are
+# placeholders that could not be looked up from where this file was written. Fill in the commit of each
+# file (its page's history) and the `sha256sum` of the file: `gpubox check` flags both until you do, and
+# a deploy refuses a file whose checksum differs (its message prints the checksum it found).
+TARGET_REVISION = "0" * 40
+DRAFTER_REVISION = "1" * 40
 TARGET_SHA256 = "0" * 64
 DRAFTER_SHA256 = "1" * 64
+HUB = HuggingFace(token_file="~/.config/gpubox/hf-token")
 
 gemma4 = LlamaServer(
     name="gemma4",
@@ -45,11 +56,16 @@ gemma4 = LlamaServer(
     model=ModelFile(
         path="/home/dan/models/gemma-4-12b-it-qat-q4_0.gguf",
         sha256=TARGET_SHA256,
+        source=f"hf://google/gemma-4-12b-it-qat-q4_0-gguf/gemma-4-12b-it-qat-q4_0.gguf@{TARGET_REVISION}",
         architecture="gemma4",
     ),
     model_draft=ModelFile(
         path="/home/dan/models/gemma-4-12B-it-qat-assistant-MTP-Q8_0.gguf",
         sha256=DRAFTER_SHA256,
+        source=(
+            "hf://google/gemma-4-12b-it-qat-assistant-mtp-gguf/"
+            f"gemma-4-12B-it-qat-assistant-MTP-Q8_0.gguf@{DRAFTER_REVISION}"
+        ),
         architecture="gemma4-assistant",
     ),
     spec_type="draft-mtp",
@@ -115,6 +131,7 @@ gpu_boxes = [
                 llama_cpp=LlamaCppBuild(commit=LLAMA_CPP_COMMIT, cuda="on"),
                 whisper_cpp=WhisperCppBuild(commit=WHISPER_CPP_COMMIT, cuda="on"),
                 piper=PiperInstall(version="1.8.0"),
+                huggingface=HUB,
                 services=(gemma4, whisper, piper),
                 expected_gpus=(
                     # The seed saw gemma4 at ~12 GB at load and ~22 GB after a full 256k session; the planner
@@ -125,6 +142,9 @@ gpu_boxes = [
                     ExpectedGpu(index=1, name="second GPU (unnamed in the seed)", memory_total_mib=8192),
                 ),
             ),
+            # The box watches itself: Prometheus on loopback, the alert rules from the smoke thresholds
+            # above and the VRAM plan; set webhook_url to be told (Alertmanager posts there).
+            "monitoring": Monitoring(monitor="danarch4090"),
         },
     ),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from functools import cache
+from io import StringIO
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,12 +16,13 @@ from pyinfra.facts.files import File, FileContents, Sha256File
 
 from facts.gguf import GgufHeader
 from facts.models import FileHead, UrlContentLength, VerifiedStamps
-from gpubox import gguf_header
+from gpubox import gguf_header, hf
 from gpubox.models import FORMAT_HEAD_BYTES, ModelFormatError, StampedModel, check_head, size_mib, transfer_plan
 from gpubox.quoting import shell_word
-from gpubox.spec import ModelFile, ModelFormat
+from gpubox.spec import HuggingFace, ModelFile, ModelFormat
 from gpubox.verified import STAMP_DIR, stamp_path, stamp_text, stamp_vouches
 
+from .host_commands import connector_arguments
 from .host_facts import FactRead, fact_once, forget, once
 
 # Read the head in growing steps: a small vocab fits in 4 MiB, Gemma's 262k-token vocab does not.
@@ -167,7 +169,7 @@ def has_sha256(model: ModelFile) -> bool:
     return verified_by_stamp(model, info) or host_sha256(model.path, info) == model.sha256
 
 
-def log_transfer(model: ModelFile, found: str | None, source: Path | None) -> None:
+def log_transfer(model: ModelFile, found: str | None, source: Path | None, url: str | None) -> None:
     """Say what placing the file will change and transfer (a dry run shows it): sha256 old -> new,
     the source, the bytes (a download's Content-Length from a HEAD request on the host; what is
     left when it resumes a cut run's .part)."""
@@ -176,8 +178,8 @@ def log_transfer(model: ModelFile, found: str | None, source: Path | None) -> No
     part_bytes = part["size"] if part else None
     if source is not None:
         source_bytes: int | None = source.stat().st_size
-    else:
-        source_bytes = host.get_fact(UrlContentLength, url=model.source)
+    else:  # a gated file answers 401 to a HEAD without the token: its size is then unknown
+        source_bytes = host.get_fact(UrlContentLength, url=url)
     plan = transfer_plan(
         path=model.path,
         found=found,
@@ -191,23 +193,71 @@ def log_transfer(model: ModelFile, found: str | None, source: Path | None) -> No
         host.log(line)
 
 
+def hub_token(model: ModelFile, hub: HuggingFace | None) -> str | None:
+    """The token for a hub download, read on the controller (refused unless its file is 0600); None: no token."""
+    if model.hf_reference is None:
+        return None
+    path = hf.token_file(hub.token_file if hub is not None else None)
+    if path is None:
+        return None
+    try:
+        return hf.read_token(path)
+    except hf.TokenFileError as error:
+        field = "huggingface.token_file" if hub is not None and hub.token_file else f"${hf.TOKEN_FILE_ENV}"
+        raise OperationError(f"{field}: {error}") from error
+
+
+def token_upload(model: ModelFile, token: str) -> tuple[str, list[object]]:
+    """The header file's directory (root-only) and the commands that put the token there.
+
+    With sudo, pyinfra uploads as the SSH user to a temporary file and copies it in as root: that
+    temporary file is put in a directory only the SSH user can read, and pyinfra deletes it.
+    """
+    auth_dir = f"{model.path}.auth"
+    commands: list[object] = [f"rm -rf {shell_word(auth_dir)} && install -d -m 0700 {shell_word(auth_dir)}"]
+    staging = None
+    ssh_user = host.data.get("ssh_user")
+    if connector_arguments().get("_sudo") and ssh_user:
+        staging = f"{model.path}.auth-upload"
+        commands.append(
+            f"rm -rf {shell_word(staging)} && install -d -m 0700 -o {shell_word(ssh_user)} {shell_word(staging)}"
+        )
+    commands.append(
+        FileUploadCommand(
+            StringIO(hf.header_file_text(token)),
+            f"{auth_dir}/header",
+            remote_temp_filename=f"{staging}/header" if staging else None,
+        )
+    )
+    if staging:
+        commands.append(f"rm -rf {shell_word(staging)}")
+    return auth_dir, commands
+
+
 @operation()
-def place(model: ModelFile):  # type: ignore[no-untyped-def]
+def place(model: ModelFile, hub: HuggingFace | None = None):  # type: ignore[no-untyped-def]
     """
     Place a checksummed model file: a no-op when the host file's sha256 matches (its verified stamp's
     word, else one hash per run); else upload or download to ``{path}.part``, verify, rename.
 
-    + model: the ``ModelFile`` (host path, sha256, source: a controller file or an https URL, architecture)
+    + model: the ``ModelFile`` (host path, sha256, source: a controller file, an https URL or an
+      ``hf://org/repo/file@<commit>`` reference, architecture)
+    + hub: the box's ``HuggingFace`` settings for an ``hf://`` source (endpoint, token file); None: the
+      public hub, with ``$HF_TOKEN_FILE``'s token when it is set
 
     The GGUF never goes through ``files.put``: its ``--diff`` fetches and decodes a changed remote file,
     which breaks on a multi-GB binary. The checksum decides instead; a dry run logs the sha256 change,
-    the source and the bytes to transfer.
+    the source and the bytes to transfer. A gated file's token is read on the controller (its file must be
+    0600) and is on the host only in a root-only header file for curl (``-H @file``), deleted when curl ends;
+    a 401 or 403 fails with "gated: accept the licence ..." and leaves the old file in place.
 
     **Example:**
 
     .. code:: python
 
-        placed = models.place(name="Model /srv/models/m.gguf", model=box.service("gemma4").model)
+        placed = models.place(
+            name="Model /srv/models/m.gguf", model=box.service("gemma4").model, hub=box.huggingface
+        )
     """
     info = fact_once(File, path=model.path)
     if verified_by_stamp(model, info):
@@ -225,13 +275,19 @@ def place(model: ModelFile):  # type: ignore[no-untyped-def]
         )
     part = f"{model.path}.part"
     directory = model.path.rsplit("/", 1)[0] or "/"
-    # A bad controller file is refused before anything happens on the host.
+    # A bad controller file (or token file) is refused before anything happens on the host.
     source = None if model.source_is_url else check_local_source(model)
-    log_transfer(model, found, source)
+    url = model.download_url(hub) if model.source_is_url else None
+    token = hub_token(model, hub)
+    log_transfer(model, found, source, url)
     forget(File, path=model.path)  # replaced below: `stamp` must stat the new file
     yield f"mkdir -p {shell_word(directory)}"
-    if source is None:
-        yield f"curl -fL --retry 3 --continue-at - --output {shell_word(part)} {shell_word(model.source)}"
+    if url is not None:
+        auth_dir = None
+        if token is not None:
+            auth_dir, commands = token_upload(model, token)
+            yield from commands
+        yield hf.download_script(url, part, auth_dir)
     else:
         # With sudo, pyinfra uploads to its temp dir and copies into place as root.
         yield FileUploadCommand(str(source), part)

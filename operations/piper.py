@@ -6,7 +6,6 @@ from pathlib import Path
 
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, OperationError, deploy, operation
-from pyinfra.facts.server import LinuxDistribution
 
 from facts.build import InstalledBuild
 from gpubox import piper_install as plan
@@ -14,6 +13,7 @@ from gpubox import switch
 from gpubox.quoting import shell_word
 from gpubox.spec import PiperInstall
 
+from .distro import package_manager
 from .host_facts import FactRead, fact_once
 
 
@@ -92,8 +92,6 @@ def piper(install_spec: PiperInstall, flavor: plan.PiperFlavor = "cpu") -> list:
         return [install(name=name, install=install_spec, flavor=flavor)]
     from pyinfra.operations import apt  # here: only an install pays for importing it (see source_build)
 
-    distro = host.get_fact(LinuxDistribution)
-    ids = {(distro["release_meta"].get("ID") or "").lower(), *(distro["release_meta"].get("ID_LIKE") or "").split()}
-    if ids & {"debian", "ubuntu"}:
+    if package_manager() == "apt":
         apt.packages(name="Install python3-venv (apt)", packages=["python3-venv"])
     return [install(name=name, install=install_spec, flavor=flavor)]

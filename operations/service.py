@@ -3,16 +3,13 @@
 
 from __future__ import annotations
 
-from io import StringIO
-
 from pyinfra import host, state
-from pyinfra.api import FileUploadCommand, OperationError, deploy, operation
+from pyinfra.api import OperationError, deploy, operation
 from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import Which
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
-from pyinfra.operations.util.files import generate_color_diff
 
 from facts.gpu import NvidiaGpus
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion, ServerOptions
@@ -28,6 +25,7 @@ from gpubox.servers.llama import LlamaServer
 from gpubox.unit import render_unit, service_gpus
 
 from .host_facts import FactRead, fact_once
+from .text_files import is_current, log_diff, write_commands
 
 UNIT_DIR = "/etc/systemd/system"
 
@@ -103,8 +101,9 @@ def _stale_read(server: Service, prefix: str) -> FactRead:
     }
 
 
-def _systemd_reads(server: Service) -> list[FactRead]:
-    arguments = {"services": (server.unit_name,)}
+def unit_state_reads(unit_name: str) -> list[FactRead]:
+    """The facts `running_and_enabled` reads for a unit (prefetched with the run's others)."""
+    arguments = {"services": (unit_name,)}
     return [(SystemdStatus, arguments), (SystemdEnabled, arguments)]
 
 
@@ -115,7 +114,7 @@ def facts_read(server: Service, prefix: str) -> list[FactRead]:
         _flags_read(server, prefix),
         (FileContents, {"path": unit_path(server)}),
     ]
-    return [*reads, _stale_read(server, prefix), *_systemd_reads(server)]
+    return [*reads, _stale_read(server, prefix), *unit_state_reads(server.unit_name)]
 
 
 def _gpus_field(server: Service) -> str:
@@ -159,19 +158,11 @@ def unit(server: AnyService, prefix: str):  # type: ignore[no-untyped-def]
             raise OperationError(f"{server.unit_name}: {error}") from error
     text = render_unit(server, server.binary(prefix), host_gpus)
     old_lines = fact_once(FileContents, path=path)
-    new_lines = text.splitlines()
-    if old_lines is not None and [line.rstrip("\n") for line in old_lines] == new_lines:
+    if is_current(old_lines, text):
         host.noop(f"{path} is up to date")
         return
-    if state.config.DIFF:
-        host.log(f"{'Will create' if old_lines is None else 'Will modify'} {path}")
-        for line in generate_color_diff([f"{line}\n" for line in old_lines or []], text.splitlines(True)):
-            host.log(f"  {line}")
-    staged = f"{path}.gpubox-new"
-    quoted = shell_word(path)
-    yield FileUploadCommand(StringIO(text), staged)
-    keep_previous = f"cp -p {quoted} {shell_word(previous_unit_path(server))}; " if old_lines is not None else ""
-    yield f"chmod 0644 {shell_word(staged)} && {keep_previous}mv -f {shell_word(staged)} {quoted}"
+    log_diff(path, old_lines, text)
+    yield from write_commands(path, text, exists=old_lines is not None, keep_previous=previous_unit_path(server))
 
 
 KEY_FILE_MODE = 640  # as pyinfra's File fact reads modes: rw for root, r for the service's group
@@ -262,29 +253,29 @@ def restart(server: Service):  # type: ignore[no-untyped-def]
 
 
 @operation()
-def running_and_enabled(server: Service):  # type: ignore[no-untyped-def]
+def running_and_enabled(unit_name: str):  # type: ignore[no-untyped-def]
     """
-    Start the service if it is not running and enable it at boot if it is not enabled; one
+    Start a unit if it is not running and enable it at boot if it is not enabled; one
     ``systemctl show`` for both (read with the run's other facts).
 
-    + server: the service
+    + unit_name: the unit (``gemma4.service``, ``prometheus.service``)
 
     **Example:**
 
     .. code:: python
 
-        service.running_and_enabled(name="gemma4.service running and enabled at boot", server=server)
+        service.running_and_enabled(name="gemma4.service running and enabled at boot", unit_name="gemma4.service")
     """
-    status_read, enabled_read = _systemd_reads(server)
-    running = (fact_once(status_read[0], **status_read[1]) or {}).get(server.unit_name)
-    enabled = (fact_once(enabled_read[0], **enabled_read[1]) or {}).get(server.unit_name)
+    status_read, enabled_read = unit_state_reads(unit_name)
+    running = (fact_once(status_read[0], **status_read[1]) or {}).get(unit_name)
+    enabled = (fact_once(enabled_read[0], **enabled_read[1]) or {}).get(unit_name)
     if running and enabled:
-        host.noop(f"{server.unit_name} is running and enabled")
+        host.noop(f"{unit_name} is running and enabled")
         return
     if not enabled:
-        yield f"systemctl enable {shell_word(server.unit_name)}"
+        yield f"systemctl enable {shell_word(unit_name)}"
     if not running:
-        yield f"systemctl start {shell_word(server.unit_name)}"
+        yield f"systemctl start {shell_word(unit_name)}"
 
 
 @deploy("Service")
@@ -338,5 +329,5 @@ def server(  # type: ignore[no-untyped-def]
     if any(meta.will_change for meta in restart_on):
         systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(*restart_on))
         restart_meta = restart(name=f"Restart {server.unit_name}", server=server, _if=any_changed(*restart_on))
-    running_and_enabled(name=f"{server.unit_name} running and enabled at boot", server=server)
+    running_and_enabled(name=f"{server.unit_name} running and enabled at boot", unit_name=server.unit_name)
     return restart_meta

@@ -7,7 +7,7 @@ from typing import Any
 
 from pyinfra import host
 from pyinfra.api import FunctionCommand, OperationError, deploy, operation
-from pyinfra.facts.server import LinuxDistribution, Which
+from pyinfra.facts.server import Which
 
 from facts.build import InstalledBuild
 from facts.cuda import CudaToolkit
@@ -18,6 +18,7 @@ from gpubox import switch
 from gpubox.quoting import shell_word
 from gpubox.spec import AnySourceBuild, SourceBuild
 
+from .distro import distro_name, package_manager
 from .host_commands import connector_arguments, run
 from .host_facts import FactRead, fact_once
 
@@ -41,16 +42,14 @@ def dependencies() -> None:
     # host's deploy (the common case: nothing to install) should not pay.
     from pyinfra.operations import apt, pacman
 
-    distro = host.get_fact(LinuxDistribution)
-    names = {distro["name"] or "", *(distro["release_meta"].get("ID_LIKE", "") or "").split()}
-    ids = {name.lower() for name in names} | {(distro["release_meta"].get("ID") or "").lower()}
-    if ids & {"debian", "ubuntu"}:
+    manager = package_manager()
+    if manager == "apt":
         apt.packages(name="Install build dependencies (apt)", packages=DEBIAN_PACKAGES)
-    elif ids & {"arch", "arch linux", "archlinux"}:
+    elif manager == "pacman":
         pacman.packages(name="Install build dependencies (pacman)", packages=ARCH_PACKAGES)
     else:
         raise OperationError(
-            f"gpubox installs build dependencies on Debian/Ubuntu and Arch; this host is {distro['name']!r}: "
+            f"gpubox installs build dependencies on Debian/Ubuntu and Arch; this host is {distro_name()!r}: "
             f"install {' '.join(DEBIAN_PACKAGES)} (or equivalents) by hand"
         )
 

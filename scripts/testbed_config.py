@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.testbed
 
-from tests.testbed import inventory_config  # noqa: E402
+from tests.testbed import free_port, inventory_config  # noqa: E402
 from tests.testbed.__main__ import state_file  # noqa: E402
 from tests.testbed.speech import speech_config  # noqa: E402
 
@@ -21,6 +21,13 @@ def main(argv: list[str]) -> int:
     config = inventory_config(host_name, host_data)
     if state.get("speech"):  # `up --bind-whisper`: the box speaks and listens too
         config |= speech_config()
+    # The box watches itself (deploys/observability.py): its listeners on free ports of this machine,
+    # whose network the test host shares.
+    config |= {
+        "node_exporter_port": free_port(),
+        "agent_port": free_port(),
+        "monitoring": {"monitor": host_name, "port": free_port(), "scrape_interval_s": 5, "evaluation_interval_s": 5},
+    }
     for assignment in argv:
         key, _, value = assignment.partition("=")
         config[key] = json.loads(value)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CLI_MODULES = ("gpubox.cli", "gpubox.cli_client", "gpubox.cli_plan")
+CLI_MODULES = ("gpubox.cli", "gpubox.cli_client", "gpubox.cli_monitoring", "gpubox.cli_plan")
 
 
 def _module_name(path: Path) -> str:

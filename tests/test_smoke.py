@@ -16,7 +16,6 @@ import pytest
 from rich.console import Console
 
 from gpubox.gpu import ComputeApp
-from gpubox.promtext import parse_prometheus_text
 from gpubox.smoke import (
     METRIC_ACCEPTED_TOKENS,
     METRIC_DRAFT_TOKENS,
@@ -27,9 +26,11 @@ from gpubox.smoke import (
     command_transport,
     curl_command,
     parse_curl_output,
+    read_spec_counters,
     requests_transport,
     run_smoke,
     smoke_table,
+    unlabelled_samples,
     wait_until_healthy,
 )
 from gpubox.spec import SmokeThresholds
@@ -116,14 +117,51 @@ def test_recorded_answers_have_the_fields_the_client_reads() -> None:
     assert all("draft_n" in timings and "draft_n_accepted" in timings for timings in recorded_timings("draft"))
     assert all("draft_n" not in timings for timings in recorded_timings("plain"))
     metrics = [exchange for exchange in session("draft") if exchange["path"] == "/metrics"]
-    samples = parse_prometheus_text(str(metrics[-1]["body"]))
+    samples = unlabelled_samples(str(metrics[-1]["body"]))
+    assert samples is not None
     assert samples[METRIC_DRAFT_TOKENS] > 0
     assert 0 < samples[METRIC_ACCEPTED_TOKENS] <= samples[METRIC_DRAFT_TOKENS]
 
 
 def test_prometheus_labels_and_comments() -> None:
-    text = '# HELP x y\n# TYPE x counter\nx 3\nper_pos{position="0"} 1.5e+02\n\ny_total 7 1700000000\n'
-    assert parse_prometheus_text(text) == {"x": 3.0, 'per_pos{position="0"}': 150.0, "y_total": 7.0}
+    text = (
+        "# HELP llamacpp:a_total y\n# TYPE llamacpp:a_total counter\nllamacpp:a_total 3\n"
+        'per_pos{position="0"} 1.5e+02\n\ny_total 7 1700000000\n'
+    )
+    assert unlabelled_samples(text) == {"llamacpp:a_total": 3.0, "y_total": 7.0}
+
+
+def counters_of(status: int, body: str) -> tuple[float, float] | None:
+    def transport(method: str, path: str, body_json: dict[str, object] | None, timeout_s: float) -> HttpResponse:
+        assert (method, path) == ("GET", "/metrics")
+        return HttpResponse(status, body)
+
+    counters = read_spec_counters(transport)
+    return None if counters is None else (counters.draft_tokens, counters.accepted_tokens)
+
+
+def test_spec_counters_from_llama_server_text() -> None:
+    body = (
+        f"# HELP {METRIC_DRAFT_TOKENS} Speculative: Total draft tokens generated\n"
+        f"# TYPE {METRIC_DRAFT_TOKENS} counter\n{METRIC_DRAFT_TOKENS} 1.2e+06\n"
+        f"# TYPE {METRIC_ACCEPTED_TOKENS} counter\n{METRIC_ACCEPTED_TOKENS} 5\n"
+    )
+    assert counters_of(200, body) == (1.2e6, 5.0)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        f"{METRIC_DRAFT_TOKENS} 5\n{METRIC_ACCEPTED_TOKENS} five\n",  # a value that is no number
+        f"{METRIC_DRAFT_TOKENS} 5\n{METRIC_ACCEPTED_TOKENS}{{a=\"1\" 3\n",  # unterminated labels
+        f"{METRIC_DRAFT_TOKENS} 5\n{METRIC_ACCEPTED_TOKENS}\n",  # no value
+        '{"error":{"message":"metrics disabled"}}',
+        f"{METRIC_DRAFT_TOKENS} 5\n",  # a counter missing
+    ],
+)
+def test_malformed_or_incomplete_metrics_give_no_counters(body: str) -> None:
+    assert counters_of(200, body) is None
+    assert counters_of(200, f"{METRIC_DRAFT_TOKENS} 5\n{METRIC_ACCEPTED_TOKENS} 4\n") == (5.0, 4.0)
 
 
 # -- run_smoke on replayed sessions ----------------------------------------------------------------

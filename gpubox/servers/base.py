@@ -227,15 +227,29 @@ class Service(Spec):
         Every server type: a model whose sha256 is one digit repeated (a placeholder the deploy would
         refuse on the host, where the file's real checksum is printed).
         """
-        return [
+        warnings = [
             (
                 f"{field}.sha256",
                 f"{model.sha256[:8]}... is a placeholder: fill in the real sha256 (`sha256sum {model.path}`); "
                 f"the deploy refuses the file until it matches",
             )
             for field, model in self.model_files()
-            if len(set(model.sha256)) == 1 and model.sha256[0].isdigit()
+            if _is_placeholder(model.sha256)
         ]
+        return warnings + [
+            (
+                f"{field}.source",
+                f"revision {reference.revision[:8]}... is a placeholder: fill in the commit of {reference.file} "
+                f"on {reference.page} (its history)",
+            )
+            for field, model in self.model_files()
+            if (reference := model.hf_reference) is not None and _is_placeholder(reference.revision)
+        ]
+
+
+def _is_placeholder(hex_digits: str) -> bool:
+    """A checksum or commit that is one digit repeated: written to be filled in."""
+    return len(set(hex_digits)) == 1 and hex_digits[0].isdigit()
 
 
 def typed_flags(service_type: type[Service]) -> dict[str, str]:

@@ -153,7 +153,7 @@ def test_a_model_shared_by_two_services_is_placed_and_stamped_once(monkeypatch: 
     calls: list[tuple[str, str]] = []
     restarts_on: dict[str, list[Any]] = {}
 
-    def place(name: str, model: ModelFile) -> Any:
+    def place(name: str, model: ModelFile, hub: Any = None) -> Any:
         calls.append(("place", model.path))
         return SimpleNamespace(placed=model.path)
 

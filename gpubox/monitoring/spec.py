@@ -1,0 +1,134 @@
+"""The typed monitoring specs: the fleet's ``Monitoring`` and each host's ``HostMonitoring``.
+
+``Monitoring`` sits in every host's data under ``monitoring`` (the same object: group data does
+that) and names the host that runs Prometheus. ``HostMonitoring`` is a ``Box`` field: the ports a
+host's own exporter and agent listen on, checked against its services' ports like theirs are.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Self
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from gpubox.spec import Spec, refuse
+
+# Prometheus's own duration syntax for --storage.tsdb.retention.time (a number and one unit).
+RETENTION = re.compile(r"^[1-9][0-9]*(ms|s|m|h|d|w|y)$")
+HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+Port = int
+
+
+class HostMonitoring(Spec):
+    """What a host runs to be watched: node-exporter (with gpubox's GPU textfile) and, when the
+    monitor is another host, a Prometheus agent that scrapes it and remote-writes to the monitor.
+
+    + node_exporter_port: node-exporter listens on 127.0.0.1 at this port
+    + agent_port: the Prometheus agent's own web port (127.0.0.1); unused on the monitor host
+    + gpu_metrics_interval_s: how often the timer writes the GPU/unit metrics file
+    """
+
+    node_exporter_port: Port = Field(default=9100, ge=1, le=65535)
+    agent_port: Port = Field(default=9095, ge=1, le=65535)
+    gpu_metrics_interval_s: int = Field(default=15, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _own_ports(self) -> Self:
+        if self.agent_port == self.node_exporter_port:
+            refuse(
+                type(self).__name__,
+                [(("agent_port",), f"port {self.agent_port} is node_exporter_port already: give each its own",
+                  self.agent_port)],
+            )
+        return self
+
+
+class Monitoring(Spec):
+    """The fleet's monitoring: which host runs Prometheus (and Alertmanager), and how it alerts.
+
+    + monitor: the inventory host that runs Prometheus; every other host's agent writes to it
+    + address: how the other hosts (and ``gpubox top``) reach the monitor; default: its inventory
+      address (``ssh_hostname``, else its name)
+    + listen: the address Prometheus binds (``0.0.0.0`` for every interface); loopback unless
+      agents on other machines must reach it
+    + port: Prometheus's port on the monitor
+    + retention: how long Prometheus keeps samples (``15d``)
+    + scrape_interval_s, evaluation_interval_s: Prometheus's global intervals
+    + webhook_url: where Alertmanager posts alerts; None: no Alertmanager (alerts still show in
+      Prometheus and ``gpubox top``)
+    + alertmanager_port: Alertmanager's port on the monitor (127.0.0.1)
+    + group_wait_s: Alertmanager waits this long to batch a new alert group's first notification
+    + down_for_s: how long a service is down before its alert fires
+    + slow_for_s: how long decode speed or draft acceptance stays below threshold before it fires
+    + rate_window_s: the window of the rate()s behind speed and acceptance
+    + restarts_max: a unit restarted more than this many times in 15 minutes alerts
+    + vram_margin_mib: a GPU using more than its planned total plus this alerts
+    + grafana_provisioning: Grafana's provisioning directory on the monitor; dashboards are placed
+      there when it exists
+    """
+
+    monitor: str
+    address: str | None = None
+    listen: str = "127.0.0.1"
+    port: Port = Field(default=9090, ge=1, le=65535)
+    retention: str = "15d"
+    scrape_interval_s: int = Field(default=15, ge=1, le=3600)
+    evaluation_interval_s: int = Field(default=15, ge=1, le=3600)
+    webhook_url: str | None = None
+    alertmanager_port: Port = Field(default=9093, ge=1, le=65535)
+    group_wait_s: int = Field(default=30, ge=0, le=3600)
+    down_for_s: int = Field(default=60, ge=0, le=86400)
+    slow_for_s: int = Field(default=600, ge=0, le=86400)
+    rate_window_s: int = Field(default=300, ge=10, le=86400)
+    restarts_max: int = Field(default=3, ge=0, le=1000)
+    vram_margin_mib: int = Field(default=1024, ge=0)
+    grafana_provisioning: str = "/etc/grafana/provisioning"
+
+    @field_validator("monitor", "address")
+    @classmethod
+    def _host_name(cls, value: str | None) -> str | None:
+        if value is not None and not HOST_NAME.match(value):
+            raise ValueError(f"{value!r} is not a host name or address: use letters, digits, '.', '-', '_', ':'")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as error:
+            raise ValueError(
+                f"listen must be an IP address (127.0.0.1, 0.0.0.0, a LAN address), got {value!r}"
+            ) from error
+        return value
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: str) -> str:
+        if not RETENTION.match(value):
+            raise ValueError(f"retention is a Prometheus duration such as 15d, 12h or 2w, got {value!r}")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c in value for c in "\n\r\x00 "):
+            raise ValueError(f"webhook_url must be an http:// or https:// URL, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _own_ports(self) -> Self:
+        if self.webhook_url is not None and self.alertmanager_port == self.port:
+            refuse(
+                type(self).__name__,
+                [(("alertmanager_port",), f"port {self.port} is Prometheus's port already: give each its own",
+                  self.alertmanager_port)],
+            )
+        return self

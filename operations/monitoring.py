@@ -1,0 +1,190 @@
+"""Monitoring on a host: the distro's node-exporter and Prometheus (server on the monitor, agent elsewhere),
+Alertmanager, gpubox's GPU textfile timer, Grafana's provisioning files; all rendered from the Fleet
+(``gpubox.monitoring.files.host_files``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import OperationError, deploy, operation
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import Directory, File, FileContents, Sha1File
+from pyinfra.facts.pacman import PacmanPackages
+from pyinfra.operations import systemd
+from pyinfra.operations.util import any_changed
+
+from gpubox.monitoring import prometheus, textfile
+from gpubox.monitoring.files import PROMETHEUS_GROUP, HostFile, grafana_files, host_files, planned_vram
+from gpubox.monitoring.fleet import CREDENTIALS_DIR, Fleet, FleetHost, Target, scrape_targets
+from gpubox.quoting import shell_word
+from gpubox.vram import DEFAULT_HEADERS_DIR
+
+from .distro import DISTRO_READ, PackageManager, distro_name, package_manager
+from .host_facts import FactRead, fact_once, prefetch
+from .service import running_and_enabled, unit_state_reads
+from .text_files import text_file
+
+CREDENTIALS_MODE = 640  # as pyinfra's File fact reads modes
+MANAGERS: tuple[PackageManager, ...] = ("apt", "pacman")
+
+
+@operation()
+def packages(names: list[str], manager: PackageManager):  # type: ignore[no-untyped-def]
+    """
+    Install the distro's packages without starting them: their services start once gpubox has
+    configured them (apt: a ``policy-rc.d`` for the install's length; pacman never starts one).
+
+    + names: the packages
+    + manager: ``apt`` or ``pacman`` (``operations.distro.package_manager``)
+
+    **Example:**
+
+    .. code:: python
+
+        monitoring.packages(name="Monitoring packages", names=["prometheus"], manager="apt")
+    """
+    installed = fact_once(DebPackages) if manager == "apt" else fact_once(PacmanPackages)
+    missing = [name for name in names if name not in (installed or {})]
+    if not missing:
+        host.noop(f"{', '.join(names)} installed")
+        return
+    yield (
+        prometheus.apt_install_without_starting(missing)
+        if manager == "apt"
+        else prometheus.pacman_install(missing)
+    )
+
+
+@operation()
+def credentials(target: Target):  # type: ignore[no-untyped-def]
+    """
+    Give Prometheus a service's API key to scrape ``/metrics`` with: a copy made on the host
+    (root-owned, group prometheus, 0640), so the key never passes through the controller or a config.
+
+    + target: a scrape target with ``credentials_file`` (the copy) and ``key_source`` (the service's key)
+
+    **Example:**
+
+    .. code:: python
+
+        monitoring.credentials(name="Scrape key of gemma4", target=target)
+    """
+    assert target.credentials_file is not None and target.key_source is not None
+    source_sha = fact_once(Sha1File, path=target.key_source)
+    if source_sha is None:
+        raise OperationError(
+            f"{target.key_source} (the API key of {target.labels['service']}) is not on the host: "
+            f"deploy the box first (deploys/danarch4090.py), then the monitoring"
+        )
+    copy = fact_once(File, path=target.credentials_file)
+    owned = copy and (copy["user"], copy["group"], copy["mode"]) == ("root", PROMETHEUS_GROUP, CREDENTIALS_MODE)
+    if owned and fact_once(Sha1File, path=target.credentials_file) == source_sha:
+        host.noop(f"{target.credentials_file} is the current key, readable by root and {PROMETHEUS_GROUP}")
+        return
+    source, copy_path = shell_word(target.key_source), shell_word(target.credentials_file)
+    group = shell_word(PROMETHEUS_GROUP)
+    yield (
+        f"install -d -m 0750 -o root -g {group} {shell_word(CREDENTIALS_DIR)} && "
+        f"install -m 0640 -o root -g {group} {source} {copy_path}"
+    )
+
+
+def _credential_targets(fleet_host: FleetHost) -> list[Target]:
+    return [target for target in scrape_targets(fleet_host) if target.credentials_file is not None]
+
+
+def facts_read(fleet: Fleet, fleet_host: FleetHost, files: list[HostFile]) -> list[FactRead]:
+    """What ``observe`` reads on a converged host, with the arguments it reads them with: for either
+    package manager (the distro is read in the same round trip; the other's reads come back empty).
+    ``files``: the host's files as either manager's host renders them (only drop-in paths differ)."""
+    reads: list[FactRead] = [DISTRO_READ, (DebPackages, {}), (PacmanPackages, {})]
+    daemons = prometheus.daemons(fleet, fleet_host)
+    paths = [host_file.path for host_file in files]
+    paths += [daemon.drop_in_path(manager) for manager in MANAGERS for daemon in daemons]
+    reads += [(FileContents, {"path": path}) for path in dict.fromkeys(paths)]
+    for target in _credential_targets(fleet_host):
+        reads += [
+            (Sha1File, {"path": target.key_source}),
+            (File, {"path": target.credentials_file}),
+            (Sha1File, {"path": target.credentials_file}),
+        ]
+    if fleet.is_monitor(fleet_host.name):
+        reads.append((Directory, {"path": fleet.monitoring.grafana_provisioning}))
+        reads += [(FileContents, {"path": grafana_file.path}) for grafana_file in grafana_files(fleet)]
+    units = dict.fromkeys(daemon.unit(manager) for manager in MANAGERS for daemon in daemons)
+    return reads + [read for unit in (textfile.TIMER_UNIT, *units) for read in unit_state_reads(unit)]
+
+
+def _write(host_file: HostFile) -> OperationMeta:
+    return text_file(
+        name=host_file.name,
+        path=host_file.path,
+        text=host_file.text,
+        mode=host_file.mode,
+        group=host_file.group,
+        check=list(host_file.check) or None,
+    )
+
+
+@deploy("Monitoring")
+def observe(fleet: Fleet, host_name: str) -> None:
+    """
+    Converge one host's monitoring: packages, the scrape keys, every file ``host_files`` renders
+    (drop-ins, the GPU metrics script and timer, the Prometheus or agent config, on the monitor its
+    rules, Alertmanager's config and Grafana's files); then start what is stopped, restart what got new
+    flags, reload what got a new config, run the GPU metrics script when it changed.
+
+    + fleet: the inventory's fleet (``gpubox.monitoring.fleet.build_fleet``)
+    + host_name: the host being deployed (``host.name``)
+
+    **Example:**
+
+    .. code:: python
+
+        monitoring.observe(fleet, host.name)
+    """
+    fleet_host = fleet.host(host_name)
+    planned, _ = planned_vram(fleet, Path(DEFAULT_HEADERS_DIR))
+    files = host_files(fleet, fleet_host, "apt", planned)
+    prefetch(facts_read(fleet, fleet_host, files))  # one round trip, the distro included
+    manager = package_manager()
+    if manager is None:
+        raise OperationError(
+            f"gpubox installs Prometheus and node-exporter with apt or pacman; this host is {distro_name()!r}"
+        )
+    if manager != "apt":
+        files = host_files(fleet, fleet_host, manager, planned)
+    daemons = prometheus.daemons(fleet, fleet_host)
+
+    packages(name="Monitoring packages", names=[daemon.packages[manager] for daemon in daemons], manager=manager)
+    # the keys first: the Prometheus config's check reads the files it names
+    keys = [
+        credentials(name=f"Scrape key of {target.labels['service']}", target=target)
+        for target in _credential_targets(fleet_host)
+    ]
+    written = {host_file.path: _write(host_file) for host_file in files}
+    if fleet.is_monitor(host_name) and fact_once(Directory, path=fleet.monitoring.grafana_provisioning):
+        for grafana_file in grafana_files(fleet):
+            _write(grafana_file)
+
+    units = [written[host_file.path] for host_file in files if host_file.restarts or host_file.gpu_metrics]
+    if any(meta.will_change for meta in units):
+        systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(*units))
+    running_and_enabled(name=f"{textfile.TIMER_UNIT} running and enabled", unit_name=textfile.TIMER_UNIT)
+    gpu_metrics = [written[host_file.path] for host_file in files if host_file.gpu_metrics]
+    if any(meta.will_change for meta in gpu_metrics):
+        systemd.service(name="Write the GPU metrics now", service=textfile.SERVICE_UNIT, restarted=True)
+
+    for daemon in daemons:
+        unit = daemon.unit(manager)
+        running_and_enabled(name=f"{unit} running and enabled", unit_name=unit)
+        flags = [written[host_file.path] for host_file in files if host_file.restarts == daemon.role]
+        configs = [written[host_file.path] for host_file in files if host_file.reloads == daemon.role]
+        if daemon is prometheus.PROMETHEUS:
+            configs += keys
+        if any(meta.will_change for meta in flags):
+            systemd.service(name=f"Restart {unit} (new flags)", service=unit, restarted=True, _if=any_changed(*flags))
+        elif any(meta.will_change for meta in configs):
+            systemd.service(name=f"Reload {unit} (new config)", service=unit, reloaded=True, _if=any_changed(*configs))
