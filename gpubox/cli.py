@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from gpubox import cli_client, cli_monitoring, cli_plan
-from gpubox.inventory import HostBox, InventoryError, inventory_boxes
+from gpubox.inventory import HostBox, InventoryError, inventory_boxes, load_inventory
+from gpubox.monitoring.fleet import MONITORING_KEY, FleetError, build_fleet, scrape_targets
 from gpubox.tables import problems_table, services_table, warnings_table
 
 EXIT_OK = 0
@@ -33,6 +34,26 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
     warnings = warnings_table(boxes)
     if warnings is not None:
         console.print(warnings)  # accepted: the exit code stays 0
+    return check_monitoring(args.inventory, console)
+
+
+def check_monitoring(inventory: str, console: Console) -> int:
+    """The fleet's monitoring, when the hosts carry a ``monitoring`` spec: refused by field, or summed up."""
+    hosts = load_inventory(inventory)
+    if not any(MONITORING_KEY in host.data for host in hosts):
+        return EXIT_OK
+    try:
+        fleet = build_fleet((host.name, host.data) for host in hosts)
+    except FleetError as error:
+        console.print(f"[bold red]refused[/]: monitoring: {error.summary}", highlight=False)
+        console.print(problems_table([HostBox(host="(fleet)", box=None, problems=error.problems)]))
+        return EXIT_REFUSED
+    jobs = sum(len(scrape_targets(fleet_host)) for fleet_host in fleet.hosts)
+    console.print(
+        f"monitoring: Prometheus on {fleet.monitor.name} ({fleet.prometheus_url}), {len(fleet.hosts)} host(s), "
+        f"{jobs} scrape jobs; deploy it with deploys/observability.py",
+        highlight=False,
+    )
     return EXIT_OK
 
 

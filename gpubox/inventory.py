@@ -47,7 +47,7 @@ class HostBox:
     problems: list[Problem]
 
 
-def _import_pyinfra_cli_without_gevent_patching() -> None:
+def import_pyinfra_cli_without_gevent_patching() -> None:
     """Import ``pyinfra_cli`` without its package ``__init__``'s ``gevent.monkey.patch_all()``.
 
     The pyinfra CLI patches the whole stdlib for gevent when its package is imported. Building an
@@ -81,7 +81,7 @@ def _pyinfra_hosts(inventory_path: Path) -> list[InventoryHost]:
     from pyinfra.api.state import State
     from pyinfra.context import ctx_state
 
-    _import_pyinfra_cli_without_gevent_patching()
+    import_pyinfra_cli_without_gevent_patching()
     from pyinfra_cli.exceptions import UnexpectedExternalError
     from pyinfra_cli.inventory import make_inventory_from_files
 

@@ -25,6 +25,17 @@ def test_home_inventory_passes(capsys: pytest.CaptureFixture[str]) -> None:
         assert cell in out
 
 
+def test_the_homes_monitoring_is_checked_with_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(ROOT / "inventory" / "home.py")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "monitoring: Prometheus on danarch4090 (http://danarch4090:9090), 1 host(s), 2 scrape jobs" in out
+    broken = HOME.replace('Monitoring(monitor="danarch4090")', 'Monitoring(monitor="danarch4090", port=8080)')
+    assert broken != HOME
+    assert main(["check", write_inventory(tmp_path, broken)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "monitoring.port" in out and "port 8080 is taken on danarch4090 by service 'gemma4'" in out
+
+
 @pytest.mark.parametrize(
     ("old", "new", "field", "advice"),
     [

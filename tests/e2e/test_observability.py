@@ -315,6 +315,21 @@ def test_a_second_run_changes_nothing(deployer: Deployer) -> None:
     record("observability no-op rerun s (3 hosts)", round(elapsed, 1))
 
 
+def test_a_monitor_with_grafana_gets_the_datasource_and_the_dashboard(deployer: Deployer) -> None:
+    """Grafana is not in Debian: its provisioning directory stands for it; the deploy fills it in."""
+    deployer.sh("mkdir -p /etc/grafana/provisioning")
+    result, _ = deployer.run(OBSERVE, "-y")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    datasource = deployer.sh("cat /etc/grafana/provisioning/datasources/gpubox.yaml")
+    assert f"url: http://127.0.0.1:{deployer.base['monitoring']['port']}" in datasource
+    assert "gpubox-fleet.json" not in deployer.sh("ls /etc/grafana/provisioning/dashboards")
+    assert "/var/lib/grafana/dashboards/gpubox" in deployer.sh("cat /etc/grafana/provisioning/dashboards/gpubox.yaml")
+    dashboard = json.loads(deployer.sh("cat /var/lib/grafana/dashboards/gpubox/gpubox-fleet.json"))
+    assert dashboard["templating"]["list"][0]["name"] == "host"
+    rerun, _ = deployer.run(OBSERVE, "-y", "-v")
+    assert [name for name, outcome in ops_reporting(rerun.stdout) if outcome == "Success"] == []
+
+
 def test_a_dry_run_shows_the_generated_config_diff_and_changes_nothing(deployer: Deployer) -> None:
     before = deployer.file_state("/etc/prometheus/gpubox.yml")
     monitoring = {**deployer.base["monitoring"], "scrape_interval_s": 3}
