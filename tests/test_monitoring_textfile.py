@@ -431,3 +431,22 @@ def test_service_and_timer_units(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "gpubox-gpu-metrics" not in result.stderr, result.stderr
+
+
+def test_the_scripts_output_on_a_real_h200_passes_promtool_and_parses() -> None:
+    """tests/fixtures/nvidia-smi/gpubox-prom-h200.prom: the script run with the real nvidia-smi of an H200."""
+    text = (Path(__file__).parent / "fixtures" / "nvidia-smi" / "gpubox-prom-h200.prom").read_text()
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    samples = {
+        sample.name: sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples["gpubox_nvidia_smi_up"].value == 1
+    total = samples["gpubox_gpu_memory_total_bytes"]
+    assert total.value == 143771 * 1048576 and total.labels["name"] == "NVIDIA H200"
+    assert total.labels["uuid"] == "GPU-dc20fa11-5a82-d8c5-294f-125008fda326" and total.labels["gpu"] == "0"
+    assert samples["gpubox_gpu_temperature_celsius"].value == 33
+    assert 50 < samples["gpubox_gpu_power_watts"].value < 700
+    assert samples["gpubox_gpu_planned_memory_bytes"].value == 13_574_564_048
