@@ -95,10 +95,11 @@ def _credential_targets(fleet_host: FleetHost) -> list[Target]:
     return [target for target in scrape_targets(fleet_host) if target.credentials_file is not None]
 
 
-def facts_read(fleet: Fleet, fleet_host: FleetHost, files: list[HostFile]) -> list[FactRead]:
+def facts_read(fleet: Fleet, fleet_host: FleetHost, files: list[HostFile], grafana: list[HostFile]) -> list[FactRead]:
     """What ``observe`` reads on a converged host, with the arguments it reads them with: for either
     package manager (the distro is read in the same round trip; the other's reads come back empty).
-    ``files``: the host's files as either manager's host renders them (only drop-in paths differ)."""
+    ``files``: the host's files as either manager's host renders them (only drop-in paths differ);
+    ``grafana``: Grafana's files, on the monitor."""
     reads: list[FactRead] = [DISTRO_READ, (DebPackages, {}), (PacmanPackages, {})]
     daemons = prometheus.daemons(fleet, fleet_host)
     paths = [host_file.path for host_file in files]
@@ -112,7 +113,7 @@ def facts_read(fleet: Fleet, fleet_host: FleetHost, files: list[HostFile]) -> li
         ]
     if fleet.is_monitor(fleet_host.name):
         reads.append((Directory, {"path": fleet.monitoring.grafana_provisioning}))
-        reads += [(FileContents, {"path": grafana_file.path}) for grafana_file in grafana_files(fleet)]
+        reads += [(FileContents, {"path": grafana_file.path}) for grafana_file in grafana]
     units = dict.fromkeys(daemon.unit(manager) for manager in MANAGERS for daemon in daemons)
     return reads + [read for unit in (textfile.TIMER_UNIT, *units) for read in unit_state_reads(unit)]
 
@@ -148,7 +149,8 @@ def observe(fleet: Fleet, host_name: str) -> None:
     fleet_host = fleet.host(host_name)
     planned, _ = planned_vram(fleet, Path(DEFAULT_HEADERS_DIR))
     files = host_files(fleet, fleet_host, "apt", planned)
-    prefetch(facts_read(fleet, fleet_host, files))  # one round trip, the distro included
+    grafana = grafana_files(fleet) if fleet.is_monitor(host_name) else []
+    prefetch(facts_read(fleet, fleet_host, files, grafana))  # one round trip, the distro included
     manager = package_manager()
     if manager is None:
         raise OperationError(
@@ -166,7 +168,7 @@ def observe(fleet: Fleet, host_name: str) -> None:
     ]
     written = {host_file.path: _write(host_file) for host_file in files}
     if fleet.is_monitor(host_name) and fact_once(Directory, path=fleet.monitoring.grafana_provisioning):
-        for grafana_file in grafana_files(fleet):
+        for grafana_file in grafana:
             _write(grafana_file)
 
     units = [written[host_file.path] for host_file in files if host_file.restarts or host_file.gpu_metrics]

@@ -13,7 +13,7 @@ model file's name without ``.gguf``) and ``spec_type``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -67,20 +67,21 @@ class Target:
 class Fleet:
     monitoring: Monitoring
     hosts: tuple[FleetHost, ...]
-    problems: tuple[Problem, ...] = field(default=())
 
     @property
     def monitor(self) -> FleetHost:
         return next(host for host in self.hosts if host.name == self.monitoring.monitor)
 
     @property
+    def _listen_address(self) -> str | None:
+        """The one address Prometheus listens on, when it is neither loopback nor every interface."""
+        listen = self.monitoring.listen
+        return None if listen in ("0.0.0.0", "::") or is_loopback(listen) else listen
+
+    @property
     def monitor_address(self) -> str:
         """How the other hosts and ``gpubox top`` reach the monitor's Prometheus."""
-        if self.monitoring.address is not None:
-            return self.monitoring.address
-        if self.monitoring.listen not in ("0.0.0.0", "::"):
-            return self.monitoring.listen if not is_loopback(self.monitoring.listen) else self.monitor.address
-        return self.monitor.address
+        return self.monitoring.address or self._listen_address or self.monitor.address
 
     @property
     def prometheus_url(self) -> str:
@@ -89,9 +90,7 @@ class Fleet:
     @property
     def local_prometheus_url(self) -> str:
         """The monitor's Prometheus as the monitor itself reaches it (Grafana beside it)."""
-        listen = self.monitoring.listen
-        address = "127.0.0.1" if listen in ("0.0.0.0", "::") or is_loopback(listen) else listen
-        return f"http://{address}:{self.monitoring.port}"
+        return f"http://{self._listen_address or '127.0.0.1'}:{self.monitoring.port}"
 
     def host(self, name: str) -> FleetHost:
         for fleet_host in self.hosts:

@@ -99,6 +99,19 @@ class Deployer:
         raise AssertionError(f"llama-server never became healthy on port {port}")
 
 
+ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def plain(output: str) -> str:
+    """pyinfra's output without its color codes."""
+    return ANSI_COLOR.sub("", output)
+
+
+def fact_loads(output: str) -> list[str]:
+    """The facts a run loaded (one round trip each), by name, from its `-v` output."""
+    return re.findall(r"Loaded fact (\S+)", plain(output))
+
+
 def ops_reporting(output: str) -> list[tuple[str, str]]:
     """(operation, outcome) pairs from pyinfra's run output."""
     pairs = []
@@ -177,8 +190,7 @@ def test_rerun_is_a_noop(deployer: Deployer) -> None:
     pid = deployer.main_pid()
     result, elapsed = deployer.run(FULL, "-y", "-v")
     assert result.returncode == 0
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stderr + result.stdout)
-    loads = re.findall(r"Loaded fact (\S+)(?: \((.*?)\))?", plain)
+    loads = re.findall(r"Loaded fact (\S+)(?: \((.*?)\))?", plain(result.stderr + result.stdout))
     record("noop_fact_loads", len(loads))
     record("noop_facts", [f"{name} {arguments}".strip() for name, arguments in loads])
     assert len(loads) <= NOOP_FACT_LOADS_MAX, loads
@@ -193,7 +205,7 @@ def test_rerun_is_a_noop(deployer: Deployer) -> None:
 
 def planned_changes(output: str) -> list[str]:
     """The rows of pyinfra's dry-run table ("Operation  Change  Conditional Change") that plan a change."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in output.splitlines()]
+    lines = plain(output).splitlines()
     header = next(index for index, line in enumerate(lines) if "Conditional Change" in line)
     rows = []
     for line in lines[header + 1 :]:

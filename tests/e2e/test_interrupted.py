@@ -40,6 +40,7 @@ from tests.e2e.test_deploy import (
     UNIT,
     Deployer,
     ops_reporting,
+    plain,
     smoke_numbers,
 )
 from tests.testbed import TestHost, inventory_config, same_tree_commit, sha256_file
@@ -54,7 +55,6 @@ SHIM = f"""#!/bin/sh
 if [ $# -gt 0 ]; then printf '%s\\n' "$*" >> {HASH_LOG}; else readlink /proc/$$/fd/0 >> {HASH_LOG}; fi
 exec /usr/bin/sha256sum "$@"
 """
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def run_until(deployer: Deployer, deploy: str, pattern: str, **overrides: Any) -
         assert process.stdout is not None
         for text in process.stdout:
             lines.append(text)
-            if re.search(pattern, ANSI.sub("", text)):
+            if re.search(pattern, plain(text)):
                 os.killpg(process.pid, signal.SIGKILL)
                 cut = True
                 break
@@ -151,7 +151,7 @@ def host_state(deployer: Deployer) -> dict[str, str]:
 def outcomes(output: str) -> dict[str, str]:
     """What each operation did, from the run's results table (`Success`, `No changes`, `Error`), by
     the end of its name (a deploy's prefix dropped). Every operation it started is in the table."""
-    lines = [ANSI.sub("", line) for line in output.splitlines()]
+    lines = plain(output).splitlines()
     start = next(index for index, line in enumerate(lines) if line.startswith("--> Results:")) + 2
     done = {}
     for line in lines[start:]:

@@ -28,7 +28,18 @@ import requests
 from gpubox.bench import free_port
 from gpubox.quoting import shell_word
 from tests.e2e.conftest import CCACHE_MOUNT, LLAMA_REPO_MOUNT
-from tests.e2e.test_deploy import FULL, INVENTORY, REPORT, ROOT, Deployer, make_deployer, ops_reporting, record
+from tests.e2e.test_deploy import (
+    FULL,
+    INVENTORY,
+    REPORT,
+    ROOT,
+    Deployer,
+    fact_loads,
+    make_deployer,
+    ops_reporting,
+    plain,
+    record,
+)
 from tests.testbed import TestHost, booted_host, cache_dir
 
 pytestmark = pytest.mark.e2e
@@ -309,7 +320,7 @@ def test_a_second_run_changes_nothing(deployer: Deployer) -> None:
     assert result.returncode == 0, output[-4000:]
     changed = [name for name, outcome in ops_reporting(result.stdout) if outcome == "Success"]
     assert changed == [], changed
-    loads = re.findall(r"Loaded fact (\S+)", re.sub(r"\x1b\[[0-9;]*m", "", output))
+    loads = fact_loads(output)
     # per host: every check's fact, its distro included, in one round trip
     assert loads == ["facts.batch.Facts"] * HOSTS, loads
     record("observability no-op rerun s (3 hosts)", round(elapsed, 1))
@@ -334,7 +345,7 @@ def test_a_dry_run_shows_the_generated_config_diff_and_changes_nothing(deployer:
     before = deployer.file_state("/etc/prometheus/gpubox.yml")
     monitoring = {**deployer.base["monitoring"], "scrape_interval_s": 3}
     result, _ = deployer.run(OBSERVE, "--dry", "--diff", monitoring=monitoring)
-    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    output = plain(result.stdout + result.stderr)
     assert result.returncode == 0, output[-4000:]
     assert "Will modify /etc/prometheus/gpubox.yml" in output
     assert re.search(r"-\s+scrape_interval: 2s", output) and re.search(r"\+\s+scrape_interval: 3s", output), output

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import CCACHE_MOUNT, LLAMA_REPO_MOUNT
-from tests.e2e.test_deploy import FULL, SURGICAL, Deployer, make_deployer, ops_reporting, record
+from tests.e2e.test_deploy import FULL, SURGICAL, Deployer, fact_loads, make_deployer, ops_reporting, record
 from tests.testbed import TestHost, booted_host
 from tests.testbed.piper_assets import PIPER_VERSION
 from tests.testbed.speech import WHISPER_REPO_MOUNT, speech_config
@@ -99,7 +99,7 @@ def test_a_second_run_changes_nothing(deployer: Deployer) -> None:
     changed = [name for name, outcome in ops_reporting(result.stdout) if outcome == "Success"]
     assert changed == [], changed
     # three services, five installs and models: still one round trip of facts, and no restart planned
-    loads = re.findall(r"Loaded fact (\S+)", re.sub(r"\x1b\[[0-9;]*m", "", output))
+    loads = fact_loads(output)
     assert loads == ["facts.batch.Facts"], loads
     assert "Restart " not in output and "Smoke test" not in output
     assert audio_state(deployer) == before
