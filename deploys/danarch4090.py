@@ -6,16 +6,27 @@
 The host's `gpubox.Box` comes from its inventory data (`box`). A bad Box is refused when the
 inventory is imported, before any connection. llama.cpp and whisper.cpp are built by one build
 operation, piper is installed in a venv; each service restarts only when its unit, its models or
-its install changed, and is smoke tested after a restart (speech round trip when the box has both).
+its install changed, and is smoke tested after a restart or a start (speech round trip when the box
+has both).
+
+One deploy at a time per host: the run takes the host's deploy lock before it reads the host, and
+refuses at once, naming the holder, when another run has it (`operations.deploy_lock`). A service a
+cut run restarted and never saw pass its smoke test is smoke-tested by the next run (and rolled back
+on a miss).
 """
 
 from pyinfra import host
 
-from gpubox.inventory import box_from_host_data
-from operations import box_state, models, piper, service, smoke, source_build, vram
+from operations import box_state, deploy_lock, models, monitoring, piper, service, smoke, source_build, vram
+from operations.deploy_inputs import data_flag, host_box, watched_fleet
+from operations.host_facts import prefetch
 
-box = box_from_host_data(host.data.get("box"), host.name)
-box_state.prefetch_box(box)  # what the checks below read, in one round trip
+box = host_box()  # no `box` (a wrong inventory path?) or a refused one: one message, no traceback
+fleet = watched_fleet()  # the monitoring the host carries (None: none), whose scrape keys follow the services'
+deploy_lock.acquire()  # one deploy at a time: before anything is read
+# what the checks below read, in one round trip
+prefetch([*box_state.box_reads(box), *monitoring.scrape_key_reads(fleet, host.name)])
+models.check_sources(box)  # a model the host lacks whose controller source is missing: refused before any change
 
 # Each install's operation metas, by its prefix (a box's installs have their own prefixes).
 install_metas = {build.prefix: source_build.build(build) for build in box.builds()}
@@ -34,18 +45,22 @@ vram.fits(name="The services fit their GPUs' memory", box=box)
 restarts = {}
 for server in box.services:
     install = box.install_of(server)
-    changed = [*install_metas[install.prefix], *(placed_by_path[model.path] for model in server.models())]
-    restarts[server.name] = service.server(server, install.prefix, changed=changed)
-    smoke.smoke_test(server, restarts[server.name], install, install_metas[install.prefix])
+    install_changed = install_metas[install.prefix]
+    changed = [*install_changed, *(placed_by_path[model.path] for model in server.models())]
+    restarts[server.name] = service.server(server, install.prefix, changed=changed, install=install_changed)
+    smoke.smoke_test(server, restarts[server.name], install, install_changed, box=box)
 
 # The speech round trip, when a restart could have changed either end: piper speaks, whisper hears.
 smoke.round_trip_test(box, restarts, install_metas)
 
+# A key turned on or rotated above: the host's Prometheus scrapes with the new one (where it is deployed).
+if fleet is not None:
+    monitoring.scrape_keys(fleet, host.name)
+
 # Last, once the services run on the box's models: the files gpubox placed that left the box are
 # reported, and deleted with `--data gpubox_remove_unused_models=true` (unless a unit still names one).
-remove_unused = host.data.get("gpubox_remove_unused_models", False)
-if not isinstance(remove_unused, bool):
-    raise ValueError(f"gpubox_remove_unused_models is true or false, got {remove_unused!r}")
 models.unused(
-    name="Models no longer in the box", in_box=[model.path for _, model in box.models()], remove=remove_unused
+    name="Models no longer in the box",
+    in_box=[model.path for _, model in box.models()],
+    remove=data_flag("gpubox_remove_unused_models"),
 )

@@ -9,14 +9,20 @@ installed llama-server lists the service's spec type (`draft-mtp` for the seed b
 """
 
 from pyinfra import host
+from pyinfra.api.exceptions import DeployError
 
-from gpubox.inventory import box_from_host_data
-from operations import models, service, smoke, speculation, vram
+from operations import deploy_lock, models, monitoring, service, smoke, speculation, vram
+from operations.deploy_inputs import host_box, watched_fleet
 
-box = box_from_host_data(host.data.get("box"), host.name)
-server = box.llama_server(host.data.get("gpubox_service", "gemma4"))
+box = host_box()  # no `box` (a wrong inventory path?) or a refused one: one message, no traceback
+try:
+    server = box.llama_server(host.data.get("gpubox_service", "gemma4"))
+except KeyError as error:
+    raise DeployError(f"gpubox_service: {error.args[0]}: pass --data gpubox_service=NAME") from None
 if box.llama_cpp is None or server.model_draft is None:
-    raise ValueError(f"{server.name} has no model_draft: the surgical MTP redeploy places and uses a drafter")
+    raise DeployError(f"{server.name} has no model_draft: the surgical MTP redeploy places and uses a drafter")
+fleet = watched_fleet()
+deploy_lock.acquire()  # one deploy at a time: the full deploy's lock, before anything is read
 
 speculation.supported(
     name=f"llama-server supports --spec-type {server.spec_type}", server=server, prefix=box.llama_cpp.prefix
@@ -27,5 +33,7 @@ speculation.drafter_architecture(
     name=f"Drafter is a {server.model_draft.architecture} GGUF", model=server.model_draft
 )
 vram.fits(name="The services fit their GPUs' memory", box=box)
-restart_meta = service.server(server, box.llama_cpp.prefix, changed=[drafter], ensure_user=False)
-smoke.smoke_test(server, restart_meta)
+restarted = service.server(server, box.llama_cpp.prefix, changed=[drafter], ensure_user=False)
+smoke.smoke_test(server, restarted)
+if fleet is not None:  # its key turned on or rotated: the host's Prometheus scrapes with the new one
+    monitoring.scrape_keys(fleet, host.name)

@@ -10,10 +10,11 @@ monitor not in the inventory, a port clash, a duplicate scrape job) stops before
 `gpubox monitoring INVENTORY --out DIR` writes the same files without touching a host.
 """
 
-from pyinfra import host, inventory
+from pyinfra import host
 
-from gpubox.monitoring.fleet import build_fleet
-from operations import monitoring
+from operations import deploy_lock, monitoring
+from operations.deploy_inputs import inventory_fleet
 
-fleet = build_fleet((fleet_host.name, fleet_host.data.dict()) for fleet_host in inventory)
+fleet = inventory_fleet()  # no `box` here (a wrong inventory path?) or a refused fleet: one message
+deploy_lock.acquire()  # the box deploys' lock: one deploy at a time per host
 monitoring.observe(fleet, host.name)

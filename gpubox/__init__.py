@@ -1,12 +1,13 @@
 """gpubox: typed, declarative pyinfra deploys for GPU boxes that serve LLMs with llama-server, and speech."""
 
 from gpubox.box import Box
-from gpubox.monitoring.spec import HostMonitoring, Monitoring
+from gpubox.monitoring.spec import Monitoring
 from gpubox.servers.llama import LlamaServer
 from gpubox.servers.piper import PiperServer, SpeechSmoke
 from gpubox.servers.whisper import TranscriptionSmoke, WhisperServer
 from gpubox.spec import (
     ExpectedGpu,
+    HostMonitoring,
     HuggingFace,
     LlamaCppBuild,
     ModelFile,

@@ -147,19 +147,14 @@ def sweep(
     return configs
 
 
-def service_has_drafter(service: LlamaServer) -> bool:
-    """A draft model, or an n-gram spec type (which drafts without one)."""
-    return service.model_draft is not None or service.drafts
-
-
 def quick_sweep(service: LlamaServer | None) -> list[BenchConfig]:
     """Few configurations for slow (CPU) runs: one slot, short prompt, drafter off and at its n-max."""
     if service is None:
         return [BenchConfig(parallel=1, draft=None, context="short")]
     configs = [BenchConfig(parallel=1, draft=False, context="short")]
-    if service_has_drafter(service):
-        n_max = service.spec_draft_n_max or 3
-        configs.append(BenchConfig(parallel=1, draft=True, draft_n_max=n_max, context="short"))
+    if service.drafts:
+        configs.append(BenchConfig(parallel=1, draft=True, draft_n_max=service.setting("spec_draft_n_max"),
+                                   context="short"))
     return configs
 
 
@@ -481,7 +476,7 @@ def suggested_changes(service: LlamaServer, best: BenchConfig) -> dict[str, obje
     A value of None means: remove the field (back to its default).
     """
     target: dict[str, object] = {"parallel": best.parallel}
-    if best.draft is False and service_has_drafter(service):
+    if best.draft is False and service.drafts:
         target |= LlamaServer.DRAFTING_OFF
         if service.smoke is not None and service.smoke.min_acceptance is not None:
             target["smoke.min_acceptance"] = None

@@ -6,13 +6,13 @@ from typing import Annotated, Any, Self
 
 from pydantic import Discriminator, Tag, model_validator
 
-from gpubox.monitoring.spec import HostMonitoring
 from gpubox.servers.base import Service
 from gpubox.servers.llama import LlamaServer
 from gpubox.servers.piper import PiperServer
 from gpubox.servers.whisper import WhisperServer
 from gpubox.spec import (
     ExpectedGpu,
+    HostMonitoring,
     HuggingFace,
     LlamaCppBuild,
     ModelFile,
@@ -87,7 +87,7 @@ class Box(Spec):
         return [
             (
                 (INSTALL_FIELDS[type(service)][0],),
-                f"services[{position}] ({service.name!r}) is a {service.PROGRAM.rsplit('/', 1)[-1]} service and "
+                f"services[{position}] ({service.name!r}) is a {service.server_name} service and "
                 f"runs from {INSTALL_FIELDS[type(service)][0]}: set {INSTALL_FIELDS[type(service)][1]}",
                 None,
             )
@@ -189,6 +189,15 @@ class Box(Spec):
                         model.sha256,
                     ))
         return problems
+
+    def model_files(self) -> list[tuple[str, ModelFile]]:
+        """Every model file of the box once (by host path), with the field that declares it first
+        (``services.0.model_draft``): where a refusal about the file points."""
+        seen: dict[str, tuple[str, ModelFile]] = {}
+        for position, service in enumerate(self.services):
+            for field, model in service.model_files():
+                seen.setdefault(model.path, (f"services.{position}.{field}", model))
+        return list(seen.values())
 
     def models(self) -> list[tuple[Service, ModelFile]]:
         """Every model file of the box once (by host path), with the first service that uses it."""

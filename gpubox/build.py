@@ -59,11 +59,6 @@ def current_link(build: SourceBuild) -> str:
     return switch.current_link(build.prefix)
 
 
-def previous_link(build: SourceBuild) -> str:
-    """What `current` pointed at before the last switch: a failed smoke test switches back to it."""
-    return f"{build.prefix}/previous"
-
-
 STAMP_NAME = "gpubox-build.json"
 
 

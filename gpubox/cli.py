@@ -1,15 +1,23 @@
-"""The `gpubox` command: check, plan, smoke and bench, without pyinfra and without a host."""
+"""The `gpubox` command, without pyinfra: none of its subcommands deploys to or changes a host.
+
+check validates an inventory's boxes (and its monitoring) without connecting; plan budgets each GPU's
+memory from the models' GGUF headers; smoke tests a running llama-server against thresholds; bench sweeps
+slots, drafter and n-max (on a running server or temporary local ones); monitoring writes the fleet's
+Prometheus, alert and Grafana files; top shows the fleet live from its Prometheus, and report draws its
+history as a PNG (./gpubox-report.png unless --png).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
 from gpubox import cli_client, cli_monitoring, cli_plan
-from gpubox.inventory import HostBox, InventoryError, inventory_boxes, load_inventory
+from gpubox.inventory import HostBox, InventoryError, inventory_boxes, load_inventory, with_missing_sources
 from gpubox.monitoring.fleet import MONITORING_KEY, FleetError, build_fleet, scrape_targets
 from gpubox.tables import problems_table, services_table, warnings_table
 
@@ -26,6 +34,7 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
         if error.problems:
             console.print(problems_table([HostBox(host="(inventory)", box=None, problems=error.problems)]))
         return EXIT_REFUSED
+    boxes = [with_missing_sources(host_box, Path.cwd()) for host_box in boxes]  # as the deploy looks for them
     refused = [host_box for host_box in boxes if host_box.problems]
     if refused:
         console.print(problems_table(refused))

@@ -28,13 +28,13 @@ from gpubox.bench import (
     parallel_speculation_advice,
     quick_sweep,
     roofline_tokens_per_second,
-    service_has_drafter,
     suggested_changes,
     sweep,
     write_plot,
 )
 from gpubox.box import Box
 from gpubox.inventory import InventoryError, inventory_boxes
+from gpubox.keys import KeyFileError, first_line_key
 from gpubox.servers.llama import LlamaServer
 from gpubox.smoke import requests_transport, run_smoke, smoke_table
 from gpubox.spec import SmokeThresholds
@@ -45,14 +45,25 @@ EXIT_USAGE = 2
 GB = 1e9
 
 
+class ApiKeyFileError(Exception):
+    """``--api-key-file`` names no readable file, or one without a key."""
+
+
 def _read_api_key(path: str | None) -> str | None:
     """The first key of an API key file (llama-server's --api-key-file format: one key per line)."""
     if path is None:
         return None
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            return line.strip()
-    return None
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ApiKeyFileError(
+            f"--api-key-file {path}: {error.strerror or error}: give a file whose first line is the service's key "
+            f"(on the box: /etc/gpubox/keys/<service>.key, readable by root and the service's user)"
+        ) from None
+    try:
+        return first_line_key(text, f"--api-key-file {path}")
+    except KeyFileError as error:
+        raise ApiKeyFileError(str(error)) from None
 
 
 def cmd_smoke(args: argparse.Namespace, console: Console) -> int:
@@ -66,7 +77,12 @@ def cmd_smoke(args: argparse.Namespace, console: Console) -> int:
         runs=args.runs,
         timeout_s=args.timeout,
     )
-    result = run_smoke(requests_transport(args.url, _read_api_key(args.api_key_file)), thresholds)
+    try:
+        api_key = _read_api_key(args.api_key_file)
+    except ApiKeyFileError as error:
+        console.print(f"[bold red]refused[/]: {error}", highlight=False)
+        return EXIT_USAGE
+    result = run_smoke(requests_transport(args.url, api_key), thresholds)
     console.print(smoke_table(result))
     for failure in result.failures:
         console.print(f"[bold red]failed[/]: {failure}", highlight=False)
@@ -146,7 +162,7 @@ def _configs(args: argparse.Namespace, service: LlamaServer | None) -> list[Benc
             for parallel in args.parallel or (1,)
             for context in args.contexts
         ]
-    return sweep(args.parallel or DEFAULT_PARALLELS, service_has_drafter(service), args.draft_n_max, args.contexts)
+    return sweep(args.parallel or DEFAULT_PARALLELS, service.drafts, args.draft_n_max, args.contexts)
 
 
 def _print_progress(console: Console) -> Callable[[BenchMeasurement], None]:
@@ -193,6 +209,11 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if args.apply is not None and (args.url is not None or service is None):
         console.print("[bold red]usage[/]: --apply needs the local sweep (INVENTORY --llama-server), not --url")
         return EXIT_USAGE
+    try:
+        api_key = _read_api_key(args.api_key_file)
+    except ApiKeyFileError as error:
+        console.print(f"[bold red]refused[/]: {error}", highlight=False)
+        return EXIT_USAGE
     bandwidth = _bandwidth_bytes_per_s(args, service, console)
     bytes_per_token = _bytes_per_token(args, service)
     roofline = (
@@ -207,7 +228,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     try:
         if args.url is not None:
             target = args.url
-            transport = requests_transport(args.url, _read_api_key(args.api_key_file))
+            transport = requests_transport(args.url, api_key)
             results = bench_url(
                 transport, configs, n_predict=args.n_predict, long_tokens=long_tokens, single_runs=args.runs,
                 aggregate_rounds=args.rounds, roofline=roofline, progress=progress,

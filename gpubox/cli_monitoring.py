@@ -21,6 +21,7 @@ from gpubox.vram import DEFAULT_HEADERS_DIR
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
+DEFAULT_REPORT_PNG = "gpubox-report.png"
 
 DURATION = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 UNIT_SECONDS = (7 * 86400, 86400, 3600, 60, 1)
@@ -70,7 +71,9 @@ def _fleet_table(fleet: Fleet, client: PrometheusClient) -> Table:
 
 
 def cmd_top(args: argparse.Namespace, console: Console) -> int:
-    """The fleet's services with speed, acceptance, VRAM and firing alerts; refreshed until Ctrl-C."""
+    """The fleet's services with speed, acceptance, VRAM and firing alerts; refreshed until Ctrl-C on a
+    terminal, printed once where stdout is not one (a pipe, a file, watch, cron): a live display there
+    would print nothing."""
     fleet = _load_fleet(args.inventory, console)
     if fleet is None:
         return EXIT_REFUSED
@@ -80,7 +83,7 @@ def cmd_top(args: argparse.Namespace, console: Console) -> int:
     except PrometheusError as error:
         console.print(f"[bold red]Prometheus error[/]: {error}", highlight=False)
         return EXIT_REFUSED
-    if args.once:
+    if args.once or not console.is_terminal:
         console.print(table)
         return EXIT_OK
     try:
@@ -150,15 +153,26 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     top = commands.add_parser("top", help="the fleet's services live from Prometheus: speed, VRAM, alerts")
     top.add_argument("inventory", help="the fleet's pyinfra inventory (hosts carry box and monitoring)")
     top.add_argument("--url", help="Prometheus's base URL (default: the monitor's, from the inventory)")
-    top.add_argument("--once", action="store_true", help="print one table and exit")
+    top.add_argument(
+        "--once", action="store_true", help="print one table and exit (what top does when stdout is not a terminal)"
+    )
     top.add_argument("--interval", type=_positive_seconds, default=5.0, help="seconds between refreshes (5)")
     top.add_argument("--timeout", type=_positive_seconds, default=10.0, help="seconds per Prometheus request")
     top.set_defaults(run=cmd_top)
 
-    report = commands.add_parser("report", help="a PNG of the fleet's tok/s, acceptance and VRAM over --since")
+    report = commands.add_parser(
+        "report",
+        help=f"a PNG of the fleet's tok/s, acceptance and VRAM over --since (./{DEFAULT_REPORT_PNG} unless --png)",
+        description=f"Draw the fleet's tok/s, acceptance and VRAM over --since from its Prometheus into one PNG: "
+        f"{DEFAULT_REPORT_PNG} in the working directory unless --png names another file.",
+    )
     report.add_argument("inventory", help="the fleet's pyinfra inventory (hosts carry box and monitoring)")
     report.add_argument("--since", type=parse_duration, default=parse_duration("1h"), help="30m, 1h, 2d (1h)")
-    report.add_argument("--png", default="gpubox-report.png", help="where to write the figure")
+    report.add_argument(
+        "--png",
+        default=DEFAULT_REPORT_PNG,
+        help="where to write the figure (default: %(default)s in the working directory, overwritten)",
+    )
     report.add_argument("--url", help="Prometheus's base URL (default: the monitor's, from the inventory)")
     report.add_argument("--timeout", type=_positive_seconds, default=30.0, help="seconds per Prometheus request")
     report.set_defaults(run=cmd_report)

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from gpubox.box import Box
 from gpubox.gguf_header import GgufFile
-from gpubox.inventory import HostBox, InventoryError, inventory_boxes
+from gpubox.inventory import HostBox, InventoryError, inventory_boxes, with_missing_sources
 from gpubox.spec import Problem
 from gpubox.tables import explain_terms, gpu_table, mib, print_refusal, problems_table
 from gpubox.vram import (
@@ -79,6 +79,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         if error.problems:
             console.print(problems_table([HostBox(host="(inventory)", box=None, problems=error.problems)]))
         return EXIT_REFUSED
+    boxes = [with_missing_sources(host_box, Path.cwd()) for host_box in boxes]  # as the deploy looks for them
     code = EXIT_OK
     hosts: list[dict[str, Any]] = []
     refused_boxes = [host_box for host_box in boxes if host_box.box is None or host_box.problems]

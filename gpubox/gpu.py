@@ -83,6 +83,15 @@ class NvidiaSmiError(RuntimeError):
         )
 
 
+CPU = "cpu"
+"""How a service pinned to no GPU is shown everywhere (`check`, units, monitoring labels, `top`): it runs on the CPU."""
+
+
+def gpu_list(gpus: Sequence[int]) -> str:
+    """A service's pinned GPUs as every table, unit and label shows them: ``0,1``, or ``cpu`` for none."""
+    return ",".join(str(gpu) for gpu in gpus) or CPU
+
+
 def nvidia_smi_query_command(query: str, fields: Sequence[str]) -> str:
     """Shell command that prints ``NO_NVIDIA_SMI``, the CSV rows, or the failure and its code.
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from traceback import walk_tb
+from types import TracebackType
 from typing import Any
 
 from pydantic import ValidationError
 
 from gpubox.box import Box
+from gpubox.models import missing_source_problem, missing_sources
 from gpubox.spec import Problem, problems_from
 
 BOX_KEY = "box"
@@ -85,16 +89,25 @@ def _pyinfra_hosts(inventory_path: Path) -> list[InventoryHost]:
     from pyinfra_cli.exceptions import UnexpectedExternalError
     from pyinfra_cli.inventory import make_inventory_from_files
 
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # as `pyinfra` does: an inventory may import modules from the working directory
+        sys.path.append(cwd)
     try:
         with ctx_state.use(State()):  # exec_file records the file it runs on the current state
-            inventory = make_inventory_from_files(str(inventory_path), cwd=os.getcwd())
+            inventory = make_inventory_from_files(str(inventory_path), cwd=cwd)
     except UnexpectedExternalError as wrapped:  # pyinfra wraps whatever the file raised
         error, where = wrapped.exception, Path(wrapped.filename)
+        at = _where(where, getattr(error, "_traceback", None) or error.__traceback__)
         if isinstance(error, ValidationError):
             raise InventoryError(
-                f"{where}: a spec in the inventory is refused while it imports", problems_from(error)
+                f"{at}: {error.title} is refused while the inventory imports", problems_from(error)
             ) from error
-        raise InventoryError(f"{where}: the inventory does not import: {type(error).__name__}: {error}") from error
+        raise InventoryError(f"{at}: the inventory does not import: {type(error).__name__}: {error}") from error
+    except SyntaxError as error:  # pyinfra compiles the file before it runs it: the error is the file's own
+        line = f" line {error.lineno}" if error.lineno else ""
+        raise InventoryError(
+            f"{error.filename or inventory_path}{line}: the inventory is not valid Python: {error.msg}"
+        ) from error
     except Exception as error:  # noqa: BLE001 - anything else pyinfra raises while loading, named
         raise InventoryError(
             f"{inventory_path}: the inventory does not import: {type(error).__name__}: {error}"
@@ -102,6 +115,36 @@ def _pyinfra_hosts(inventory_path: Path) -> list[InventoryHost]:
     return [
         InventoryHost(name=host.name, groups=list(host.groups), data=host.data.dict()) for host in inventory
     ]
+
+
+def _where(path: Path, traceback: TracebackType | None) -> str:
+    """``inventory/home.py line 52``: the file's last line on the traceback (where it called what raised)."""
+    lines = [line for frame, line in walk_tb(traceback) if Path(frame.f_code.co_filename).resolve() == path.resolve()]
+    return f"{path} line {lines[-1]}" if lines else str(path)
+
+
+def missing_inventory_file(argument: str, is_host: Callable[[str], bool] = lambda _: False) -> str | None:
+    """Why pyinfra's inventory argument is no inventory, when it names a file that is not there; None
+    when it is a file, or no path at all (``@local``, ``host1,host2``, a host name).
+
+    pyinfra 3.10 takes an argument that is no file for a host name: ``inventory/nosuch.py`` becomes
+    a host of that name with no data, or, when the name resolves to no address, an empty inventory,
+    and a deploy then runs on nothing and exits 0. A name ending in ``.py`` (a Paraguayan domain) is a
+    host when ``is_host`` says it resolves; a ``/`` never is.
+    """
+    if "," in argument or "@" in argument or Path(argument).exists():
+        return None
+    if "/" not in argument and not (argument.endswith(".py") and not is_host(argument)):
+        return None
+    return (
+        f"{argument}: no such inventory file (pyinfra would take it for a host name and deploy nothing): "
+        f"give the path of an inventory file, e.g. inventory/home.py"
+    )
+
+
+def refusal_text(error: InventoryError) -> str:
+    """The error with each refused field on a line of its own: what a plain-text printer shows."""
+    return "\n".join([str(error), *(f"    {problem.field}: {problem.message}" for problem in error.problems)])
 
 
 def load_inventory(path: str | Path) -> list[InventoryHost]:
@@ -128,10 +171,28 @@ def box_of(host: InventoryHost) -> HostBox | None:
     return HostBox(host=host.name, box=box, problems=[])
 
 
+def no_box_message(host_name: str) -> str:
+    """What a deploy says when it runs for a host without a ``box``: most likely a wrong inventory path."""
+    return (
+        f"{host_name}: no `{BOX_KEY}` in the host's data, so it is no gpubox host. Is the inventory path right? "
+        f"pyinfra takes an inventory argument that is no file for a host name (`inventory/nosuch.py` becomes a "
+        f"host of that name). A gpubox inventory gives each host its gpubox.Box under `{BOX_KEY}` "
+        f"(see inventory/home.py); `gpubox check INVENTORY` reads it without connecting"
+    )
+
+
+def with_missing_sources(host_box: HostBox, base: Path) -> HostBox:
+    """The host's Box with a problem for each model whose controller source is not a file here."""
+    if host_box.box is None:
+        return host_box
+    missing = [missing_source_problem(*found) for found in missing_sources(host_box.box, base)]
+    return HostBox(host=host_box.host, box=host_box.box, problems=[*host_box.problems, *missing])
+
+
 def box_from_host_data(value: object, host_name: str) -> Box:
     """The Box a deploy runs for a host, validated; refused with every problem named."""
     if value is None:
-        raise InventoryError(f"{host_name}: no `{BOX_KEY}` in the host's data: put its gpubox.Box there")
+        raise InventoryError(no_box_message(host_name))
     if isinstance(value, Box):
         return value
     try:

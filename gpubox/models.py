@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpubox import ggml_whisper
 from gpubox.quoting import shell_word
 from gpubox.records import Record
-from gpubox.spec import ModelFormat
+from gpubox.spec import ModelFile, ModelFormat, Problem, WhisperSize
 from gpubox.verified import STAMP_DIR
+
+if TYPE_CHECKING:
+    from gpubox.box import Box
 
 UNIT_DIR = "/etc/systemd/system"
 MIB = 1 << 20
@@ -160,11 +165,11 @@ def check_head(model_format: ModelFormat, architecture: str | None, head: bytes,
             header = ggml_whisper.parse_header(head)
         except ggml_whisper.WhisperHeaderError as error:
             raise ModelFormatError(f"{where} is not a ggml whisper model: {error}") from None
-        found = header.model_type + (".en" if header.english_only else "")
-        if architecture is not None and found != architecture:
+        found = WhisperSize(header.model_type, header.english_only)
+        if architecture is not None and found != WhisperSize.parse(architecture):
             raise ModelFormatError(
                 f"{where} is a whisper {found} model, not {architecture}: point path at a "
-                f"{architecture} model, or set architecture={found!r}"
+                f"{architecture} model, or set architecture={str(found)!r}"
             )
     elif model_format == "onnx" and head[:1] != b"\x08":
         # An ONNX ModelProto starts with field 1 (ir_version), a varint: the byte 0x08.
@@ -182,3 +187,34 @@ def head_command(path: str, head_bytes: int = FORMAT_HEAD_BYTES) -> str:
 def parse_head(lines: Sequence[str]) -> bytes | None:
     text = "".join(line.strip() for line in lines)
     return base64.b64decode(text) if text else None
+
+
+def controller_source(model: ModelFile, base: Path) -> Path | None:
+    """The file on the controller a model is uploaded from (a relative ``source`` is taken from ``base``,
+    the directory pyinfra and gpubox run in); None when it is downloaded (a URL) or has no source."""
+    if model.source is None or model.source_is_url:
+        return None
+    source = Path(model.source)
+    return source if source.is_absolute() else base / source
+
+
+def missing_sources(box: Box, base: Path) -> list[tuple[str, ModelFile, Path]]:
+    """The models whose controller source is not a file here: (field, model, where it was looked for)."""
+    missing = []
+    for field, model in box.model_files():
+        source = controller_source(model, base)
+        if source is not None and not source.is_file():
+            missing.append((field, model, source))
+    return missing
+
+
+def missing_source_problem(field: str, model: ModelFile, source: Path) -> Problem:
+    """A controller source that is not there, at its field (``services.0.model.source``), with the fixes."""
+    return Problem(
+        field=f"{field}.source",
+        message=(
+            f"{source} is not a file on this machine (the controller), and a deploy uploads {model.path} from "
+            f"there when the host lacks it: fix the path (a relative one is taken from the directory you run "
+            f"in), put the file there, or give an https:// or hf:// source"
+        ),
+    )

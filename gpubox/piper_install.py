@@ -3,13 +3,21 @@
 The layout under the prefix, like a source build's:
 
     {prefix}/venvs/{version}-{flavor}   a virtualenv with piper-tts[http] (flavor: cpu, or cuda with
-                                        onnxruntime-gpu in place of onnxruntime)
+                                        onnxruntime-gpu in place of onnxruntime, the CUDA and cuDNN
+                                        libraries it loads as nvidia-* wheels, and GPU_PRELOAD)
     {prefix}/wheelhouse-{version}       the controller's wheels, when the install uses a wheelhouse
     {prefix}/current, {prefix}/previous symlinks to the active and the last venv, switched atomically
     {prefix}/logs/install-{version}-{flavor}.log
 
-Each venv keeps ``gpubox-install.json`` (package, version, flavor: what the no-op check compares)
-and the server's ``--help`` (``piper.http_server.help``: what the flag check reads).
+Each venv keeps ``gpubox-install.json`` (package, version, flavor, the GPU runtime: what the no-op
+check compares) and the server's ``--help`` (``piper.http_server.help``: what the flag check reads).
+
+The cuda flavor: onnxruntime-gpu 1.31.1 is built for CUDA 13 and cuDNN 9 and loads them when it is
+imported, by name (its CUDA provider library has no RUNPATH). Its ``[cuda,cudnn]`` extras install them as
+nvidia-* wheels into the venv (``nvidia/cu13/lib``, ``nvidia/cudnn/lib``), where nothing looks for them
+unless ``onnxruntime.preload_dlls()`` is called, which piper never does: its ``--cuda`` then warns and runs
+on the CPU. So the venv gets a start-up hook (GPU_PRELOAD, a ``.pth`` line importing a module beside it)
+that loads those libraries first. The smoke test checks that the process holds memory on its GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +32,16 @@ from gpubox.spec import PiperInstall
 
 PiperFlavor = Literal["cpu", "cuda"]
 STAMP_NAME = "gpubox-install.json"
-GPU_RUNTIME = "onnxruntime-gpu"
+GPU_RUNTIME_VERSION = "1.31.1"
+GPU_RUNTIME = f"onnxruntime-gpu[cuda,cudnn]=={GPU_RUNTIME_VERSION}"
+"""onnxruntime-gpu pinned, with the nvidia-* wheels of the CUDA 13 and cuDNN 9 libraries it loads."""
+CUDA_LIBRARIES = (
+    "cu13/lib/libcublasLt.so.13", "cu13/lib/libcublas.so.13", "cu13/lib/libnvrtc.so.13", "cu13/lib/libcurand.so.10",
+    "cu13/lib/libcufft.so.12", "cu13/lib/libcudart.so.13", "cudnn/lib/libcudnn.so.9",
+)  # fmt: skip
+"""What onnxruntime-gpu 1.31.1's preload_dlls() loads on Linux, under site-packages/nvidia, in its order."""
+GPU_PRELOAD_MODULE = "gpubox_cuda_libs"
+GPU_PRELOAD_PTH = "gpubox-cuda-libs.pth"
 
 
 def venv_name(install: PiperInstall, flavor: PiperFlavor) -> str:
@@ -52,7 +69,39 @@ def current_link(install: PiperInstall) -> str:
 
 
 def stamp_text(install: PiperInstall, flavor: PiperFlavor) -> str:
-    return json.dumps({"package": install.requirement, "flavor": flavor}, sort_keys=True)
+    stamp = {"package": install.requirement, "flavor": flavor}
+    if flavor == "cuda":
+        stamp["gpu_runtime"] = GPU_RUNTIME
+    return json.dumps(stamp, sort_keys=True)
+
+
+def preload_module_text() -> str:
+    """The module GPU_PRELOAD_PTH imports at every start of the venv's Python: it loads CUDA_LIBRARIES from
+    the venv's nvidia-* wheels (those present; a failure is left to onnxruntime, which then warns)."""
+    names = ", ".join(repr(name) for name in CUDA_LIBRARIES)
+    return (
+        '"""Written by gpubox: load the CUDA and cuDNN libraries of this venv\'s nvidia-* wheels before\n'
+        'onnxruntime looks for them (piper does not call onnxruntime.preload_dlls())."""\n'
+        "import ctypes\nimport os\n\n"
+        "_NVIDIA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'nvidia')\n"
+        f"for _name in ({names},):\n"
+        "    _path = os.path.join(_NVIDIA, _name)\n"
+        "    if os.path.isfile(_path):\n"
+        "        try:\n"
+        "            ctypes.CDLL(_path)\n"
+        "        except OSError:\n"
+        "            pass\n"
+    )
+
+
+def gpu_preload_lines(python: str) -> list[str]:
+    """Shell lines that put the preload module and its ``.pth`` into the site-packages of `python`'s venv."""
+    site = '"$(' + shell_join([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]) + ')"'
+    return [
+        f"site={site}",
+        f"printf '%s' {shell_word(preload_module_text())} > \"$site/{GPU_PRELOAD_MODULE}.py\"",
+        f"printf 'import {GPU_PRELOAD_MODULE}\\n' > \"$site/{GPU_PRELOAD_PTH}\"",
+    ]
 
 
 def is_installed(found: switch.InstalledBuild, install: PiperInstall, flavor: PiperFlavor) -> tuple[bool, bool]:
@@ -90,6 +139,7 @@ def install_script(install: PiperInstall, flavor: PiperFlavor) -> str:
         lines += [
             f"{shell_join([f'{staging}/bin/python3', '-m', 'pip', 'uninstall', '--yes', 'onnxruntime'])} >> {log} 2>&1",
             f"{shell_join([*pip, GPU_RUNTIME])} >> {log} 2>&1 || fail {shell_word(f'pip install {GPU_RUNTIME}')}",
+            *gpu_preload_lines(f"{staging}/bin/python3"),
         ]
     help_file = shell_word(f"{staging}/{HELP_NAME}")
     lines += [

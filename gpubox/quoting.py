@@ -20,6 +20,8 @@ tests/e2e/test_quoting_systemd.py starts a unit on a booted systemd and reads ba
 | `Environment=` KEY=value  | `environment_assignment` | `%` -> `%%` (`$` as is);          | NL, CR, NUL in the value; |
 |                           |                          | "KEY=value" (1) when it has       | a key that is no variable |
 |                           |                          | whitespace, `'`, `"` or `\`       | name                      |
+| `Description=` text       | `unit_text`              | `%` -> `%%` (the rest as is: the  | NL, CR, NUL               |
+|                           |                          | whole line is the value)          |                           |
 
 (1) inside the double quotes `\` is written `\\` and `"` is written `\"`.
 
@@ -121,6 +123,11 @@ def path_list_entry(path: str, field: str = "a path") -> str:
     if ".." in path.split("/"):
         raise ValueError(f"{field} must not have a '..' part, got {path!r}: systemd ignores such a path")
     return _unit_quote(path.replace("%", "%%"), _UNIT_NEEDS_QUOTES)
+
+
+def unit_text(value: str, field: str) -> str:
+    """Free text for a directive that takes the rest of its line (``Description=``): `%` doubled."""
+    return unit_safe(value, field).replace("%", "%%")
 
 
 def environment_assignment(key: str, value: str) -> str:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
 from gpubox.gpu import ComputeApp
+from gpubox.keys import authorization_header_command
 from gpubox.quoting import shell_join
 from gpubox.spec import SmokeThresholds
 
@@ -112,7 +113,7 @@ def curl_command(
     command = shell_join(words)
     if api_key_file is None:
         return command
-    header = shell_join(["sed", "-n", "1s/^/Authorization: Bearer /p", api_key_file])
+    header = authorization_header_command(api_key_file)
     return f"{header} | {command}"
 
 
@@ -310,13 +311,24 @@ class GpuProcesses(BaseModel):
 GpuProbe = Callable[[], GpuProcesses]
 
 
-def check_gpu_residency(pid: int, expected_gpu_uuids: Set[str], compute_apps: Iterable[ComputeApp]) -> list[str]:
+LLAMA_ON_CPU_HINT = "CUDA build? CUDA_VISIBLE_DEVICES? n_gpu_layers?"
+
+
+def check_gpu_residency(
+    pid: int,
+    expected_gpu_uuids: Set[str],
+    compute_apps: Iterable[ComputeApp],
+    *,
+    program: str = "llama-server",
+    hint: str = LLAMA_ON_CPU_HINT,
+) -> list[str]:
     """Failures when the server process does not hold memory on exactly its GPUs.
 
     llama-server falls back to the CPU at boot (no CUDA build, a driver mismatch, a wrong
     CUDA_VISIBLE_DEVICES) and /health still says ok; nvidia-smi's compute apps tell. A
     `used_memory` of None (nvidia-smi printed [N/A], as it does under some virtualisation)
-    counts as holding memory: the process is listed on that GPU.
+    counts as holding memory: the process is listed on that GPU. `program` and `hint` name the server
+    and what to look at when it holds nothing (piper's: gpubox.speech.piper_gpu_failures).
     """
     held_mib: dict[str, int | None] = {}
     for app in compute_apps:
@@ -330,14 +342,14 @@ def check_gpu_residency(pid: int, expected_gpu_uuids: Set[str], compute_apps: It
     for uuid in sorted(expected_gpu_uuids):
         if uuid not in held_mib or held_mib[uuid] == 0:
             failures.append(
-                f"llama-server (pid {pid}) holds no memory on its GPU {uuid}: it runs on the CPU or on "
-                f"another GPU (CUDA build? CUDA_VISIBLE_DEVICES? n_gpu_layers?)"
+                f"{program} (pid {pid}) holds no memory on its GPU {uuid}: it runs on the CPU or on "
+                f"another GPU ({hint})"
             )
     for uuid, mib in sorted(held_mib.items()):
         if uuid not in expected_gpu_uuids:
             amount = "memory" if mib is None else f"{mib} MiB"
             failures.append(
-                f"llama-server (pid {pid}) holds {amount} on GPU {uuid}, which is not one of its GPUs "
+                f"{program} (pid {pid}) holds {amount} on GPU {uuid}, which is not one of its GPUs "
                 f"{sorted(expected_gpu_uuids) or '(none)'}: CUDA_VISIBLE_DEVICES is not applied"
             )
     return failures

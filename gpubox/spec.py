@@ -8,7 +8,9 @@ in `gpubox.box`.
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
+from dataclasses import dataclass
 from typing import ClassVar, Literal, Self
 from urllib.parse import urlsplit
 
@@ -24,6 +26,29 @@ CUDA_ARCH = re.compile(r"^[0-9]{2,3}[a-z]?(-real|-virtual)?$")
 BUILD_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*$")
 # whisper.cpp's model sizes, by their encoder depth (whisper_model_load).
 WHISPER_SIZES = ("tiny", "base", "small", "medium", "large")
+ENGLISH_ONLY = ".en"
+
+
+@dataclass(frozen=True)
+class WhisperSize:
+    """A ggml whisper model's size, parsed once from ``ModelFile.architecture``: ``tiny.en`` is tiny and
+    English-only, ``large`` is large and multilingual."""
+
+    size: str
+    english_only: bool = False
+
+    @classmethod
+    def parse(cls, architecture: str) -> WhisperSize:
+        size = architecture.removesuffix(ENGLISH_ONLY)
+        if size not in WHISPER_SIZES:
+            raise ValueError(
+                f"a ggml whisper model's architecture is its size: one of {', '.join(WHISPER_SIZES)} "
+                f"(with '{ENGLISH_ONLY}' for English-only), got {architecture!r}"
+            )
+        return cls(size, architecture.endswith(ENGLISH_ONLY))
+
+    def __str__(self) -> str:
+        return self.size + (ENGLISH_ONLY if self.english_only else "")
 
 
 class Spec(BaseModel):
@@ -79,10 +104,18 @@ def problems_from(error: ValidationError) -> list[Problem]:
 
 
 def absolute_path(value: str, what: str) -> str:
+    """An absolute host path, refused here (by the field) rather than where it is used: a newline or NUL
+    breaks every file it is written into, and a `..` part makes systemd ignore the path (a unit's
+    `ReadOnlyPaths=` holds the directory of every model and key file: `gpubox.quoting.path_list_entry`)."""
     if not value.startswith("/"):
         raise ValueError(f"{what} must be an absolute path on the host, got {value!r}")
     if "\n" in value or "\x00" in value:
         raise ValueError(f"{what} must not contain newlines or NUL bytes")
+    if ".." in value.split("/"):
+        raise ValueError(
+            f"{what} must not have a '..' part (systemd ignores such a path), got {value!r}: "
+            f"write it as {posixpath.normpath(value)!r}"
+        )
     return value
 
 
@@ -325,13 +358,15 @@ class ModelFile(Spec):
         if self.format in ("onnx", "json") and self.architecture is not None:
             raise ValueError(f"a {self.format} file has no architecture to check: remove architecture")
         if self.format == "ggml-whisper" and self.architecture is not None:
-            size = self.architecture.removesuffix(".en")
-            if size not in WHISPER_SIZES:
-                raise ValueError(
-                    f"a ggml whisper model's architecture is its size: one of {', '.join(WHISPER_SIZES)} "
-                    f"(with '.en' for English-only), got {self.architecture!r}"
-                )
+            WhisperSize.parse(self.architecture)
         return self
+
+    @property
+    def whisper_size(self) -> WhisperSize | None:
+        """A ggml whisper model's declared size; None for another format or an undeclared size."""
+        if self.format != "ggml-whisper" or self.architecture is None:
+            return None
+        return WhisperSize.parse(self.architecture)
 
     @field_validator("path")
     @classmethod
@@ -438,3 +473,27 @@ class ExpectedGpu(Spec):
         "beyond what the planner counts at load (the seed measured gemma4 at ~12 GB at load and ~22 GB "
         "after a full 256k session)",
     )
+
+
+class HostMonitoring(Spec):
+    """What a host runs to be watched: node-exporter (with gpubox's GPU textfile) and, when the
+    monitor is another host, a Prometheus agent that scrapes it and remote-writes to the monitor.
+
+    + node_exporter_port: node-exporter listens on 127.0.0.1 at this port
+    + agent_port: the Prometheus agent's own web port (127.0.0.1); unused on the monitor host
+    + gpu_metrics_interval_s: how often the timer writes the GPU/unit metrics file
+    """
+
+    node_exporter_port: int = Field(default=9100, ge=1, le=65535)
+    agent_port: int = Field(default=9095, ge=1, le=65535)
+    gpu_metrics_interval_s: int = Field(default=15, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _own_ports(self) -> Self:
+        if self.agent_port == self.node_exporter_port:
+            refuse(
+                type(self).__name__,
+                [(("agent_port",), f"port {self.agent_port} is node_exporter_port already: give each its own",
+                  self.agent_port)],
+            )
+        return self

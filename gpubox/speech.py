@@ -13,7 +13,7 @@ over `command_transport` polls it unchanged.
 
 piper (piper.http_server): `POST /synthesize` (older releases: `POST /`) with the JSON body
 `{"text": ...}` answers the WAV bytes; Flask sends them as `text/html`, so the content type is
-shown but not judged: the WAV header is.
+shown but not judged: the WAV header is, and the smoke table's measured cell says what it read.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ import json
 import re
 import struct
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 
 from rich.markup import escape
 from rich.table import Table
 
+from gpubox.gpu import ComputeApp
 from gpubox.quoting import shell_join
-from gpubox.smoke import TransportError, _verdict, parse_curl_output
+from gpubox.smoke import TransportError, _verdict, check_gpu_residency, parse_curl_output
 
 WAVE_FORMAT_PCM = 0x0001
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
@@ -332,17 +333,30 @@ class SpeechCheck:
     min_s: float
     max_s: float
     wav_error: str = ""
+    gpu_failures: tuple[str, ...] | None = None
+    """A piper service with ``cuda``: what `piper_gpu_failures` found (empty: on its GPU); None: not checked."""
 
     @classmethod
     def judge(
-        cls, text: str, wav: WavInfo | None, seconds: float, status: int, content_type: str, wav_error: str = ""
+        cls,
+        text: str,
+        wav: WavInfo | None,
+        seconds: float,
+        status: int,
+        content_type: str,
+        wav_error: str = "",
+        gpu_failures: Sequence[str] | None = None,
     ) -> SpeechCheck:
         """The check of one answer, the duration bounds from `plausible_duration(text)`."""
         min_s, max_s = plausible_duration(text)
-        return cls(text, wav, seconds, status, content_type, min_s, max_s, wav_error)
+        gpu = None if gpu_failures is None else tuple(gpu_failures)
+        return cls(text, wav, seconds, status, content_type, min_s, max_s, wav_error, gpu)
 
     @property
     def failures(self) -> list[str]:
+        return self._answer_failures() + list(self.gpu_failures or ())
+
+    def _answer_failures(self) -> list[str]:
         content = self.content_type or "no content type"
         if self.status != 200:
             return [f"the TTS server answered HTTP {self.status} ({content}) for {_excerpt(self.text)}"]
@@ -361,6 +375,42 @@ class SpeechCheck:
     @property
     def passed(self) -> bool:
         return not self.failures
+
+
+PIPER_ON_CPU_HINT = (
+    "onnxruntime fell back to the CPU: onnxruntime-gpu's CUDA provider did not load; are the CUDA/cuDNN "
+    "libraries of piper's venv there (gpubox.piper_install's cuda flavor)?"
+)
+
+
+def piper_gpu_failures(pid: int, expected_gpu_uuids: Set[str], compute_apps: Iterable[ComputeApp]) -> list[str]:
+    """Failures when a piper service with ``--cuda`` holds no memory on its GPU (or holds some on another).
+
+    onnxruntime falls back to the CPU without failing when its CUDA provider cannot load (a missing
+    libcublas or libcudnn: only a warning in the log), and piper still answers, slower; nvidia-smi's
+    compute apps tell, as they do for llama-server (gpubox.smoke.check_gpu_residency).
+    """
+    return check_gpu_residency(pid, expected_gpu_uuids, compute_apps, program="piper", hint=PIPER_ON_CPU_HINT)
+
+
+def wav_summary(wav: WavInfo) -> str:
+    """What the WAV check read from the header, e.g. ``RIFF/WAVE PCM, 16-bit mono, 22050 Hz``."""
+    channels = {1: "mono", 2: "stereo"}.get(wav.channels, f"{wav.channels} channels")
+    return f"RIFF/WAVE PCM, {wav.sample_width * 8}-bit {channels}, {wav.sample_rate} Hz"
+
+
+def _answer_measured(spoken: SpeechCheck) -> str:
+    """The answer row's measured cell: what was judged (the status, the body's WAV header), then the
+    content type, which is shown but not judged (piper's Flask sends its WAV as ``text/html``)."""
+    content = spoken.content_type or "no content type"
+    if spoken.status != 200:
+        judged = f"HTTP {spoken.status}, {content}"
+    elif spoken.wav is not None:
+        judged = f"HTTP 200, body {wav_summary(spoken.wav)} (sent as {content}: not judged)"
+    else:
+        why = _excerpt(spoken.wav_error, 80) if spoken.wav_error else "unreadable"
+        judged = f"HTTP 200, body no PCM WAV: {why} (sent as {content})"
+    return escape(f"{judged}, in {spoken.seconds:.2f} s")
 
 
 def speech_table(transcripts: Sequence[TranscriptCheck] = (), syntheses: Sequence[SpeechCheck] = ()) -> Table:
@@ -387,8 +437,8 @@ def speech_table(transcripts: Sequence[TranscriptCheck] = (), syntheses: Sequenc
         wav = spoken.wav
         table.add_row(
             f"speech {index}: answer",
-            escape(f"HTTP {spoken.status}, {spoken.content_type or 'no content type'}, {spoken.seconds:.2f} s"),
-            "HTTP 200, a PCM WAV",
+            _answer_measured(spoken),
+            "HTTP 200, a RIFF/WAVE PCM body",
             _verdict(answer_ok),
         )
         table.add_row(
@@ -397,4 +447,11 @@ def speech_table(transcripts: Sequence[TranscriptCheck] = (), syntheses: Sequenc
             f"{spoken.min_s:.2f}-{spoken.max_s:.2f} s",
             _verdict(None if wav is None else spoken.min_s <= wav.duration_s <= spoken.max_s),
         )
+        if spoken.gpu_failures is not None:
+            table.add_row(
+                f"speech {index}: GPU",
+                escape("; ".join(spoken.gpu_failures)) if spoken.gpu_failures else "on its GPU only",
+                "memory on its GPU (nvidia-smi)",
+                _verdict(not spoken.gpu_failures),
+            )
     return table

@@ -7,6 +7,7 @@ from rich.table import Table
 
 from gpubox.box import Box
 from gpubox.gguf_header import GgufFile
+from gpubox.gpu import gpu_list
 from gpubox.inventory import HostBox
 from gpubox.servers.llama import LlamaServer
 from gpubox.servers.piper import PiperServer
@@ -34,11 +35,38 @@ def mib(value: int) -> str:
     return f"{value / MIB:,.0f}"
 
 
+MODEL_NAME_MAX = 44
+"""The longest file name the services table shows whole; a longer one loses its middle to an ellipsis."""
+
+
+def middle_ellipsis(name: str, limit: int = MODEL_NAME_MAX) -> str:
+    """``name`` whole when it fits in ``limit`` characters, else its start and end around ``…`` (the
+    end holds the quantization and the extension, which tell files of one model apart)."""
+    if limit < 3:
+        raise ValueError(f"limit must be at least 3 characters, got {limit}")
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) // 2
+    return f"{name[: limit - 1 - tail]}…{name[len(name) - tail :]}"
+
+
+def model_names(service: LlamaServer | WhisperServer | PiperServer) -> str:
+    """The service's model files (not a voice's JSON config), one a line, each whole or middle-shortened."""
+    names = [model.path.rsplit("/", 1)[-1] for model in service.models() if model.format != "json"]
+    return "\n".join(middle_ellipsis(name) for name in names)
+
+
 def services_table(boxes: list[HostBox]) -> Table:
-    """Every service of every box: where it runs and how it is configured."""
+    """Every service of every box: where it runs and how it is configured.
+
+    Each model file is on its own line and never wrapped (a file name broken mid-word reads as two
+    names); the other columns give way, and a name longer than ``MODEL_NAME_MAX`` loses its middle.
+    """
     table = Table(title="gpubox services")
-    for column in ("host", "service", "type", "GPUs", "port", "model", "configuration"):
+    for column in ("host", "service", "type", "GPUs", "port"):
         table.add_column(column, overflow="fold")
+    table.add_column("model", no_wrap=True, overflow="ellipsis")
+    table.add_column("configuration", overflow="fold")
     for host_box in boxes:
         if host_box.box is None:
             continue
@@ -47,9 +75,9 @@ def services_table(boxes: list[HostBox]) -> Table:
                 host_box.host,
                 service.name,
                 service.type,
-                ",".join(str(gpu) for gpu in service.gpus) or "-",
+                gpu_list(service.gpus),
                 str(service.port),
-                ", ".join(model.path.rsplit("/", 1)[-1] for model in service.models() if model.format != "json"),
+                model_names(service),
                 configuration(service),
             )
     return table

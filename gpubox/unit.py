@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gpubox.gpu import Gpu
-from gpubox.quoting import environment_assignment, exec_word, path_list_entry, unit_safe
+from gpubox.gpu import Gpu, gpu_list
+from gpubox.quoting import environment_assignment, exec_word, path_list_entry, unit_safe, unit_text
 from gpubox.servers.base import Service, flag_of
 from gpubox.spec import is_loopback
 
@@ -32,6 +32,23 @@ NVIDIA_SHARED_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm")
 # setrlimit, nice, ioprio_set, sched_setattr/_setparam, mbind, set_mempolicy, migrate_pages and
 # move_pages: those stay denied.
 SCHEDULING_SYSCALLS = ("sched_setaffinity", "sched_setscheduler", "setpriority")
+
+# One restart policy for every server, written into the unit with its reason (RESTART_POLICY): a
+# long-running server has no exit that means "done", so every exit systemd did not ask for is an outage.
+# `on-failure` counts an exit 0 and a death by SIGHUP, SIGINT, SIGTERM or SIGPIPE as clean: a plain
+# `kill -TERM` (a person, a script, an OOM helper) left llama-server down, and whisper-server exits 0 on a
+# bad flag. An explicit `systemctl stop` (the smoke test's stop on a first deploy) is still obeyed. No
+# start limit: a crash loop keeps retrying every RESTART_SEC seconds (a GPU that comes back is served
+# again without a person) and shows as `gpubox_unit_restarts_total` (GpuboxUnitRestarting) rather than
+# as a unit systemd gave up on. systemd 252 (Debian 12) has no RestartSteps=/RestartMaxDelaySec= to
+# back off with.
+RESTART = "always"
+RESTART_SEC = 3
+RESTART_POLICY = (
+    "# Restart=always: a server has no exit that means done, and on-failure takes an exit 0 or a SIGTERM\n"
+    "# for one (a `kill -TERM` left llama-server down). Any exit systemd did not ask for restarts it, every\n"
+    "# RestartSec, with no start limit: a crash loop shows as gpubox_unit_restarts_total. `systemctl stop` holds."
+)
 
 
 def service_gpus(service: Service, gpus: Sequence[Gpu], field: str = "gpus") -> list[Gpu]:
@@ -200,6 +217,19 @@ def hardening(service: Service, gpus: Sequence[Gpu]) -> list[str]:
     return lines
 
 
+def unit_description(service: Service) -> str:
+    """The unit's ``Description=``: the server, the service, what its type adds (a piper voice), the GPUs.
+
+    systemd expands ``%`` specifiers in ``Description=``, so a ``%`` from a file name is doubled.
+    """
+    details = [
+        "gpubox",
+        *(unit_text(detail, f"{service.name}'s description") for detail in service.description_details()),
+        f"GPUs: {gpu_list(service.gpus)}",
+    ]
+    return f"{service.server_name} {service.name} ({'; '.join(details)})"
+
+
 def render_unit(service: Service, binary: str, gpus: Sequence[Gpu] = ()) -> str:
     """The unit file's whole text; the same spec and GPU records always render the same bytes.
 
@@ -215,13 +245,13 @@ def render_unit(service: Service, binary: str, gpus: Sequence[Gpu] = ()) -> str:
         for key, value in sorted(server_environment(service, own_gpus).items())
     )
     sandbox = "\n".join(hardening(service, own_gpus))
-    gpu_list = ",".join(str(gpu) for gpu in service.gpus) or "none"
     return f"""\
 # Managed by gpubox: edits are overwritten on the next deploy.
 [Unit]
-Description={service.PROGRAM} {service.name} (gpubox; GPUs: {gpu_list})
+Description={unit_description(service)}
 After=network-online.target
 Wants=network-online.target
+StartLimitIntervalSec=0
 
 [Service]
 Type=simple
@@ -229,8 +259,9 @@ User={service.user}
 Group={service.user}
 {environment}
 ExecStart={exec_start}
-Restart={service.RESTART}
-RestartSec=3
+{RESTART_POLICY}
+Restart={RESTART}
+RestartSec={RESTART_SEC}
 TimeoutStopSec=30
 {sandbox}
 

@@ -43,10 +43,10 @@ from gpubox.gguf_header import (
     read_gguf_header,
 )
 from gpubox.servers.base import flag_of
-from gpubox.servers.llama import CacheType, GpuLayers, LlamaServer
+from gpubox.servers.llama import GpuLayers, LlamaServer
 from gpubox.servers.piper import PiperServer
 from gpubox.servers.whisper import WhisperServer
-from gpubox.spec import ModelFile, Problem
+from gpubox.spec import ModelFile, Problem, WhisperSize
 
 MIB = 1024 * 1024
 
@@ -69,15 +69,8 @@ CTX_PAD = 256
 SWA_PAD = 256
 """``the SWA cache is always padded to 256`` (``src/llama-kv-cache-iswa.cpp``)."""
 
-DEFAULT_N_UBATCH = 512
-"""llama-server's default ``--ubatch-size`` (``common/common.h``: ``n_ubatch = 512``)."""
-
-DEFAULT_N_BATCH = 2048
-"""llama-server's default ``--batch-size`` (``common/common.h``: ``n_batch = 2048``)."""
-
-DEFAULT_DRAFT_CACHE_TYPE: CacheType = "f16"
-"""A drafter's KV type unless ``--spec-draft-type-k/-v`` say otherwise (``common/common.h``:
-``speculative.draft.cache_type_k/v = GGML_TYPE_F16``; ``--help``: "(default: f16)")."""
+DEFAULT_N_UBATCH: int = LlamaServer.flag_default("ubatch_size")
+"""llama-server's default ``--ubatch-size`` (its flag table's, from the pinned ``--help``)."""
 
 CONTEXT_OVERRIDE_FLAGS = frozenset(
     {"--rope-scaling", "--rope-scale", "--rope-freq-scale", "--yarn-orig-ctx", "--override-kv"}
@@ -391,8 +384,9 @@ def effective_n_ubatch(server: LlamaServer) -> int:
     ``n_batch = min(n_ctx, batch_size)`` (causal models), ``n_ubatch = min(n_batch, ubatch_size)``
     (``llama_context`` ctor); the reserve uses ``min(n_ctx, n_ubatch)`` tokens.
     """
-    n_batch = min(server.ctx_size, server.batch_size or DEFAULT_N_BATCH)
-    return max(1, min(n_batch, server.ubatch_size or DEFAULT_N_UBATCH))
+    n_batch: int = min(server.ctx_size, server.setting("batch_size"))
+    n_ubatch: int = server.setting("ubatch_size")
+    return max(1, min(n_batch, n_ubatch))
 
 
 def overrides_trained_context(server: LlamaServer) -> bool:
@@ -604,7 +598,7 @@ def plan_service(
         notes.append("flash_attn=auto: planned as on (llama.cpp turns it on where the backend supports it)")
     shape = model_shape(target_header)
     # one output row per slot, and a drafting slot verifies n_max drafted tokens + 1
-    n_outputs = server.parallel * (1 + ((server.spec_draft_n_max or 0) if server.drafts else 0))
+    n_outputs = server.parallel * (1 + (server.setting("spec_draft_n_max") if server.drafts else 0))
     weights = weight_split(target_header, server.n_gpu_layers)
     cells = kv_cells(
         server.ctx_size, server.parallel, shape.n_swa, n_ubatch=n_ubatch, kv_unified=unified, swa_full=full_swa
@@ -635,8 +629,8 @@ def plan_service(
         draft_kv_split = kv_cache_split(
             draft_shape,
             cells,
-            server.spec_draft_type_k or DEFAULT_DRAFT_CACHE_TYPE,
-            server.spec_draft_type_v or DEFAULT_DRAFT_CACHE_TYPE,
+            server.setting("spec_draft_type_k"),
+            server.setting("spec_draft_type_v"),
             flash_attn=flash_attn,
             gpu_layers=draft_split.gpu_layers,
             shares_target_cache=shares,
@@ -739,7 +733,7 @@ def speech_terms(service: WhisperServer | PiperServer, model_bytes: int | None =
     ``model_bytes``: the model file's size when known (a quantized whisper model is smaller than f16).
     """
     if isinstance(service, WhisperServer):
-        size = (service.model.architecture or "large").removesuffix(".en")
+        size = (service.model.whisper_size or WhisperSize("large")).size  # undeclared: priced as the largest
         weights = model_bytes if model_bytes is not None else WHISPER_WEIGHTS_MIB[size] * MIB
         return {
             "weights": weights,
@@ -851,7 +845,7 @@ def what_to_change(server: LlamaServer, target: GgufFile, draft: GgufFile | None
     plan = plan_service(server, target, draft)
     suggestions: list[str] = []
     own_draft_kv = plan.draft_kv_cache > 0
-    draft_k = server.spec_draft_type_k or DEFAULT_DRAFT_CACHE_TYPE
+    draft_k = server.setting("spec_draft_type_k")
     for cache_type in ("q8_0", "q4_0"):
         if CACHE_TYPE_BYTES[cache_type] < CACHE_TYPE_BYTES[server.cache_type_k] or (
             own_draft_kv and CACHE_TYPE_BYTES[cache_type] < CACHE_TYPE_BYTES[draft_k]
@@ -936,8 +930,8 @@ _BUFFER_LINE = re.compile(
 class MemoryBreakdown:
     """llama-server's logged buffers, MiB by (kind, device): kinds model, KV, compute, output, RS.
 
-    A server with a drafter logs two sets (target first); they are summed per device here, and
-    kept in order in ``lines``.
+    A server with a drafter logs two sets (target first): ``total`` sums them by kind (and device
+    prefix), ``lines`` keeps them in order.
     """
 
     lines: tuple[tuple[str, str, float], ...]
@@ -948,12 +942,6 @@ class MemoryBreakdown:
             for k, device, mib in self.lines
             if k == kind and (device_prefix is None or device.startswith(device_prefix))
         )
-
-    def by_device(self) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for _, device, mib in self.lines:
-            totals[device] = totals.get(device, 0.0) + mib
-        return totals
 
 
 def parse_memory_breakdown(log_text: str) -> MemoryBreakdown:

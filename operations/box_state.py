@@ -3,7 +3,9 @@
 A converged host's deploy is a series of checks, each a fact, each a round trip over SSH: with
 three services that was 32 of them. Each operation module says what it reads (`facts_read`), with
 the arguments it will read them with; `prefetch_box` loads them all in one command
-(`facts.batch.Facts`), and the operations' `fact_once` answers from it.
+(`facts.batch.Facts`), and the operations' `fact_once` answers from it. The services' unverified
+marks (`facts.unverified.UnverifiedServices`: a run cut between a restart and its smoke test) are
+among them: finding one costs a converged host no round trip.
 """
 
 from __future__ import annotations

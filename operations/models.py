@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from functools import cache
 from io import StringIO
@@ -10,18 +11,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pyinfra import host, state
-from pyinfra.api import FileUploadCommand, FunctionCommand, OperationError, operation
+from pyinfra.api import DeployError, FileUploadCommand, OperationError, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents, Sha256File
 
 from facts.gguf import GgufHeader
 from facts.models import FileHead, UrlContentLength, VerifiedStamps
 from gpubox import gguf_header, hf
-from gpubox.models import FORMAT_HEAD_BYTES, ModelFormatError, StampedModel, check_head, size_mib, transfer_plan
+from gpubox.box import Box
+from gpubox.models import (
+    FORMAT_HEAD_BYTES,
+    ModelFormatError,
+    StampedModel,
+    check_head,
+    controller_source,
+    missing_source_problem,
+    missing_sources,
+    size_mib,
+    transfer_plan,
+)
 from gpubox.quoting import shell_word
 from gpubox.spec import HuggingFace, ModelFile, ModelFormat
-from gpubox.verified import STAMP_DIR, stamp_path, stamp_text, stamp_vouches
+from gpubox.verified import STAMP_DIR, stamp_path, stamp_text, stamped_sha256
 
+from .failures import python_step, refusals_fail_cleanly
 from .host_commands import connector_arguments
 from .host_facts import FactRead, fact_once, forget, once
 
@@ -39,19 +52,33 @@ def _local_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def local_source(model: ModelFile) -> Path:
-    """The controller file, relative paths taken from the deploy's directory."""
-    assert model.source is not None
-    source = Path(model.source)
-    if not source.is_absolute() and state.cwd:
-        source = Path(state.cwd) / source
+    """The controller file, relative paths taken from the directory pyinfra runs in."""
+    source = controller_source(model, Path(state.cwd or os.getcwd()))
+    assert source is not None, f"{model.path}: its source is no controller file"
     return source
+
+
+def check_sources(box: Box) -> None:
+    """Refuse the deploy before any operation runs (a ``DeployError``, one message) when a model the host
+    lacks comes from a controller file that is not there: every such model, by field. A model the host
+    has (its stamp's word, else its hash) needs no source, so a missing one is no reason to stop."""
+    needed = [found for found in missing_sources(box, Path(state.cwd or os.getcwd())) if not has_sha256(found[1])]
+    if needed:
+        problems = [missing_source_problem(*found) for found in needed]
+        raise DeployError(
+            f"{host.name}: the host lacks {len(problems)} model(s) whose source is not on this machine; nothing "
+            "was changed:\n" + "\n".join(f"    {problem.field}: {problem.message}" for problem in problems)
+        )
 
 
 def check_local_source(model: ModelFile) -> Path:
     """Refuse a controller file that is missing, has another checksum or another architecture."""
     source = local_source(model)
     if not source.is_file():
-        raise OperationError(f"model source {source} does not exist on the controller")
+        raise OperationError(
+            f"model source {source} of {model.path} is not a file on the controller (this machine): fix the "
+            f"model's source (a relative one is taken from the directory pyinfra runs in) or put the file there"
+        )
     stat = source.stat()
     found = _local_sha256(str(source), stat.st_size, stat.st_mtime_ns)
     if found != model.sha256:
@@ -155,18 +182,29 @@ def facts_read(model: ModelFile) -> list[FactRead]:
     return [(File, {"path": model.path}), (FileContents, {"path": stamp_path(model.path)})]
 
 
-def verified_by_stamp(model: ModelFile, info: FileInfo) -> bool:
-    """Whether the file (`info`: its File fact) is unchanged (size, mtime, ctime) since its sha256 was verified."""
+def stamp_sha256(model: ModelFile, info: FileInfo) -> str | None:
+    """The sha256 the file's stamp records while the file (`info`: its File fact) is unchanged (size,
+    mtime, ctime) since it was verified, whether or not it is the spec's; None: no stamp to trust."""
     if not info:
-        return False
+        return None
     stamp = fact_once(FileContents, path=stamp_path(model.path))
-    return stamp_vouches(stamp, model.path, model.sha256, info["size"], info["mtime"], info["ctime"])
+    return stamped_sha256(stamp, model.path, info["size"], info["mtime"], info["ctime"])
+
+
+def verified_by_stamp(model: ModelFile, info: FileInfo) -> bool:
+    """Whether the file (`info`: its File fact) is unchanged since the spec's sha256 was verified."""
+    return stamp_sha256(model, info) == model.sha256
+
+
+def known_sha256(model: ModelFile, info: FileInfo) -> str | None:
+    """The host file's sha256: its stamp's word where the stamp still matches the file (a changed
+    spec's old file too: no need to hash what is replaced), else one hash per run; None: no file."""
+    return stamp_sha256(model, info) or host_sha256(model.path, info)
 
 
 def has_sha256(model: ModelFile) -> bool:
-    """Whether the host file has the spec's sha256: the stamp's word where it vouches, else one hash per run."""
-    info = fact_once(File, path=model.path)
-    return verified_by_stamp(model, info) or host_sha256(model.path, info) == model.sha256
+    """Whether the host file has the spec's sha256: the stamp's word where it still matches, else one hash per run."""
+    return known_sha256(model, fact_once(File, path=model.path)) == model.sha256
 
 
 def log_transfer(model: ModelFile, found: str | None, source: Path | None, url: str | None) -> None:
@@ -235,10 +273,13 @@ def token_upload(model: ModelFile, token: str) -> tuple[str, list[object]]:
 
 
 @operation()
+@refusals_fail_cleanly
 def place(model: ModelFile, hub: HuggingFace | None = None):  # type: ignore[no-untyped-def]
     """
     Place a checksummed model file: a no-op when the host file's sha256 matches (its verified stamp's
-    word, else one hash per run); else upload or download to ``{path}.part``, verify, rename.
+    word, else one hash per run); else upload or download to ``{path}.part``, verify, rename. A file
+    whose stamp still matches it and records another sha256 (the spec's sha256 changed) is known to
+    be the old content: it is replaced without being hashed.
 
     + model: the ``ModelFile`` (host path, sha256, source: a controller file, an https URL or an
       ``hf://org/repo/file@<commit>`` reference, architecture)
@@ -263,7 +304,7 @@ def place(model: ModelFile, hub: HuggingFace | None = None):  # type: ignore[no-
     if verified_by_stamp(model, info):
         host.noop(f"{model.path} is unchanged since its sha256 {model.sha256[:12]} was verified")
         return
-    found = host_sha256(model.path, info)
+    found = known_sha256(model, info)  # a stamp of the old sha256 saves hashing the file being replaced
     if found == model.sha256:
         host.noop(f"{model.path} has sha256 {model.sha256[:12]}")
         return
@@ -293,11 +334,12 @@ def place(model: ModelFile, hub: HuggingFace | None = None):  # type: ignore[no-
         yield FileUploadCommand(str(source), part)
     yield verify_script(model, part)
     if model.source_is_url:
-        yield FunctionCommand(check_remote_format, (part, model.format, model.architecture), {})
+        yield python_step(check_remote_format, part, model.format, model.architecture)
     yield f"chmod 0644 {shell_word(part)} && mv -f {shell_word(part)} {shell_word(model.path)}"
 
 
 @operation()
+@refusals_fail_cleanly
 def stamp(model: ModelFile, placed: OperationMeta | None = None):  # type: ignore[no-untyped-def]
     """
     Record that the file's sha256 is verified (its size, mtime and ctime in a stamp), so later runs
@@ -320,7 +362,7 @@ def stamp(model: ModelFile, placed: OperationMeta | None = None):  # type: ignor
         host.noop(f"{model.path}: stamp up to date" if info else f"{model.path}: not placed yet")
         return
     just_placed = state.is_executing and placed is not None and placed.did_change()
-    if not just_placed and host_sha256(model.path, info) != model.sha256:
+    if not just_placed and known_sha256(model, info) != model.sha256:
         if state.is_executing:
             raise OperationError(f"{model.path} changed after it was verified: rerun the deploy")
         host.noop(f"{model.path}: stamped once it is placed")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyinfra import host
+from pyinfra import host, state
 from pyinfra.api import OperationError, deploy, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
@@ -15,18 +15,26 @@ from pyinfra.facts.pacman import PacmanPackages
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
+from gpubox.keys import chmod_mode, fact_mode
 from gpubox.monitoring import prometheus, textfile
-from gpubox.monitoring.files import PROMETHEUS_GROUP, HostFile, grafana_files, host_files, planned_vram
+from gpubox.monitoring.files import (
+    PROMETHEUS_GROUP,
+    HostFile,
+    grafana_files,
+    host_files,
+    planned_vram,
+    prometheus_config_file,
+)
 from gpubox.monitoring.fleet import CREDENTIALS_DIR, Fleet, FleetHost, Target, scrape_targets
 from gpubox.quoting import shell_word
 from gpubox.vram import DEFAULT_HEADERS_DIR
 
 from .distro import DISTRO_READ, PackageManager, distro_name, package_manager
+from .failures import refusals_fail_cleanly
 from .host_facts import FactRead, fact_once, prefetch
 from .service import running_and_enabled, unit_state_reads
 from .text_files import text_file
 
-CREDENTIALS_MODE = 640  # as pyinfra's File fact reads modes
 MANAGERS: tuple[PackageManager, ...] = ("apt", "pacman")
 
 
@@ -58,12 +66,16 @@ def packages(names: list[str], manager: PackageManager):  # type: ignore[no-unty
 
 
 @operation()
-def credentials(target: Target):  # type: ignore[no-untyped-def]
+@refusals_fail_cleanly
+def credentials(target: Target, key_made_by_this_run: bool = False):  # type: ignore[no-untyped-def]
     """
     Give Prometheus a service's API key to scrape ``/metrics`` with: a copy made on the host
     (root-owned, group prometheus, 0640), so the key never passes through the controller or a config.
+    Prometheus reads the file at every scrape: a new copy is used from the next scrape on.
 
     + target: a scrape target with ``credentials_file`` (the copy) and ``key_source`` (the service's key)
+    + key_made_by_this_run: the box deploy, which makes a missing key before this runs: a key not there
+      yet is copied once it is (else a missing key is refused: deploy the box first)
 
     **Example:**
 
@@ -73,26 +85,42 @@ def credentials(target: Target):  # type: ignore[no-untyped-def]
     """
     assert target.credentials_file is not None and target.key_source is not None
     source_sha = fact_once(Sha1File, path=target.key_source)
-    if source_sha is None:
+    if source_sha is None and not key_made_by_this_run:
         raise OperationError(
             f"{target.key_source} (the API key of {target.labels['service']}) is not on the host: "
             f"deploy the box first (deploys/danarch4090.py), then the monitoring"
         )
+    if source_sha is None and state.is_executing:  # the box deploy ran, and made no key there
+        raise OperationError(
+            f"{target.key_source} (the API key of {target.labels['service']}) is not on the host: put the key "
+            f'there, or set the service\'s api_key_file="generate" (gpubox makes one)'
+        )
     copy = fact_once(File, path=target.credentials_file)
-    owned = copy and (copy["user"], copy["group"], copy["mode"]) == ("root", PROMETHEUS_GROUP, CREDENTIALS_MODE)
-    if owned and fact_once(Sha1File, path=target.credentials_file) == source_sha:
+    owned = copy and (copy["user"], copy["group"], copy["mode"]) == ("root", PROMETHEUS_GROUP, fact_mode())
+    if source_sha is not None and owned and fact_once(Sha1File, path=target.credentials_file) == source_sha:
         host.noop(f"{target.credentials_file} is the current key, readable by root and {PROMETHEUS_GROUP}")
         return
     source, copy_path = shell_word(target.key_source), shell_word(target.credentials_file)
     group = shell_word(PROMETHEUS_GROUP)
     yield (
         f"install -d -m 0750 -o root -g {group} {shell_word(CREDENTIALS_DIR)} && "
-        f"install -m 0640 -o root -g {group} {source} {copy_path}"
+        f"install -m {chmod_mode()} -o root -g {group} {source} {copy_path}"
     )
 
 
 def _credential_targets(fleet_host: FleetHost) -> list[Target]:
     return [target for target in scrape_targets(fleet_host) if target.credentials_file is not None]
+
+
+def _credential_reads(fleet_host: FleetHost) -> list[FactRead]:
+    reads: list[FactRead] = []
+    for target in _credential_targets(fleet_host):
+        reads += [
+            (Sha1File, {"path": target.key_source}),
+            (File, {"path": target.credentials_file}),
+            (Sha1File, {"path": target.credentials_file}),
+        ]
+    return reads
 
 
 def facts_read(fleet: Fleet, fleet_host: FleetHost, files: list[HostFile], grafana: list[HostFile]) -> list[FactRead]:
@@ -105,12 +133,7 @@ def facts_read(fleet: Fleet, fleet_host: FleetHost, files: list[HostFile], grafa
     paths = [host_file.path for host_file in files]
     paths += [daemon.drop_in_path(manager) for manager in MANAGERS for daemon in daemons]
     reads += [(FileContents, {"path": path}) for path in dict.fromkeys(paths)]
-    for target in _credential_targets(fleet_host):
-        reads += [
-            (Sha1File, {"path": target.key_source}),
-            (File, {"path": target.credentials_file}),
-            (Sha1File, {"path": target.credentials_file}),
-        ]
+    reads += _credential_reads(fleet_host)
     if fleet.is_monitor(fleet_host.name):
         reads.append((Directory, {"path": fleet.monitoring.grafana_provisioning}))
         reads += [(FileContents, {"path": grafana_file.path}) for grafana_file in grafana]
@@ -190,3 +213,46 @@ def observe(fleet: Fleet, host_name: str) -> None:
             systemd.service(name=f"Restart {unit} (new flags)", service=unit, restarted=True, _if=any_changed(*flags))
         elif any(meta.will_change for meta in configs):
             systemd.service(name=f"Reload {unit} (new config)", service=unit, reloaded=True, _if=any_changed(*configs))
+
+
+def scrape_key_reads(fleet: Fleet | None, host_name: str) -> list[FactRead]:
+    """What ``scrape_keys`` reads on a converged host (the box deploy reads them with its own, in one
+    round trip): the host's Prometheus config, then each keyed service's key and its copy."""
+    if fleet is None or host_name not in {fleet_host.name for fleet_host in fleet.hosts}:
+        return []
+    return [(FileContents, {"path": prometheus.PROMETHEUS_CONFIG}), *_credential_reads(fleet.host(host_name))]
+
+
+@deploy("Scrape keys")
+def scrape_keys(fleet: Fleet, host_name: str) -> None:
+    """
+    Keep the host's Prometheus scraping its services with their current API keys, from the box deploy:
+    a service's key turned on, or rotated (its key file deleted, a new one made), left Prometheus
+    sending the old one (or none: ``401 Unauthorized``, the target down) until deploys/observability.py
+    ran again. Where the host's monitoring is deployed (its Prometheus config is there), each key's copy
+    is made anew and the config names it, as observability.py writes them; Prometheus is reloaded when
+    either changed. Nothing else of the monitoring is touched; a host without it is left alone.
+
+    + fleet: the inventory's fleet (``gpubox.monitoring.fleet.build_fleet``)
+    + host_name: the host being deployed (``host.name``)
+
+    **Example:**
+
+    .. code:: python
+
+        monitoring.scrape_keys(fleet, host.name)  # after the services' keys and units
+    """
+    if fact_once(FileContents, path=prometheus.PROMETHEUS_CONFIG) is None:
+        return  # no monitoring here yet: observability.py copies the keys when it deploys it
+    fleet_host = fleet.host(host_name)
+    keys = [
+        credentials(name=f"Scrape key of {target.labels['service']}", target=target, key_made_by_this_run=True)
+        for target in _credential_targets(fleet_host)
+    ]
+    config = _write(prometheus_config_file(fleet, fleet_host))
+    changed = [*keys, config]
+    if any(meta.will_change for meta in changed):
+        unit = prometheus.PROMETHEUS.unit("apt")  # prometheus.service with either package manager
+        systemd.service(
+            name=f"Reload {unit} (new scrape keys)", service=unit, reloaded=True, _if=any_changed(*changed)
+        )

@@ -1,10 +1,15 @@
 """One gpubox systemd service of any type: its user, its flag check, its unit (previous kept as
-`.prev`), its restart."""
+`.prev`), its restart; a service with smoke thresholds is marked unverified on the host before it is
+restarted or started (`gpubox.unverified`), until its smoke test passes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from pyinfra import host, state
 from pyinfra.api import OperationError, deploy, operation
+from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import Which
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
@@ -14,16 +19,20 @@ from pyinfra.operations.util import any_changed
 from facts.gpu import NvidiaGpus
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion, ServerOptions
 from facts.systemd import ExistingUsers, StaleProcess
+from facts.unverified import UnverifiedServices
 from gpubox import llamacpp as records
 from gpubox.box import AnyService
 from gpubox.gpu import gpus_from_fact
 from gpubox.inventory import InventoryError, box_from_host_data
+from gpubox.keys import chmod_mode, fact_mode
 from gpubox.llamacpp import UnsupportedServerArgumentError, check_flags_supported, unsupported_flags
 from gpubox.quoting import shell_word
 from gpubox.servers.base import Service
 from gpubox.servers.llama import LlamaServer
 from gpubox.unit import render_unit, service_gpus
+from gpubox.unverified import Mark, mark_command
 
+from . import deploy_lock
 from .host_facts import FactRead, fact_once
 from .text_files import is_current, log_diff, write_commands
 
@@ -78,11 +87,18 @@ def flags_supported(server: AnyService, prefix: str):  # type: ignore[no-untyped
         if version is not None:
             version = records.ServerVersion.model_validate(version)
         try:
-            check_flags_supported(server.command_flags(), flags, str(version or "as installed"), server.PROGRAM)
+            check_flags_supported(server.command_flags(), flags, str(version or "as installed"), server.server_name)
         except UnsupportedServerArgumentError as error:
             raise OperationError(f"{server.unit_name}: {error}") from error
-    host.noop(f"every flag of {server.unit_name} is in {binary} --help")
+    host.noop(f"every flag of {server.unit_name} is in {_flags_source(server, prefix)}")
     yield from ()
+
+
+def _flags_source(server: Service, prefix: str) -> str:
+    """Where the flags were read, for people: llama-server's --help, else the server's --help saved at its install."""
+    if isinstance(server, LlamaServer):
+        return f"{server.binary(prefix)} --help"
+    return f"{server.server_name}'s --help (saved at {server.help_file(prefix)})"
 
 
 def _flags_read(server: Service, prefix: str) -> FactRead:
@@ -114,7 +130,24 @@ def facts_read(server: Service, prefix: str) -> list[FactRead]:
         _flags_read(server, prefix),
         (FileContents, {"path": unit_path(server)}),
     ]
-    return [*reads, _stale_read(server, prefix), *unit_state_reads(server.unit_name)]
+    return [*reads, _stale_read(server, prefix), *unit_state_reads(server.unit_name), (UnverifiedServices, {})]
+
+
+def smoke_tested(server: Service) -> bool:
+    """Whether the deploy smoke-tests the service (it has smoke thresholds): only such a service is marked."""
+    return getattr(server, "smoke", None) is not None
+
+
+def unverified(server: Service) -> Mark | None:
+    """The service's mark: an earlier run put it live and never saw its smoke test pass (it was cut)."""
+    return next((mark for mark in fact_once(UnverifiedServices) if mark.unit == server.unit_name), None)
+
+
+def _mark(unit_name: str, install: Sequence[OperationMeta] = ()) -> str:
+    """The command marking the unit unverified: by this run, and whether it switched the install."""
+    holder = deploy_lock.holding()
+    switched = state.is_executing and any(meta.is_complete() and meta.did_change() for meta in install)
+    return mark_command(unit_name, by=holder.who() if holder else "", install_switched=switched)
 
 
 def _gpus_field(server: Service) -> str:
@@ -165,9 +198,6 @@ def unit(server: AnyService, prefix: str):  # type: ignore[no-untyped-def]
     yield from write_commands(path, text, exists=old_lines is not None, keep_previous=previous_unit_path(server))
 
 
-KEY_FILE_MODE = 640  # as pyinfra's File fact reads modes: rw for root, r for the service's group
-
-
 def api_key_script(key_file: str, group: str) -> str:
     """Create a random key in `key_file` unless it has one, owned root:`group`, mode 0640.
 
@@ -185,7 +215,7 @@ def api_key_script(key_file: str, group: str) -> str:
         "  key=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')",
         f'  printf \'%s\\n\' "$key" > {staged} && mv -f {staged} {path}',
         "fi",
-        f"chown root:{shell_word(group)} {path} && chmod 0640 {path}",
+        f"chown root:{shell_word(group)} {path} && chmod {chmod_mode()} {path}",
     ])  # fmt: skip
 
 
@@ -205,7 +235,7 @@ def api_key(server: LlamaServer):  # type: ignore[no-untyped-def]
     """
     assert server.api_key_file is not None
     info = host.get_fact(File, path=server.api_key_file)
-    owned = info and (info["user"], info["group"], info["mode"]) == ("root", server.user, KEY_FILE_MODE)
+    owned = info and (info["user"], info["group"], info["mode"]) == ("root", server.user, fact_mode())
     if owned and info["size"] > 0:
         host.noop(f"{server.api_key_file} holds a key, readable by root and {server.user} only")
         return
@@ -237,11 +267,15 @@ def running_current(server: AnyService, prefix: str):  # type: ignore[no-untyped
 
 
 @operation()
-def restart(server: Service):  # type: ignore[no-untyped-def]
+def restart(server: Service, install: Sequence[OperationMeta] = ()):  # type: ignore[no-untyped-def]
     """
-    Restart the service (``systemctl restart``): run only when something it depends on changed.
+    Restart the service (``systemctl restart``): run only when something it depends on changed. A
+    service with smoke thresholds is marked unverified first (``/var/lib/gpubox/unverified/<unit>``,
+    written whole): its smoke test clears the mark, and a run cut before that finds it and smoke-tests.
 
     + server: the service
+    + install: the op metas of the install it runs from: the mark says whether this run switched it
+      (a miss found by a later run switches it back too)
 
     **Example:**
 
@@ -249,16 +283,20 @@ def restart(server: Service):  # type: ignore[no-untyped-def]
 
         service.restart(name="Restart gemma4.service", server=server, _if=any_changed(unit_meta))
     """
+    if smoke_tested(server):
+        yield _mark(server.unit_name, install)
     yield f"systemctl restart {shell_word(server.unit_name)}"
 
 
 @operation()
-def running_and_enabled(unit_name: str):  # type: ignore[no-untyped-def]
+def running_and_enabled(unit_name: str, mark: bool = False):  # type: ignore[no-untyped-def]
     """
     Start a unit if it is not running and enable it at boot if it is not enabled; one
     ``systemctl show`` for both (read with the run's other facts).
 
     + unit_name: the unit (``gemma4.service``, ``prometheus.service``)
+    + mark: mark the unit unverified before starting it (a service with smoke thresholds: a start
+      puts a process live as a restart does, and is smoke-tested as one)
 
     **Example:**
 
@@ -275,30 +313,60 @@ def running_and_enabled(unit_name: str):  # type: ignore[no-untyped-def]
     if not enabled:
         yield f"systemctl enable {shell_word(unit_name)}"
     if not running:
+        if mark:
+            yield _mark(unit_name)
         yield f"systemctl start {shell_word(unit_name)}"
+
+
+@dataclass(frozen=True)
+class Restarted:
+    """What can put a new process of the service live in this run, or left one unverified before it:
+    its smoke test (and a miss's rollback) follows any of them."""
+
+    restart: OperationMeta | None = None  # the restart, when one is planned
+    start: OperationMeta | None = None  # `running_and_enabled`, when it will start a stopped service
+    unverified: Mark | None = None  # an earlier run put it live and never saw its smoke test pass
+
+    @property
+    def planned(self) -> bool:
+        """Whether this run may have a new process to verify (decided before it runs: a dry run says so)."""
+        return self.restart is not None or self.start is not None or self.unverified is not None
+
+    def happened(self) -> bool:
+        """Whether it has one, once the restart and the start ran (an ``_if`` of the smoke test)."""
+        metas = [meta for meta in (self.restart, self.start) if meta is not None]
+        return self.unverified is not None or any(meta.did_change() for meta in metas)
 
 
 @deploy("Service")
 def server(  # type: ignore[no-untyped-def]
-    server: Service, prefix: str, changed: list | None = None, ensure_user: bool = True  # type: ignore[type-arg]
+    server: Service,
+    prefix: str,
+    changed: list | None = None,  # type: ignore[type-arg]
+    ensure_user: bool = True,
+    install: Sequence[OperationMeta] = (),
 ):
     """
     The service user, the flag check, the unit, and a restart only when the unit, a model or the
-    build it uses changed; enabled at boot.
+    build it uses changed; enabled at boot, started when it is stopped.
 
     + server: the service (a llama-server, whisper-server or piper)
     + prefix: the prefix of the install it runs from (``Box.install_of(server).prefix``)
     + changed: op metas (build, models) whose change restarts the service too
     + ensure_user: create the service's system user (the surgical deploy skips it)
+    + install: the install's op metas (also in ``changed``): the unverified mark says whether this
+      run switched it
 
-    Returns the restart's op meta, so a smoke test runs only after a restart; None when nothing the
-    service depends on will change in this run (then no reload or restart is planned).
+    Returns what can put a new process live (``Restarted``): the restart, the start of a stopped
+    service, or a mark an earlier run left (it restarted the service and was cut before its smoke
+    test passed). The smoke test follows any of them; none is planned on a converged host.
 
     **Example:**
 
     .. code:: python
 
-        restart = service.server(box.service("gemma4"), "/opt/llama.cpp", changed=[*build_metas, placed])
+        restarted = service.server(box.service("gemma4"), "/opt/llama.cpp", changed=[*build_metas, placed])
+        smoke.smoke_test(box.service("gemma4"), restarted)
     """
     # pyinfra's user operation reads three facts (users, groups, OS); a user that exists needs none of it.
     if ensure_user and server.user not in fact_once(ExistingUsers, names=(server.user,)):
@@ -328,6 +396,19 @@ def server(  # type: ignore[no-untyped-def]
     restart_meta = None
     if any(meta.will_change for meta in restart_on):
         systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(*restart_on))
-        restart_meta = restart(name=f"Restart {server.unit_name}", server=server, _if=any_changed(*restart_on))
-    running_and_enabled(name=f"{server.unit_name} running and enabled at boot", unit_name=server.unit_name)
-    return restart_meta
+        restart_meta = restart(
+            name=f"Restart {server.unit_name}", server=server, install=install, _if=any_changed(*restart_on)
+        )
+    smoked = smoke_tested(server)
+    status_read = unit_state_reads(server.unit_name)[0]
+    running = (fact_once(status_read[0], **status_read[1]) or {}).get(server.unit_name)
+    start_meta = running_and_enabled(
+        name=f"{server.unit_name} running and enabled at boot", unit_name=server.unit_name, mark=smoked
+    )
+    mark = unverified(server) if smoked else None
+    if mark is not None:
+        host.log(
+            f"{mark.describe()} and its smoke test never passed (that run was cut): it is smoke-tested now, "
+            f"and rolled back on a miss"
+        )
+    return Restarted(restart=restart_meta, start=None if running else start_meta, unverified=mark)

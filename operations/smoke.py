@@ -9,7 +9,7 @@ service speaks a sentence; a box with both speaks and hears it back (the round t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +37,11 @@ from gpubox.smoke import (
     wait_until_healthy,
 )
 from gpubox.spec import PiperInstall, SourceBuild
+from gpubox.unverified import clear_command
 
 from .host_commands import connector_arguments, run, run_status
 from .host_facts import fact_once
-from .service import previous_unit_path, unit_path
+from .service import Restarted, previous_unit_path, unit_path
 
 
 @dataclass
@@ -146,7 +147,21 @@ def synthesize(server: PiperServer, text: str, out_path: str, arguments: Mapping
         wav = speech.parse_wav_probe(run_status(speech.wav_probe_command(out_path), arguments)[0])
     except speech.WavError as error:
         wav_error = str(error)
-    return speech.SpeechCheck.judge(text, wav, seconds, status, content_type, wav_error)
+    gpu_failures = _piper_gpu_failures(server, arguments)
+    return speech.SpeechCheck.judge(text, wav, seconds, status, content_type, wav_error, gpu_failures)
+
+
+def _piper_gpu_failures(server: PiperServer, arguments: Mapping[str, Any]) -> list[str] | None:
+    """A piper service with ``cuda``: whether it holds memory on its GPU (onnxruntime falls back to the CPU
+    silently); None when it runs on the CPU or the host lists no GPU."""
+    if not server.cuda or not server.gpus:
+        return None
+    gpus = {gpu.index: gpu.uuid for gpu in fact_once(NvidiaGpus)}
+    if not gpus:
+        return None
+    processes = _gpu_processes(server, arguments)
+    expected = {gpus[index] for index in server.gpus if index in gpus}
+    return speech.piper_gpu_failures(processes.pid, expected, processes.compute_apps)
 
 
 def smoke_wav(server: Service) -> str:
@@ -238,6 +253,7 @@ def _install_rollback(install: SourceBuild | PiperInstall) -> tuple[str, str]:
 
 def rollback_script(server: Service, build: SourceBuild | PiperInstall | None) -> str:
     """Restore `{unit}.prev` (and `current` -> `previous`), reload, restart on it; stop when there is no `.prev`.
+    Then clear the service's unverified mark: what runs now is what ran before (or nothing).
 
     Prints what it did, one word a line (`unit-restored`, `no-previous-unit`, `build-restored`), for the message.
     """
@@ -251,6 +267,7 @@ def rollback_script(server: Service, build: SourceBuild | PiperInstall | None) -
     lines += [
         "systemctl daemon-reload",
         f"if [ -f {previous} ]; then systemctl restart {name}; else systemctl stop {name}; fi",
+        clear_command(server.unit_name),
     ]
     return "\n".join(lines)
 
@@ -281,13 +298,17 @@ def _smoke_or_roll_back(
     rollbacks: list[tuple[Service, Rollback, Callable[[], bool]]],
     arguments: Mapping[str, Any],
     missed: str,
+    verified: Sequence[Service] = (),
 ) -> None:
-    """Measure; on a miss roll back every service whose restart this run made (``rollbacks``: the
-    service, its install's rollback, whether it restarted), and fail the deploy with ``missed`` (what
-    failed), the failures and what is on the host now."""
+    """Measure; on a pass clear the unverified marks of ``verified``; on a miss roll back every
+    service whose restart this run made or found unverified (``rollbacks``: the service, its install's
+    rollback, whether it restarted), and fail the deploy with ``missed`` (what failed), the failures
+    and what is on the host now."""
     outcome = SmokeOutcome()
     _smoke(measure, outcome)
     if not outcome.failed:
+        if verified:
+            run(" && ".join(clear_command(server.unit_name) for server in verified), arguments)
         return
     failures = list(outcome.errors) + outcome.failures + (outcome.result.failures if outcome.result is not None else [])
     done = [_roll_back(server, rollback, arguments) for server, rollback, restarted in rollbacks if restarted()]
@@ -295,18 +316,22 @@ def _smoke_or_roll_back(
 
 
 @operation(is_idempotent=False)
-def check(server: AnyService, rollback: Rollback | None = None, audio: str | None = None):  # type: ignore[no-untyped-def]
+def check(  # type: ignore[no-untyped-def]
+    server: AnyService, rollback: Rollback | None = None, audio: str | None = None, clear_mark: bool = True
+):
     """
     Smoke test the restarted service against its thresholds: a llama-server's tok/s (and acceptance
     with a drafter), a whisper-server's transcript of a WAV (word error rate, real-time factor), a
-    piper service's WAV of a sentence (plausible length). On a miss, restore ``{unit}.prev`` (and the
-    previous install when this run switched it), restart on it, or stop the service when it has no
-    previous unit, and fail the deploy saying which.
+    piper service's WAV of a sentence (plausible length). A pass clears the service's unverified
+    mark. On a miss, restore ``{unit}.prev`` (and the previous install when this run, or the cut run
+    that marked the service, switched it), restart on it, or stop the service when it has no previous
+    unit, clear the mark, and fail the deploy saying which.
 
     + server: the service, with its ``smoke`` thresholds
     + rollback: the install to switch back, and whether this run switched it (evaluated on a miss)
     + audio: the WAV on the host a whisper-server transcribes (its smoke's ``audio``, else the sample
       of its whisper.cpp source tree)
+    + clear_mark: clear the mark on a pass (not when the speech round trip verifies the service too)
 
     **Example:**
 
@@ -325,9 +350,9 @@ def check(server: AnyService, rollback: Rollback | None = None, audio: str | Non
         assert isinstance(server, PiperServer)
         measure = lambda outcome: _measure_piper(server, outcome, arguments)  # noqa: E731
     rollbacks = [(server, rollback or Rollback(), lambda: True)]
-    yield FunctionCommand(
-        _smoke_or_roll_back, (measure, rollbacks, arguments, f"{server.unit_name} failed its smoke test"), {}
-    )
+    missed = f"{server.unit_name} failed its smoke test"
+    verified = [server] if clear_mark else []
+    yield FunctionCommand(_smoke_or_roll_back, (measure, rollbacks, arguments, missed, verified), {})
 
 
 @operation(is_idempotent=False)
@@ -338,8 +363,8 @@ def round_trip(  # type: ignore[no-untyped-def]
 ):
     """
     piper speaks its smoke sentence into a WAV, whisper transcribes it, the words must match (the
-    whisper smoke's word error rate). On a miss, each of the two that this run restarted is rolled
-    back as its own smoke test would.
+    whisper smoke's word error rate). A pass clears both services' unverified marks. On a miss, each
+    of the two that this run restarted (or found unverified) is rolled back as its own smoke test would.
 
     + piper: the piper service (its ``smoke.text`` is said)
     + whisper: the whisper-server service (its ``smoke`` thresholds judge the transcript)
@@ -354,18 +379,34 @@ def round_trip(  # type: ignore[no-untyped-def]
     arguments = connector_arguments()
     measure = lambda outcome: _measure_round_trip(piper, whisper, outcome, arguments)  # noqa: E731
     missed = f"the round trip {piper.unit_name} -> {whisper.unit_name} failed"
-    yield FunctionCommand(_smoke_or_roll_back, (measure, rollbacks, arguments, missed), {})
+    yield FunctionCommand(_smoke_or_roll_back, (measure, rollbacks, arguments, missed, [piper, whisper]), {})
+
+
+def round_trip_pair(box: Box) -> tuple[PiperServer, WhisperServer] | None:
+    """The services the speech round trip checks: the box's first piper and first whisper-server, when
+    both have smoke thresholds."""
+    speakers, listeners = box.services_of(PiperServer), box.services_of(WhisperServer)
+    if not (speakers and listeners and speakers[0].smoke and listeners[0].smoke):
+        return None
+    return speakers[0], listeners[0]
+
+
+def _install_switched(restarted: Restarted | None, metas: Sequence[OperationMeta]) -> Callable[[], bool]:
+    """Whether the install was switched by this run (its op metas), or by the cut run that left the mark."""
+    by_mark = restarted is not None and restarted.unverified is not None and restarted.unverified.install_switched
+    return lambda: by_mark or (bool(metas) and any_changed(*metas)())
 
 
 def round_trip_test(
-    box: Box, restarts: Mapping[str, OperationMeta | None], install_metas: Mapping[str, list[OperationMeta]]
+    box: Box, restarts: Mapping[str, Restarted | None], install_metas: Mapping[str, list[OperationMeta]]
 ) -> None:
     """
     The round trip of the box's first piper and first whisper-server (both with smoke thresholds),
-    after a restart of either only; a miss rolls back whichever of the two this run restarted.
+    after a restart or start of either, or when either is unverified; a miss rolls back whichever of
+    the two this run restarted (or found unverified), a pass clears both marks.
 
     + box: the host's Box
-    + restarts: each service's restart op meta by name (None: nothing could change it)
+    + restarts: what can put a new process of each service live, by name (``service.server``'s answer)
     + install_metas: each install's op metas by its prefix
 
     **Example:**
@@ -374,25 +415,25 @@ def round_trip_test(
 
         smoke.round_trip_test(box, restarts, install_metas)
     """
-    speakers, listeners = box.services_of(PiperServer), box.services_of(WhisperServer)
-    if not (speakers and listeners and speakers[0].smoke and listeners[0].smoke):
+    pair = round_trip_pair(box)
+    if pair is None:
         return
-    pair: tuple[PiperServer, WhisperServer] = (speakers[0], listeners[0])
-    metas = [meta for meta in (restarts[server.name] for server in pair) if meta is not None]
-    if not metas:
+    planned = [restarted for restarted in (restarts[server.name] for server in pair) if restarted is not None]
+    if not any(restarted.planned for restarted in planned):
         return
     rollbacks = []
     for server in pair:
         install = box.install_of(server)
-        restart = restarts[server.name]
-        restarted = any_changed(restart) if restart is not None else (lambda: False)
-        rollbacks.append((server, Rollback(install, any_changed(*install_metas[install.prefix])), restarted))
+        restarted = restarts[server.name]
+        happened = restarted.happened if restarted is not None else (lambda: False)
+        switched = _install_switched(restarted, install_metas[install.prefix])
+        rollbacks.append((server, Rollback(install, switched), happened))
     round_trip(
         name=f"Round trip {pair[0].unit_name} -> {pair[1].unit_name}",
         piper=pair[0],
         whisper=pair[1],
         rollbacks=rollbacks,
-        _if=any_changed(*metas),
+        _if=lambda: any(restarted.happened() for restarted in planned),
     )
 
 
@@ -407,32 +448,40 @@ def whisper_audio(server: WhisperServer, build: SourceBuild | None) -> str | Non
 
 def smoke_test(
     server: Service,
-    restart: OperationMeta | None,
+    restart: Restarted | None,
     build: SourceBuild | PiperInstall | None = None,
     build_metas: list[OperationMeta] | None = None,
+    box: Box | None = None,
 ) -> None:
     """
-    The smoke test, after a restart only: nothing when ``restart`` is None (nothing could change) or
-    the service has no ``smoke`` thresholds.
+    The smoke test, after a restart or a start, or of a service an earlier run left unverified (it
+    was cut before its smoke test passed): nothing when none of them is planned (``restart`` None or
+    not ``planned``) or the service has no ``smoke`` thresholds.
 
     + server: the service
-    + restart: the restart's op meta (from ``service.server``), or None
+    + restart: what can put a new process of it live (``service.server``'s answer), or None
     + build: the install the service runs from, switched back on a miss when ``build_metas`` changed
+      (or the unverified mark says the cut run switched it)
     + build_metas: the install's op metas
+    + box: the host's Box: a service its speech round trip checks keeps its mark for the round trip
 
     **Example:**
 
     .. code:: python
 
-        smoke.smoke_test(server, restart, box.llama_cpp, build_metas)
+        smoke.smoke_test(server, restarted, box.llama_cpp, build_metas, box=box)
     """
-    if restart is None or getattr(server, "smoke", None) is None:
+    if restart is None or not restart.planned or getattr(server, "smoke", None) is None:
         return
-    rollback = Rollback(build, any_changed(*build_metas)) if build is not None and build_metas else None
+    rollback = Rollback(build, _install_switched(restart, build_metas or [])) if build is not None else None
     audio = (
         whisper_audio(server, build if isinstance(build, SourceBuild) else None)
         if isinstance(server, WhisperServer)
         else None
     )
+    pair = round_trip_pair(box) if box is not None else None
+    in_round_trip = pair is not None and any(server.unit_name == paired.unit_name for paired in pair)
     name = f"Smoke test {server.unit_name}"
-    check(name=name, server=server, rollback=rollback, audio=audio, _if=any_changed(restart))
+    check(
+        name=name, server=server, rollback=rollback, audio=audio, clear_mark=not in_round_trip, _if=restart.happened
+    )

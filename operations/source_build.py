@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, OperationError, deploy, operation
+from pyinfra.api import OperationError, deploy, operation
 from pyinfra.facts.server import Which
 
 from facts.build import InstalledBuild
@@ -19,6 +19,7 @@ from gpubox.quoting import shell_word
 from gpubox.spec import AnySourceBuild, SourceBuild
 
 from .distro import distro_name, package_manager
+from .failures import python_step
 from .host_commands import connector_arguments, run
 from .host_facts import FactRead, fact_once
 
@@ -144,7 +145,7 @@ def install(build: AnySourceBuild):  # type: ignore[no-untyped-def]
         f"the full log in {shell_word(plan.log_path(build, flavor))}"
     )
     script = plan.build_script(build, flavor, architectures, nvcc, ccache)
-    yield FunctionCommand(_build_showing_progress, (script, connector_arguments()), {})
+    yield python_step(_build_showing_progress, script, connector_arguments())  # a failed build: its message only
 
 
 def _build_showing_progress(script: str, arguments: dict[str, Any]) -> None:

@@ -1,37 +1,55 @@
-"""Write the config inventory/testbed.py reads, for the test host `python -m tests.testbed up` started."""
+"""Write or change the config inventory/testbed.py reads, for the test host `python -m tests.testbed up` booted.
+
+    scripts/testbed_config.py --fresh            a new config (new free ports) for the host `up` booted
+    scripts/testbed_config.py KEY=VALUE ...      change the existing config: ports and earlier changes kept
+                                                 (VALUE as JSON, e.g. spec_draft_n_max=2)
+
+The file is $GPUBOX_TESTBED_CONFIG, else .cache/testbed.json; a wrong key or value is refused by name.
+"""
 
 from __future__ import annotations
 
-import json
-import runpy
+import argparse
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.testbed
 
-from tests.testbed import free_port, inventory_config  # noqa: E402
-from tests.testbed.__main__ import state_file  # noqa: E402
-from tests.testbed.speech import speech_config  # noqa: E402
+from tests.testbed.config import TestbedConfig, config_path, parse_assignments  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    """Print the config; each `KEY=VALUE` argument (VALUE as JSON, e.g. spec_draft_n_max=2) overrides a key."""
-    state = json.loads(state_file().read_text())
-    ((host_name, host_data),) = runpy.run_path(state["inventory"])["testbed"]
-    config = inventory_config(host_name, host_data)
-    if state.get("speech"):  # `up --bind-whisper`: the box speaks and listens too
-        config |= speech_config()
-    # The box watches itself (deploys/observability.py): its listeners on free ports of this machine,
-    # whose network the test host shares.
-    config |= {
-        "node_exporter_port": free_port(),
-        "agent_port": free_port(),
-        "monitoring": {"monitor": host_name, "port": free_port(), "scrape_interval_s": 5, "evaluation_interval_s": 5},
-    }
-    for assignment in argv:
-        key, _, value = assignment.partition("=")
-        config[key] = json.loads(value)
-    json.dump(config, sys.stdout, indent=2)
+    parser = argparse.ArgumentParser(
+        prog="scripts/testbed_config.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--fresh", action="store_true", help="a new config for the host `up` booted")
+    parser.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    path = config_path()
+    try:
+        overrides = parse_assignments(args.assignments)
+        if args.fresh:
+            from tests.testbed.demo import fresh_config  # the assets: only for a new config
+
+            before = None
+            config = fresh_config().changed(**overrides)
+        elif not path.exists():
+            print(f"no test-host config at {path}: write one with `{parser.prog} --fresh`", file=sys.stderr)
+            return 2
+        else:
+            before = TestbedConfig.read(path)
+            config = before.changed(**overrides)
+    except (ValueError, ValidationError) as error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return 2
+    config.write(path)
+    if before is None:
+        print(f"wrote {path} for {config.host_name}")
+    for key in overrides:
+        old = "(unset)" if before is None else getattr(before, key)
+        print(f"{key}: {old} -> {getattr(config, key)}")
     return 0
 
 

@@ -29,7 +29,10 @@ def test_bad_box_is_refused_before_connecting(tmp_path: Path) -> None:
         result = pyinfra(inventory, deploy, "--dry")
         output = result.stdout + result.stderr
         assert result.returncode != 0
-        assert "parallel trap" in output and "\nparallel\n" in output
+        assert "parallel trap" in output and "\n    parallel: spec_type 'draft-mtp' with parallel=4" in output
+        line = HOME.splitlines().index("gemma4 = LlamaServer(") + 1
+        assert f"{inventory} line {line}: LlamaServer is refused" in output  # the inventory's line, in one message
+        assert "Traceback" not in output
         assert "Connecting to hosts" not in output
 
 

@@ -3,6 +3,7 @@ the `--help` check and the bench's variants, with nothing else edited."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -72,3 +73,38 @@ def test_a_server_without_authentication_may_listen_on_loopback_only() -> None:
         NoAuthServer(name="s", model=MODEL, host="0.0.0.0", api_key_file="/k", allow_from=("10.0.0.0/8",))
     fields = {problem.field: problem.message for problem in problems_from(error.value)}
     assert "host" in fields and "has no authentication" in fields["host"]
+
+
+HELP_DESCRIPTION_COLUMN = 40  # llama-server's --help: the spellings, then the description from column 40
+
+
+def _help_defaults(help_text: str) -> dict[str, str]:
+    """Each long flag of the pinned `--help` and the `(default: X)` its description gives."""
+    defaults: dict[str, str] = {}
+    flag: str | None = None
+    for line in help_text.splitlines():
+        if line.startswith("-"):
+            spellings = re.findall(r"(?<![\w-])(--[a-z0-9-]+)", line[:HELP_DESCRIPTION_COLUMN])
+            flag = spellings[0] if spellings else None
+        match = re.search(r"\(default: '?([^,)']+)'?", line)
+        if flag and match and flag not in defaults:
+            defaults[flag] = match[1].strip()
+    return defaults
+
+
+def test_the_flag_table_s_defaults_are_the_pinned_help_s() -> None:
+    """A recorded default that the pinned llama-server's --help contradicts fails here."""
+    defaults = _help_defaults(HELP_TEXT.read_text())
+    recorded = {flag.flag: flag.default for flag in LLAMA_SERVER_FLAGS if flag.default is not None}
+    assert recorded, "the table records no default"
+    assert {flag: str(value) for flag, value in recorded.items()} == {flag: defaults[flag] for flag in recorded}
+    assert recorded["--spec-draft-n-max"] == 3
+
+
+def test_every_reader_takes_the_draft_n_max_default_from_the_table() -> None:
+    """The planner and the bench once disagreed (0 and 3) on an unset --spec-draft-n-max."""
+    from gpubox.bench import quick_sweep
+
+    server = LlamaServer(name="s", model=MODEL, spec_type="ngram-simple", port=8080)
+    assert server.spec_draft_n_max is None and server.setting("spec_draft_n_max") == 3
+    assert [config.draft_n_max for config in quick_sweep(server) if config.draft] == [3]

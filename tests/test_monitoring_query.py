@@ -10,8 +10,10 @@ PromQL.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ from gpubox.monitoring.query import (
     PrometheusError,
     fleet_rows,
     report_png,
+    tokens_per_second_query,
     top_table,
 )
 
@@ -91,9 +94,11 @@ hosts = [
 '''
 
 # What the synthetic history says, per (host, service) and (host, gpu).
-TOKENS_PER_S = {("a", "chat"): 40.0, ("b", "coder"): 80.0}  # against 1 s/s of decode time each
-DRAFT_ACCEPTED_PER_S = {("a", "chat"): (10.0, 6.0), ("b", "coder"): (0.0, 0.0)}  # coder exposes zeros
-LLAMA_UP = {("a", "chat"): 1, ("b", "coder"): 1, ("b", "ngram"): 0}  # ngram is down: no counters
+TOKENS_PER_S = {("a", "chat"): 40.0, ("b", "coder"): 80.0, ("b", "ngram"): 30.0}  # against 1 s/s of decode time
+DRAFT_ACCEPTED_PER_S = {("a", "chat"): (10.0, 6.0), ("b", "coder"): (0.0, 0.0), ("b", "ngram"): (8.0, 4.0)}
+# coder exposes zero draft counters; ngram served until DOWN_AGO_S ago, then its scrapes failed (up 0, no
+# counters), so its counters' samples are still in the rate window's tail
+DOWN_AGO_S = {("b", "ngram"): 120}
 UNIT_ACTIVE = {("a", "chat"): 1, ("a", "whisper"): 1, ("b", "coder"): 1, ("b", "ngram"): 1, ("b", "piper"): 0}
 VRAM_GIB = {("a", 0): (10.0, 12.0), ("a", 1): (2.0, 3.0), ("b", 0): (20.0, 22.0), ("b", 1): (23.0, 22.0)}
 
@@ -124,29 +129,30 @@ def openmetrics(fleet: Fleet, now: int) -> str:
     times = list(range(now - HISTORY_S, now - LAST_SAMPLE_AGO_S + 1, STEP_S))
     families: dict[tuple[str, str], list[str]] = {}
 
-    def add(family: str, kind: str, name: str, labels: dict[str, str], value_at: object) -> None:
+    def add(family: str, kind: str, name: str, labels: dict[str, str], value_at: object, until: int) -> None:
         lines = families.setdefault((family, kind), [])
-        lines += [f"{name}{_labels(labels)} {value_at(t)} {t}" for t in times]  # type: ignore[operator]
+        lines += [f"{name}{_labels(labels)} {value_at(t)} {t}" for t in times if t <= until]  # type: ignore[operator]
 
-    def counter(name: str, labels: dict[str, str], per_s: float) -> None:
-        add(name.removesuffix("_total"), "counter", name, labels, lambda t: per_s * (t - times[0]))
+    def counter(name: str, labels: dict[str, str], per_s: float, until: int) -> None:
+        add(name.removesuffix("_total"), "counter", name, labels, lambda t: per_s * (t - times[0]), until)
 
-    def gauge(name: str, labels: dict[str, str], value: float) -> None:
-        add(name, "gauge", name, labels, lambda t: value)
+    def gauge(name: str, labels: dict[str, str], value: object) -> None:
+        add(name, "gauge", name, labels, value if callable(value) else lambda t: value, now)
 
     for host in fleet.hosts:
         for target in scrape_targets(host):
             labels = {**target.labels, "job": target.job}
             key = (host.name, target.labels.get("service", ""))
             if target.labels["kind"] == "llama-server":
-                gauge("up", labels, LLAMA_UP[key])
+                down_at = now - DOWN_AGO_S.get(key, -1)
+                gauge("up", labels, lambda t, down_at=down_at: int(t < down_at))
                 if key in TOKENS_PER_S:
-                    counter(metrics.LLAMA_TOKENS_PREDICTED, labels, TOKENS_PER_S[key])
-                    counter(metrics.LLAMA_TOKENS_PREDICTED_SECONDS, labels, 1.0)
+                    counter(metrics.LLAMA_TOKENS_PREDICTED, labels, TOKENS_PER_S[key], down_at)
+                    counter(metrics.LLAMA_TOKENS_PREDICTED_SECONDS, labels, 1.0, down_at)
                 if key in DRAFT_ACCEPTED_PER_S:
                     drafted, accepted = DRAFT_ACCEPTED_PER_S[key]
-                    counter(metrics.LLAMA_DRAFT_TOKENS, labels, drafted)
-                    counter(metrics.LLAMA_ACCEPTED_TOKENS, labels, accepted)
+                    counter(metrics.LLAMA_DRAFT_TOKENS, labels, drafted, down_at)
+                    counter(metrics.LLAMA_ACCEPTED_TOKENS, labels, accepted, down_at)
                 continue
             gauge("up", labels, 1)
             for service in host.box.services:
@@ -257,7 +263,7 @@ def test_speed_is_the_counters_ratio_and_acceptance_accepted_over_drafted(
     assert chat.drafting and chat.acceptance == pytest.approx(0.6, abs=0.01)
     # coder does not draft (its draft counters are 0, 0/0 is NaN): no acceptance, not 0
     assert not coder.drafting and coder.acceptance is None
-    # ngram drafts but is down (no counters); whisper and piper have no speed at all
+    # ngram drafts but is down (its last counters are in the window's tail); whisper and piper have no speed
     for key in (("b", "ngram"), ("a", "whisper"), ("b", "piper")):
         assert rows[key].tokens_per_second is None and rows[key].acceptance is None, key
 
@@ -303,6 +309,44 @@ def test_top_table_renders_the_rows(rows: dict[tuple[str, str], FleetRow]) -> No
     assert text.count("DOWN") == 2  # ngram's scrape and piper's unit
 
 
+def _cells(text: str, service: str) -> list[str]:
+    """The cells of ``service``'s row in a rendered table."""
+    line = next(line for line in text.splitlines() if f" {service} " in line)
+    return [cell.strip() for cell in re.split("[│┃]", line)[1:-1]]
+
+
+def test_a_down_service_shows_no_speed_from_its_rate_window_tail(
+    prometheus: tuple[str, Path, Fleet], rows: dict[tuple[str, str], FleetRow]
+) -> None:
+    url, _, fleet = prometheus
+    # Prometheus still rates ngram's last counters (they are in the rate window): that tail is not a speed
+    window = f"{fleet.monitoring.rate_window_s}s"
+    tail = {(one.labels["host"], one.labels["service"]): one.value for one in PrometheusClient(url).query(
+        tokens_per_second_query(window))}  # fmt: skip
+    assert tail["b", "ngram"] == pytest.approx(TOKENS_PER_S["b", "ngram"], abs=1.0)
+    ngram = rows["b", "ngram"]
+    assert ngram.up is False and ngram.drafting
+    assert ngram.tokens_per_second is None and ngram.acceptance is None
+    console = Console(record=True, width=200)
+    console.print(top_table(list(rows.values())))
+    text = console.export_text()
+    cells = dict(zip(_cells(text, "service"), _cells(text, "ngram"), strict=True))
+    assert (cells["up"], cells["tok/s"], cells["accept"]) == ("DOWN", "-", "-")
+
+
+def test_cli_top_without_a_terminal_prints_one_table_and_exits(prometheus: tuple[str, Path, Fleet]) -> None:
+    url, inventory, _ = prometheus
+    # stdout is a pipe: a live display would print nothing and never end
+    done = subprocess.run(
+        [sys.executable, "-m", "gpubox.cli", "top", str(inventory), "--url", url, "--interval", "0.2"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("gpubox fleet") == 1
+    for expected in ("chat", "whisper", "coder", "ngram", "piper", "40.0", "80.0", "60%"):
+        assert expected in done.stdout, expected
+
+
 def test_cli_top_once_reads_the_monitor_named_by_the_inventory(
     prometheus: tuple[str, Path, Fleet], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -318,9 +362,9 @@ def test_cli_top_once_reads_the_monitor_named_by_the_inventory(
 def test_report_png_plots_each_series(prometheus: tuple[str, Path, Fleet], tmp_path: Path) -> None:
     url, _, fleet = prometheus
     drawn = report_png(fleet, PrometheusClient(url), 3600, tmp_path / "report.png")
-    assert drawn.tokens_per_second == ["chat@a", "coder@b"]
-    assert drawn.acceptance == ["chat@a"]  # the drafting services with data (ngram is down)
-    assert drawn.counts == {"tokens_per_second": 2, "acceptance": 1, "vram_used": 4, "vram_planned": 4}
+    assert drawn.tokens_per_second == ["chat@a", "coder@b", "ngram@b"]  # ngram's history, before it went down
+    assert drawn.acceptance == ["chat@a", "ngram@b"]  # the drafting services with data
+    assert drawn.counts == {"tokens_per_second": 3, "acceptance": 2, "vram_used": 4, "vram_planned": 4}
     assert drawn.vram_used == ["a GPU 0 used", "a GPU 1 used", "b GPU 0 used", "b GPU 1 used"]
     assert (tmp_path / "report.png").read_bytes().startswith(PNG_SIGNATURE)
 
@@ -333,7 +377,7 @@ def test_cli_report_writes_a_png(
     assert main(["report", str(inventory), "--since", "1h", "--png", str(png), "--url", url]) == 0
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
     out = capsys.readouterr().out
-    assert "2 tok/s series, 1 acceptance series, 4 GPU(s) used / 4 planned" in out
+    assert "3 tok/s series, 2 acceptance series, 4 GPU(s) used / 4 planned" in out
 
 
 def test_prometheus_errors_name_the_url_and_prometheus_s_message(prometheus: tuple[str, Path, Fleet]) -> None:

@@ -18,7 +18,6 @@ from prometheus_client.samples import Sample
 
 from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile
 from gpubox.monitoring import metrics
-from gpubox.monitoring.spec import HostMonitoring
 from gpubox.monitoring.textfile import (
     GPU_METRICS_QUERY_FIELDS,
     SCRIPT_PATH,
@@ -31,6 +30,7 @@ from gpubox.monitoring.textfile import (
     timer_path,
     timer_unit,
 )
+from gpubox.spec import HostMonitoring
 
 NVIDIA_SMI = Path(__file__).parent / "fixtures" / "nvidia-smi"
 IDLE = (NVIDIA_SMI / "gpu-metrics-idle-noheader-nounits.csv").read_text()

@@ -388,6 +388,29 @@ def test_speech_table_rows_and_markup_in_heard_text() -> None:
     assert "speech smoke test: passed" in console.export_text()
 
 
+def _answer_cell(spoken: SpeechCheck) -> str:
+    console = Console(record=True, width=300)
+    console.print(speech_table([], [spoken]))
+    line = next(line for line in console.export_text().splitlines() if "speech 1: answer" in line)
+    return line.split("│")[2].strip()
+
+
+def test_speech_table_answer_shows_the_wav_header_it_judged_not_only_the_content_type() -> None:
+    # piper's Flask sends its WAV as text/html: the row passes on the RIFF/WAVE header, and says so
+    piper = SpeechCheck.judge("Hello there.", WavInfo(22050, 1, 2, 44100), 0.42, 200, "text/html; charset=utf-8")
+    assert _answer_cell(piper) == (
+        "HTTP 200, body RIFF/WAVE PCM, 16-bit mono, 22050 Hz (sent as text/html; charset=utf-8: not judged), in 0.42 s"
+    )
+    stereo = SpeechCheck.judge("Hello there.", WavInfo(16000, 2, 3, 96000 * 2), 0.1, 200, "audio/wav")
+    assert "RIFF/WAVE PCM, 24-bit stereo, 16000 Hz" in _answer_cell(stereo)
+    not_wav = SpeechCheck.judge(
+        "Hi.", None, 0.1, 200, "text/html", wav_error="not a RIFF/WAVE file: it starts with b'{'"
+    )
+    assert _answer_cell(not_wav) == (
+        "HTTP 200, body no PCM WAV: \"not a RIFF/WAVE file: it starts with b'{'\" (sent as text/html), in 0.10 s"
+    )
+
+
 # -- the commands against a local HTTP server ----------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpubox import LlamaServer, ModelFile
+from gpubox import LlamaServer, ModelFile, PiperServer, WhisperServer
 from gpubox.gpu import Gpu
 from gpubox.inventory import inventory_boxes
 from gpubox.servers.base import binary_path
@@ -88,7 +88,7 @@ def test_hardening_keeps_gpus_usable() -> None:
     text = render_unit(home_service(), BINARY, HOME_GPUS)
     assert "PrivateDevices" not in text  # would hide /dev/nvidia*
     assert "DeviceAllow=/dev/nvidia0 rw" in text.splitlines()
-    for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "Restart=on-failure"):
+    for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "Restart=always"):
         assert line in text.splitlines()
     assert "ProtectHome=read-only" in text  # the seed keeps its models under /home/dan
     assert "ReadOnlyPaths=/etc/gpubox/keys /home/dan/models" in text.splitlines()  # its models and its key
@@ -138,3 +138,30 @@ def test_special_characters_reach_the_unit_intact() -> None:
     assert read_only == (
         'ReadOnlyPaths="/etc/gpubox keys" "/srv/my models/$x `y` \\"q\\" 100%%"'
     )
+
+
+RESTARTING = {
+    "llama-server": lambda: LlamaServer(name="llm", model=MODEL),
+    "whisper-server": lambda: WhisperServer(
+        name="stt", model=ModelFile(path="/srv/m/ggml-tiny.en.bin", sha256="b" * 64, format="ggml-whisper")
+    ),
+    "piper": lambda: PiperServer(
+        name="tts",
+        voice=ModelFile(path="/srv/v/joe.onnx", sha256="c" * 64, format="onnx"),
+        voice_config=ModelFile(path="/srv/v/joe.onnx.json", sha256="d" * 64, format="json"),
+    ),
+}
+
+
+@pytest.mark.parametrize("server_type", sorted(RESTARTING))
+def test_every_server_restarts_whatever_its_exit_status_and_says_why(server_type: str) -> None:
+    """One policy: `on-failure` takes a SIGTERM for a clean exit, so a `kill -TERM` left llama-server down (e2e:
+    tests/e2e/test_keys_and_restarts.py kills each server and times its return)."""
+    service = RESTARTING[server_type]()
+    assert service.type == server_type
+    lines = render_unit(service, BINARY).splitlines()
+    service_section = lines[lines.index("[Service]") : lines.index("[Install]")]
+    assert [line for line in service_section if line.startswith("Restart")] == ["Restart=always", "RestartSec=3"]
+    assert "StartLimitIntervalSec=0" in lines[lines.index("[Unit]") : lines.index("[Service]")]
+    why = lines[lines.index("Restart=always") - 3 : lines.index("Restart=always")]
+    assert all(line.startswith("# ") for line in why) and "kill -TERM" in " ".join(why)

@@ -585,3 +585,10 @@ def test_plan_refuses_a_slot_above_the_trained_context_by_field(
     assert problem["field"] == "services.0.ctx_size"
     assert "trained context 8192" in problem["message"] and "Set ctx_size=8192" in problem["message"]
     assert main(["plan", _smol_inventory(tmp_path, 8192)]) == 0
+
+
+def test_an_unset_draft_n_max_is_planned_at_llama_server_s_default(target: GgufFile, drafter: GgufFile) -> None:
+    """Unset, llama-server drafts 3 tokens (its --help's default): the planner once priced 0."""
+    unset = plan_service(_server(), target, drafter).compute
+    assert unset == plan_service(_server(spec_draft_n_max=3), target, drafter).compute
+    assert unset != plan_service(_server(spec_draft_n_max=1), target, drafter).compute

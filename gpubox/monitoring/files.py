@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from gpubox.keys import chmod_mode
 from gpubox.monitoring import dashboards, prometheus, rules, textfile
 from gpubox.monitoring.fleet import Fleet, FleetHost, planned_gpu_bytes
 
 PROMETHEUS_GROUP = "prometheus"
-"""The group the distro's daemons run as (Debian's and Arch's packages): their configs are root:prometheus 0640."""
+"""The group the distro's daemons run as (Debian's and Arch's packages): their configs are root:prometheus
+0640, like the key copies they name (gpubox.keys)."""
 Manager = Literal["apt", "pacman"]
 
 
@@ -47,7 +49,7 @@ class HostFile:
 
 
 def _config(name: str, path: str, text: str, check: list[str], reloads: str) -> HostFile:
-    return HostFile(name=name, path=path, text=text, mode="0640", group=PROMETHEUS_GROUP, check=tuple(check),
+    return HostFile(name=name, path=path, text=text, mode=chmod_mode(), group=PROMETHEUS_GROUP, check=tuple(check),
                     reloads=reloads)  # fmt: skip
 
 
@@ -63,6 +65,19 @@ def grafana_files(fleet: Fleet) -> list[HostFile]:
         )
         for relative, text in files.items()
     ]
+
+
+def prometheus_config_file(fleet: Fleet, fleet_host: FleetHost) -> HostFile:
+    """The host's Prometheus config (server on the monitor, agent elsewhere): its scrape jobs, each keyed
+    service's with the copy of its key. The box deploy keeps it in step when a service's key changes."""
+    kind = "server" if fleet.is_monitor(fleet_host.name) else "agent"
+    return _config(
+        f"Prometheus {kind} config",
+        prometheus.PROMETHEUS_CONFIG,
+        prometheus.to_yaml(prometheus.prometheus_config(fleet, fleet_host)),
+        prometheus.validate_command("{}", fleet, fleet_host, "config"),
+        prometheus.PROMETHEUS.role,
+    )
 
 
 def host_files(
@@ -96,14 +111,7 @@ def host_files(
     if fleet.is_monitor(fleet_host.name):
         files.append(_config("Alert rules", prometheus.RULES_FILE, rules.rules_yaml(fleet, planned),
                              prometheus.validate_command("{}", fleet, fleet_host, "rules"), role))  # fmt: skip
-    kind = "server" if fleet.is_monitor(fleet_host.name) else "agent"
-    files.append(_config(
-        f"Prometheus {kind} config",
-        prometheus.PROMETHEUS_CONFIG,
-        prometheus.to_yaml(prometheus.prometheus_config(fleet, fleet_host)),
-        prometheus.validate_command("{}", fleet, fleet_host, "config"),
-        role,
-    ))  # fmt: skip
+    files.append(prometheus_config_file(fleet, fleet_host))
     if fleet.is_monitor(fleet_host.name) and fleet.monitoring.webhook_url is not None:
         files.append(_config(
             "Alertmanager config",

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gpubox.box import Box
+from gpubox.gpu import gpu_list
 from gpubox.monitoring.spec import Monitoring
 from gpubox.servers.llama import LlamaServer
 from gpubox.spec import Problem, is_loopback, problems_from
@@ -108,7 +109,7 @@ def llama_labels(host: str, server: LlamaServer) -> dict[str, str]:
         "host": host,
         "kind": KIND_LLAMA,
         "service": server.name,
-        "gpu": ",".join(str(gpu) for gpu in server.gpus) or "cpu",
+        "gpu": gpu_list(server.gpus),
         "model": PurePosixPath(server.model.path).name.removesuffix(".gguf"),
         "spec_type": server.spec_type,
     }
@@ -232,7 +233,7 @@ def build_fleet(entries: Iterable[tuple[str, Mapping[str, Any]]]) -> Fleet:
 
 def fleet_from_inventory(path: str | Path) -> Fleet:
     """The fleet of an inventory file, read with pyinfra's own loader (no host is contacted)."""
-    from gpubox.inventory import load_inventory
+    from gpubox.inventory import load_inventory  # pyinfra's CLI loader: only where an inventory file is read
 
     return build_fleet((host.name, host.data) for host in load_inventory(path))
 
@@ -240,6 +241,8 @@ def fleet_from_inventory(path: str | Path) -> Fleet:
 def planned_gpu_bytes(box: Box, headers_dir: Path) -> tuple[dict[int, int], list[str]]:
     """Each expected GPU's planned total (services + reserve), from the controller's GGUF headers,
     as ``gpubox plan`` makes it; and why a GPU has no plan (a header missing). None expected: nothing."""
+    # Imported here, not at the top: the planner brings gguf and numpy, which a deploy that never plans
+    # (the observability no-op) should not pay to import.
     from gpubox.vram import headers_for_box, plan_box
 
     if not box.expected_gpus:

@@ -27,7 +27,6 @@ from __future__ import annotations
 # llama-server's counters (names as exposed, with the ``llamacpp:`` prefix).
 LLAMA_TOKENS_PREDICTED = "llamacpp:tokens_predicted_total"
 LLAMA_TOKENS_PREDICTED_SECONDS = "llamacpp:tokens_predicted_seconds_total"
-LLAMA_PROMPT_TOKENS = "llamacpp:prompt_tokens_total"
 LLAMA_DRAFT_TOKENS = "llamacpp:spec_decode_num_draft_tokens_total"
 LLAMA_ACCEPTED_TOKENS = "llamacpp:spec_decode_num_accepted_tokens_total"
 LLAMA_REQUESTS_PROCESSING = "llamacpp:requests_processing"

@@ -22,6 +22,7 @@ from typing import Any
 import requests
 from rich.table import Table
 
+from gpubox.gpu import gpu_list
 from gpubox.monitoring import metrics
 from gpubox.monitoring.fleet import KIND_LLAMA, Fleet, scrape_targets
 from gpubox.servers.llama import LlamaServer
@@ -176,7 +177,11 @@ class GpuMemory:
 
 @dataclass(frozen=True)
 class FleetRow:
-    """One service of the fleet as Prometheus sees it now; None: no data (no series, or idle)."""
+    """One service of the fleet as Prometheus sees it now; None: no data (no series, idle, or down).
+
+    A service that is down has no speed or acceptance, though the rate window still holds its last
+    counters' samples for up to ``rate_window_s`` after it went down: that tail is not its speed now.
+    """
 
     host: str
     service: str
@@ -232,17 +237,19 @@ def fleet_rows(fleet: Fleet, client: PrometheusClient) -> list[FleetRow]:
             # a llama-server is up when Prometheus scrapes it; whisper and piper when systemd runs them
             job = jobs.get(service.name, f"{service.name}@{host.name}")
             value = up.get((job,)) if is_llama else active.get(key)
-            drafting = isinstance(service, LlamaServer) and service.spec_type != "none"
+            is_up = None if value is None else value >= 1
+            drafting = service.drafts
+            serving = is_up is not False  # down: the rate window's tail is no speed
             rows.append(
                 FleetRow(
                     host=host.name,
                     service=service.name,
                     type=service.type,
                     gpus=gpus,
-                    up=None if value is None else value >= 1,
+                    up=is_up,
                     drafting=drafting,
-                    tokens_per_second=_finite(speed.get(key)) if is_llama else None,
-                    acceptance=_finite(acceptance.get(key)) if drafting else None,
+                    tokens_per_second=_finite(speed.get(key)) if is_llama and serving else None,
+                    acceptance=_finite(acceptance.get(key)) if drafting and serving else None,
                     vram=tuple(
                         GpuMemory(
                             gpu=gpu,
@@ -296,7 +303,7 @@ def top_table(rows: Sequence[FleetRow], title: str = "gpubox fleet") -> Table:
         acceptance = "-" if row.acceptance is None else f"{row.acceptance:.0%}"
         table.add_row(
             row.host,
-            ",".join(str(gpu) for gpu in row.gpus) or "cpu",
+            gpu_list(row.gpus),
             row.service,
             row.type,
             _up_cell(row.up),

@@ -1,4 +1,5 @@
-"""The typed monitoring specs: the fleet's ``Monitoring`` and each host's ``HostMonitoring``.
+"""The typed monitoring specs: the fleet's ``Monitoring`` (and each host's ``HostMonitoring``, a ``Box``
+field that lives in the core, gpubox/spec.py, beside the other host specs).
 
 ``Monitoring`` sits in every host's data under ``monitoring`` (the same object: group data does
 that) and names the host that runs Prometheus. ``HostMonitoring`` is a ``Box`` field: the ports a
@@ -19,30 +20,6 @@ from gpubox.spec import Spec, refuse
 RETENTION = re.compile(r"^[1-9][0-9]*(ms|s|m|h|d|w|y)$")
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 Port = int
-
-
-class HostMonitoring(Spec):
-    """What a host runs to be watched: node-exporter (with gpubox's GPU textfile) and, when the
-    monitor is another host, a Prometheus agent that scrapes it and remote-writes to the monitor.
-
-    + node_exporter_port: node-exporter listens on 127.0.0.1 at this port
-    + agent_port: the Prometheus agent's own web port (127.0.0.1); unused on the monitor host
-    + gpu_metrics_interval_s: how often the timer writes the GPU/unit metrics file
-    """
-
-    node_exporter_port: Port = Field(default=9100, ge=1, le=65535)
-    agent_port: Port = Field(default=9095, ge=1, le=65535)
-    gpu_metrics_interval_s: int = Field(default=15, ge=1, le=3600)
-
-    @model_validator(mode="after")
-    def _own_ports(self) -> Self:
-        if self.agent_port == self.node_exporter_port:
-            refuse(
-                type(self).__name__,
-                [(("agent_port",), f"port {self.agent_port} is node_exporter_port already: give each its own",
-                  self.agent_port)],
-            )
-        return self
 
 
 class Monitoring(Spec):

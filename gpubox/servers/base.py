@@ -45,6 +45,8 @@ class Flag:
     + negative: the flag a ``toggle`` renders when false (``--no-jinja``)
     + omit: a value that renders nothing (``spec_type="none"``); ``None`` never renders
     + render: how the value becomes the flag's argument (``str``; a model file renders its path)
+    + default: what the binary runs with when the flag is not rendered, as its pinned ``--help`` says
+      (checked against it in tests/test_flag_table.py); None where the default is not a fixed value
     """
 
     field: str
@@ -54,6 +56,7 @@ class Flag:
     negative: str | None = None
     omit: object = None
     render: Callable[[Any], str] = str
+    default: object = None
 
     @property
     def spellings(self) -> tuple[str, ...]:
@@ -121,8 +124,6 @@ class Service(Spec):
     """The program in its install's ``current`` directory (``llama-server``; piper's ``bin/python3``)."""
     PROGRAM_ARGS: ClassVar[tuple[str, ...]] = ()
     """Words between the program and the flags (piper: ``-m piper.http_server``)."""
-    RESTART: ClassVar[str] = "on-failure"
-    """The unit's ``Restart=``: ``always`` for a server that exits 0 on errors (whisper-server)."""
     AUTHENTICATES: ClassVar[bool] = False
     """Whether the server checks an API key; a server that does not may listen on loopback only."""
     FLAGS: ClassVar[tuple[Flag, ...]] = ()
@@ -221,6 +222,33 @@ class Service(Spec):
         """Programs the server runs on the host besides its own (whisper's ``--convert``: ffmpeg)."""
         return []
 
+    @classmethod
+    def flag_default(cls, field: str) -> Any:
+        """The binary's own default for ``field`` (its flag table's ``default``)."""
+        (flag,) = [flag for flag in cls.FLAGS if flag.field == field]
+        if flag.default is None:
+            raise KeyError(f"{cls.__name__}.FLAGS records no default for {field}")
+        return flag.default
+
+    def setting(self, field: str) -> Any:
+        """What the server runs with for ``field``: the spec's value, else the binary's default."""
+        value = getattr(self, field)
+        return self.flag_default(field) if value is None else value
+
+    @property
+    def drafts(self) -> bool:
+        """Whether the server drafts tokens (speculative decoding); only a llama-server can."""
+        return False
+
+    @property
+    def server_name(self) -> str:
+        """The server as people name it in messages and the unit's description: its program's name."""
+        return self.PROGRAM.rsplit("/", 1)[-1]
+
+    def description_details(self) -> list[str]:
+        """What the unit's ``Description=`` says of this service beside its server, name and GPUs."""
+        return []
+
     def warnings(self) -> list[tuple[str, str]]:
         """What the rules accept but a reviewer would question: (field, why); `gpubox check` shows them.
 
@@ -262,7 +290,7 @@ def unauthenticated_stays_on_loopback(service: Service) -> Iterable[Violation]:
     if not service.AUTHENTICATES and not is_loopback(service.host):
         yield (
             ("host",),
-            f"{service.PROGRAM} has no authentication, so anyone who reaches host={service.host!r} can use it: "
+            f"{service.server_name} has no authentication, so anyone who reaches host={service.host!r} can use it: "
             f"keep it on host='127.0.0.1' (put an authenticating proxy in front to share it)",
             service.host,
         )

@@ -46,16 +46,16 @@ LLAMA_SERVER_FLAGS: tuple[Flag, ...] = (
     Flag("model", "--model", ("-m",), render=model_path),
     Flag("model_draft", "--model-draft", ("-md", "--spec-draft-model"), render=model_path),
     Flag("spec_type", "--spec-type", omit="none"),
-    Flag("spec_draft_n_max", "--spec-draft-n-max"),
+    Flag("spec_draft_n_max", "--spec-draft-n-max", default=3),
     Flag("spec_draft_ngl", "--spec-draft-ngl", ("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft")),
-    Flag("spec_draft_type_k", "--spec-draft-type-k", ("-ctkd", "--cache-type-k-draft")),
-    Flag("spec_draft_type_v", "--spec-draft-type-v", ("-ctvd", "--cache-type-v-draft")),
+    Flag("spec_draft_type_k", "--spec-draft-type-k", ("-ctkd", "--cache-type-k-draft"), default="f16"),
+    Flag("spec_draft_type_v", "--spec-draft-type-v", ("-ctvd", "--cache-type-v-draft"), default="f16"),
     Flag("ctx_size", "--ctx-size", ("-c",)),
-    Flag("batch_size", "--batch-size", ("-b",)),
-    Flag("ubatch_size", "--ubatch-size", ("-ub",)),
+    Flag("batch_size", "--batch-size", ("-b",), default=2048),
+    Flag("ubatch_size", "--ubatch-size", ("-ub",), default=512),
     Flag("n_gpu_layers", "--n-gpu-layers", ("-ngl", "--gpu-layers")),
-    Flag("cache_type_k", "--cache-type-k", ("-ctk",)),
-    Flag("cache_type_v", "--cache-type-v", ("-ctv",)),
+    Flag("cache_type_k", "--cache-type-k", ("-ctk",), default="f16"),
+    Flag("cache_type_v", "--cache-type-v", ("-ctv",), default="f16"),
     Flag("parallel", "--parallel", ("-np",)),
     Flag("flash_attn", "--flash-attn", ("-fa",)),
     Flag("cont_batching", "--cont-batching", ("-cb", "-nocb"), style="toggle", negative="--no-cont-batching"),
@@ -134,6 +134,7 @@ class LlamaServer(Service):
 
     @property
     def drafts(self) -> bool:
+        """A drafting ``spec_type`` (with a drafter, or from n-grams): the one test of "is drafting"."""
         return self.spec_type != "none"
 
     # What turning drafting off resets: every field that only means something while drafting.

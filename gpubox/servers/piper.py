@@ -67,6 +67,19 @@ class PiperServer(Service):
     def help_file(self, prefix: str) -> str:
         return f"{prefix}/current/{HELP_NAME}"
 
+    @property
+    def voice_name(self) -> str:
+        """The voice as piper names it: its file name without ``.onnx`` (``en_US-joe-medium``)."""
+        return self.voice.path.rsplit("/", 1)[-1].removesuffix(".onnx")
+
+    @property
+    def server_name(self) -> str:
+        """``piper``: its program is the install's bin/python3, running ``-m piper.http_server``."""
+        return "piper"
+
+    def description_details(self) -> list[str]:
+        return [f"voice {self.voice_name}"]
+
     @model_validator(mode="before")
     @classmethod
     def _cuda_follows_gpus(cls, data: Any) -> Any:

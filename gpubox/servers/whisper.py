@@ -61,7 +61,6 @@ class WhisperServer(Service):
     """One whisper-server systemd service: speech to text over HTTP (``POST /inference``)."""
 
     PROGRAM: ClassVar[str] = PROGRAM
-    RESTART: ClassVar[str] = "always"
     FLAGS: ClassVar[tuple[Flag, ...]] = WHISPER_SERVER_FLAGS
 
     type: Literal["whisper-server"] = "whisper-server"
@@ -141,12 +140,12 @@ def tmp_dir_is_for_convert(server: WhisperServer) -> Iterator[Violation]:
 
 def english_only_model_speaks_english(server: WhisperServer) -> Iterator[Violation]:
     """An English-only model (``tiny.en``) transcribes English only."""
-    architecture = server.model.architecture or ""
-    if architecture.endswith(".en") and server.language != "en":
+    size = server.model.whisper_size
+    if size is not None and size.english_only and server.language != "en":
         yield (
             ("language",),
-            f"model {architecture!r} is English-only: set language='en', or use a multilingual model "
-            f"(architecture without '.en') for language={server.language!r}",
+            f"model {str(size)!r} is English-only: set language='en', or use a multilingual model "
+            f"(architecture {size.size!r}) for language={server.language!r}",
             server.language,
         )
 

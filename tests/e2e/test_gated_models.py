@@ -61,12 +61,17 @@ def token_file(directory: Path, token: str, mode: int = 0o600) -> str:
 
 
 @pytest.fixture(scope="module")
+def tokens_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tests write token files on the controller."""
+    return tmp_path_factory.mktemp("tokens")
+
+
+@pytest.fixture(scope="module")
 def deployer(
-    gated_host: TestHost, hub: FakeHub, smollm2: Path, tmp_path_factory: pytest.TempPathFactory
+    gated_host: TestHost, hub: FakeHub, smollm2: Path, tokens_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Deployer:
     content = smollm2.read_bytes()
     reference = hub.add(REPO, REVISION, smollm2.name, content)
-    tokens = tmp_path_factory.mktemp("tokens")
     deployer = make_deployer(
         gated_host,
         tmp_path_factory,
@@ -74,9 +79,8 @@ def deployer(
         drafter_source=reference,
         drafter_sha256=hashlib.sha256(content).hexdigest(),  # its own: the tests change the target's
         hf_endpoint=hub.endpoint,
-        hf_token_file=token_file(tokens, TOKEN),
+        hf_token_file=token_file(tokens_dir, TOKEN),
     )
-    deployer.base["tokens_dir"] = str(tokens)
     return deployer
 
 
@@ -85,8 +89,8 @@ def leaks(deployer: Deployer, token: str) -> str:
     return deployer.host.run(f"grep -rlsF {token} {SEARCHED} 2>/dev/null || true").stdout.strip()
 
 
-def test_a_wrong_token_is_refused_as_gated_and_nothing_is_placed(deployer: Deployer) -> None:
-    wrong = token_file(Path(deployer.base["tokens_dir"]), "hf_notTheRightToken00000")
+def test_a_wrong_token_is_refused_as_gated_and_nothing_is_placed(deployer: Deployer, tokens_dir: Path) -> None:
+    wrong = token_file(tokens_dir, "hf_notTheRightToken00000")
     result, _ = deployer.run(FULL, "-y", hf_token_file=wrong)
     output = result.stdout + result.stderr
     assert result.returncode != 0
@@ -97,9 +101,9 @@ def test_a_wrong_token_is_refused_as_gated_and_nothing_is_placed(deployer: Deplo
 
 
 def test_a_token_file_others_can_read_is_refused_before_the_host_is_touched(
-    deployer: Deployer, hub: FakeHub
+    deployer: Deployer, hub: FakeHub, tokens_dir: Path
 ) -> None:
-    loose = token_file(Path(deployer.base["tokens_dir"]), TOKEN, mode=0o644)
+    loose = token_file(tokens_dir, TOKEN, mode=0o644)
     requests_before = len(hub.requests)
     result, _ = deployer.run(FULL, "-y", hf_token_file=loose)
     output = result.stdout + result.stderr
@@ -152,7 +156,9 @@ def test_a_cut_download_resumes_and_the_token_never_shows(deployer: Deployer, hu
     record("gated download ps samples during curl", len(during))
 
 
-def test_a_revoked_token_is_refused_and_the_placed_model_stays(deployer: Deployer, hub: FakeHub) -> None:
+def test_a_revoked_token_is_refused_and_the_placed_model_stays(
+    deployer: Deployer, hub: FakeHub, tokens_dir: Path
+) -> None:
     before = deployer.file_state(MODEL)
     pid = deployer.main_pid()
     other = hub.add(REPO, OTHER_REVISION, "SmolLM2-135M-Instruct.Q4_1.gguf", b"not served to a revoked token")
@@ -160,7 +166,7 @@ def test_a_revoked_token_is_refused_and_the_placed_model_stays(deployer: Deploye
     hub.revoked.add(REVOKED)
     result, _ = deployer.run(
         FULL, "-y", model_source=other, model_sha256=hashlib.sha256(b"x").hexdigest(),
-        hf_token_file=token_file(Path(deployer.base["tokens_dir"]), REVOKED),
+        hf_token_file=token_file(tokens_dir, REVOKED),
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode != 0

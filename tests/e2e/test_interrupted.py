@@ -14,7 +14,6 @@ One host, booted for this module; the tests run in file order, each from the sta
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -59,11 +58,12 @@ exec /usr/bin/sha256sum "$@"
 
 @pytest.fixture(scope="module")
 def deployer(test_host: TestHost, tmp_path_factory: pytest.TempPathFactory) -> Deployer:
-    base = {
-        **inventory_config(test_host.pyinfra_host_name(), test_host.pyinfra_host_data()),
-        "jobs": os.cpu_count() or 2,
-    }
-    return Deployer(test_host, tmp_path_factory.mktemp("interrupted") / "config.json", base)
+    base = inventory_config(test_host.pyinfra_host_name(), test_host.pyinfra_host_data()).changed(
+        jobs=os.cpu_count() or 2
+    )
+    return Deployer(
+        test_host, tmp_path_factory.mktemp("interrupted") / "config.json", base.model_dump(exclude_unset=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def run_until(deployer: Deployer, deploy: str, pattern: str, **overrides: Any) -
 
     Returns what it printed. Fails when no such line came (pyinfra ran to its end).
     """
-    deployer.config_path.write_text(json.dumps({**deployer.base, **overrides}))
+    deployer.write_config(**overrides)
     process = subprocess.Popen(
         [PYINFRA, "-y", INVENTORY, deploy],
         cwd=ROOT,

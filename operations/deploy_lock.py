@@ -1,0 +1,250 @@
+"""One deploy at a time per host: take the host's named lock at the top of a deploy, for the whole run.
+
+    from operations import deploy_lock
+
+    deploy_lock.acquire()            # the top of a deploy file: before it reads the host
+    ...
+    deploy_lock.release("rollout")   # a lock taken for part of a run (a gateway's rollout)
+
+The lock and its record are `gpubox.deploy_lock`'s: a `flock` held on the host by a process that
+this run starts over its own SSH connection and that lives as long as that connection. `acquire`
+refuses the run at once (before it reads or changes anything) when another run holds the lock,
+naming it: controller, pid, user, start time. Every way a run ends releases it: pyinfra disconnects
+from each host at the end of every run (done, failed, a smoke test's rollback, an error while the
+deploy file ran, Ctrl-C), and each lock still held is released then; a controller killed outright
+drops its connection, the host's holder sees its stdin end and the kernel frees the lock: the next
+run takes it over and says whose it was.
+
+Dry runs take it too: a plan read while another deploy changes the host is a plan of half a change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any, Protocol
+
+from pyinfra import host, logger, state
+from pyinfra.api import StringCommand
+from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
+from pyinfra.api.exceptions import DeployError
+from pyinfra.api.host import Host
+from pyinfra.api.state import BaseStateCallback, State
+from pyinfra.connectors.util import make_unix_command_for_host
+
+from gpubox import deploy_lock
+from gpubox.deploy_lock import Holder, Verdict
+
+DEPLOY = "deploy"  # the lock every deploy of a box takes
+ANSWER_TIMEOUT_S = 60.0
+_HELD = "_gpubox_deploy_locks"  # on the run's State: {(host name, lock name): _Held}
+
+
+class DeployLockError(DeployError):
+    """Another run holds the host's lock (or it could not be taken): this run stops before it starts."""
+
+
+class _Process(Protocol):
+    """The holder's process on the host: its stdout to read, its stdin to write, its end."""
+
+    def readline(self) -> str: ...
+    def send(self, text: str) -> None: ...
+    def stderr(self) -> str: ...
+    def close(self) -> None: ...
+
+
+class _SshProcess:
+    """A command on its own channel of the host's SSH connection (pyinfra's paramiko client)."""
+
+    def __init__(self, client: Any, command: str) -> None:
+        self._stdin, self._stdout, self._stderr = client.exec_command(command)
+        self._stdout.channel.settimeout(ANSWER_TIMEOUT_S)
+
+    def readline(self) -> str:
+        line: str = self._stdout.readline()
+        return line
+
+    def send(self, text: str) -> None:
+        self._stdin.write(text)
+        self._stdin.flush()
+
+    def stderr(self) -> str:
+        channel = self._stdout.channel
+        deadline = time.monotonic() + 5
+        while not channel.exit_status_ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text: str = self._stderr.read().decode(errors="replace") if channel.exit_status_ready() else ""
+        return text
+
+    def close(self) -> None:
+        self._stdout.channel.close()
+
+
+class _LocalProcess:
+    """A command on the controller itself (pyinfra's @local connector)."""
+
+    def __init__(self, command: str) -> None:
+        self._process = subprocess.Popen(
+            command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def _stream(self, name: str) -> IO[str]:
+        stream: IO[str] | None = getattr(self._process, name)
+        assert stream is not None
+        return stream
+
+    def readline(self) -> str:
+        return self._stream("stdout").readline()
+
+    def send(self, text: str) -> None:
+        self._stream("stdin").write(text)
+        self._stream("stdin").flush()
+
+    def stderr(self) -> str:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=5)
+        return self._stream("stderr").read() if self._process.poll() is not None else ""
+
+    def close(self) -> None:
+        self._stream("stdin").close()
+        self._process.wait(timeout=ANSWER_TIMEOUT_S)
+
+
+@dataclass
+class _Held:
+    name: str
+    holder: Holder
+    process: _Process
+
+
+def _held(run_state: State, create: bool = False) -> dict[tuple[str, str], _Held]:
+    """The locks this run holds; `create`: start the run's registry, and release them all at its end."""
+    held: dict[tuple[str, str], _Held] | None = getattr(run_state, _HELD, None)
+    if held is None:
+        if not create:
+            return {}
+        held = {}
+        setattr(run_state, _HELD, held)
+        run_state.add_callback_handler(_ReleaseAtDisconnect())
+    return held
+
+
+def _start(command: str) -> _Process:
+    """Run the holder over this host's connection, as the run's operations run their commands (sudo & co.)."""
+    arguments, _ = pop_global_arguments(state, host, {})
+    connector = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
+    for key in ("_get_pty", "_timeout", "_stdin", "_success_exit_codes"):
+        connector.pop(key, None)
+    raw = make_unix_command_for_host(state, host, StringCommand(command), **connector).get_raw_value()
+    client = getattr(host.connector, "client", None)
+    if client is not None:
+        return _SshProcess(client, raw)
+    if type(host.connector).__name__ == "LocalConnector":
+        return _LocalProcess(raw)
+    raise DeployLockError(f"{host.name}: the deploy lock needs an SSH (or @local) connection, not {host.connector!r}")
+
+
+def _read_until(process: _Process, last: str, where: str) -> list[str]:
+    """The holder's lines up to `last` (or its end); `where`: the host, for an error."""
+    lines = []
+    try:
+        while True:
+            line = process.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if line.rstrip("\n") == last:
+                break
+    except (OSError, TimeoutError) as error:  # socket.timeout is a TimeoutError
+        raise DeployLockError(f"{where}: no answer from the lock holder: {error}") from error
+    return lines
+
+
+def this_run() -> Holder:
+    """Who this run is, as the lock's record names it."""
+    return Holder(
+        controller=socket.gethostname(),
+        pid=os.getpid(),
+        user=getpass.getuser(),
+        started=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+def holding(name: str = DEPLOY) -> Holder | None:
+    """This run's record of the lock it holds on the current host, or None."""
+    held = _held(state).get((host.name, deploy_lock.check_name(name)))
+    return held.holder if held is not None else None
+
+
+def acquire(name: str = DEPLOY) -> None:
+    """Take the current host's lock `name` for this run, or refuse the run naming who holds it.
+
+    Call it at the top of a deploy file, before the host is read. Taking a lock this run holds
+    already does nothing. A lock left by a run that ended without releasing it is taken over, and
+    the run logs whose it was.
+    """
+    held = _held(state, create=True)
+    key = (host.name, deploy_lock.check_name(name))
+    if key in held:
+        return
+    holder = this_run()
+    process = _start(deploy_lock.holder_script(name, holder, deploy_lock.LOCK_DIR))
+    lines = _read_until(process, f"{deploy_lock.MARK} end", host.name)
+    try:
+        probe = deploy_lock.parse_probe(lines)
+    except ValueError:
+        error = process.stderr().strip() or "\n".join(lines) or "no output"
+        process.close()
+        raise DeployLockError(f"{host.name}: the {name!r} lock could not be taken: {error}") from None
+    verdict = deploy_lock.decide(probe)
+    if verdict in (Verdict.HELD, Verdict.HELD_STARTING):
+        process.close()
+        raise DeployLockError(deploy_lock.refusal(name, host.name, probe))
+    taken = _read_until(process, f"{deploy_lock.MARK} acquired", host.name)
+    if f"{deploy_lock.MARK} acquired" not in taken:
+        error = process.stderr().strip() or "the holder ended"
+        process.close()
+        raise DeployLockError(f"{host.name}: the {name!r} lock could not be taken: {error}")
+    held[key] = _Held(name, holder, process)
+    if verdict is Verdict.TAKEN_OVER:
+        logger.warning(deploy_lock.takeover(name, host.name, probe))
+    else:
+        logger.info(f"{host.print_prefix}holds the {name!r} lock ({holder.who()})")
+
+
+def _release(run_state: State, lock_host: Host, name: str) -> None:
+    held = _held(run_state).pop((lock_host.name, name), None)
+    if held is None:
+        return
+    try:
+        held.process.send(f"{deploy_lock.RELEASE}\n")
+        answer = _read_until(held.process, f"{deploy_lock.MARK} released", lock_host.name)
+        if f"{deploy_lock.MARK} released" not in answer:
+            logger.warning(f"{lock_host.print_prefix}the {name!r} lock's holder ended before its release")
+    except (OSError, EOFError, DeployLockError) as error:
+        # The connection is gone: so is the holder, and with it the lock (its record stays).
+        logger.warning(f"{lock_host.print_prefix}could not release the {name!r} lock cleanly: {error}")
+    finally:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            held.process.close()
+
+
+def release(name: str = DEPLOY) -> None:
+    """Release the current host's lock `name`, if this run holds it (its record goes with it)."""
+    _release(state, host, deploy_lock.check_name(name))
+
+
+class _ReleaseAtDisconnect(BaseStateCallback):
+    """pyinfra disconnects every host at the end of every run, whatever ended it: release its locks then."""
+
+    @staticmethod
+    def host_disconnect(state: State, host: Host) -> None:  # type: ignore[override]
+        for lock_host, name in list(_held(state)):
+            if lock_host == host.name:
+                _release(state, host, name)
