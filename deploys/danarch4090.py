@@ -35,7 +35,7 @@ if box.piper is not None:
 
 placed_by_path = {}
 for user, model in box.models():
-    role = "Drafter" if model is getattr(user, "model_draft", None) else "Model"
+    role = user.model_role(model)  # `Model`, or what the service calls it (a llama-server's `Drafter`)
     placed = models.place(name=f"{role} {model.path}", model=model, hub=box.huggingface)
     models.stamp(name=f"{role} {model.path} verified", model=model, placed=placed)
     placed_by_path[model.path] = placed
@@ -44,11 +44,11 @@ vram.fits(name="The services fit their GPUs' memory", box=box)
 
 restarts = {}
 for server in box.services:
-    install = box.install_of(server)
-    install_changed = install_metas[install.prefix]
+    prefix = box.prefix_of(server)  # None: the server runs from no install (its program is the host's)
+    install_changed = install_metas[prefix] if prefix is not None else []
     changed = [*install_changed, *(placed_by_path[model.path] for model in server.models())]
-    restarts[server.name] = service.server(server, install.prefix, changed=changed, install=install_changed)
-    smoke.smoke_test(server, restarts[server.name], install, install_changed, box=box)
+    restarts[server.name] = service.server(server, prefix, changed=changed, install=install_changed)
+    smoke.smoke_test(server, restarts[server.name], box.install_of(server), install_changed, box=box)
 
 # The speech round trip, when a restart could have changed either end: piper speaks, whisper hears.
 smoke.round_trip_test(box, restarts, install_metas)

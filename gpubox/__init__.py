@@ -2,8 +2,10 @@
 
 from gpubox.box import Box
 from gpubox.monitoring.spec import Monitoring
+from gpubox.servers.base import Flag, Scrape, Service
 from gpubox.servers.llama import LlamaServer
 from gpubox.servers.piper import PiperServer, SpeechSmoke
+from gpubox.servers.registry import register_server_type
 from gpubox.servers.whisper import TranscriptionSmoke, WhisperServer
 from gpubox.spec import (
     ExpectedGpu,
@@ -19,6 +21,7 @@ from gpubox.spec import (
 __all__ = [
     "Box",
     "ExpectedGpu",
+    "Flag",
     "HostMonitoring",
     "HuggingFace",
     "LlamaCppBuild",
@@ -27,9 +30,12 @@ __all__ = [
     "Monitoring",
     "PiperInstall",
     "PiperServer",
+    "Scrape",
+    "Service",
     "SmokeThresholds",
     "SpeechSmoke",
     "TranscriptionSmoke",
     "WhisperCppBuild",
     "WhisperServer",
+    "register_server_type",
 ]

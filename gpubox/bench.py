@@ -30,12 +30,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from rich.table import Table
 
-from gpubox.servers.llama import LlamaServer
 from gpubox.smoke import (
     CompletionTimings,
     Transport,
@@ -46,6 +45,9 @@ from gpubox.smoke import (
 )
 from gpubox.spec import problems_from
 from gpubox.unit import server_environment
+
+if TYPE_CHECKING:
+    from gpubox.servers.llama import LlamaServer
 
 ContextFill = Literal["short", "long"]
 Objective = Literal["single", "aggregate"]
@@ -253,7 +255,7 @@ def bench_variant(service: LlamaServer, config: BenchConfig, port: int) -> Llama
         update["spec_type"] = service.spec_type if service.drafts else "draft-simple"
         update["spec_draft_n_max"] = config.draft_n_max
     elif config.draft is not None:
-        update |= LlamaServer.DRAFTING_OFF
+        update |= service.DRAFTING_OFF
     return service.model_copy(update=update)
 
 
@@ -477,7 +479,7 @@ def suggested_changes(service: LlamaServer, best: BenchConfig) -> dict[str, obje
     """
     target: dict[str, object] = {"parallel": best.parallel}
     if best.draft is False and service.drafts:
-        target |= LlamaServer.DRAFTING_OFF
+        target |= service.DRAFTING_OFF
         if service.smoke is not None and service.smoke.min_acceptance is not None:
             target["smoke.min_acceptance"] = None
     if best.draft:
@@ -516,7 +518,7 @@ def apply_changes(service: LlamaServer, changes: dict[str, object]) -> dict[str,
 def check_suggestion(service: LlamaServer, changes: dict[str, object]) -> list[str]:
     """Problems of the service with the changes applied ([] when the rules accept it)."""
     try:
-        LlamaServer.model_validate(apply_changes(service, changes))
+        type(service).model_validate(apply_changes(service, changes))
     except ValidationError as error:
         return [f"{problem.field}: {problem.message}" for problem in problems_from(error)]
     return []

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Self
 
-from pydantic import Discriminator, Tag, model_validator
+from pydantic import Field, SerializeAsAny, WrapValidator, model_validator
 
+import gpubox.servers  # noqa: F401 (the product's server types register themselves)
 from gpubox.servers.base import Service
-from gpubox.servers.llama import LlamaServer
-from gpubox.servers.piper import PiperServer
-from gpubox.servers.whisper import WhisperServer
+from gpubox.servers.registry import validate_service
 from gpubox.spec import (
     ExpectedGpu,
     HostMonitoring,
@@ -24,49 +23,51 @@ from gpubox.spec import (
     refuse,
 )
 
+if TYPE_CHECKING:
+    from gpubox.servers.llama import LlamaServer
 
-def _service_type(value: Any) -> str:
-    """A service's type: its ``type`` field; a service written without one is a llama-server."""
-    if isinstance(value, dict):
-        return str(value.get("type", "llama-server"))
-    return str(getattr(value, "type", "llama-server"))
+AnyService = Annotated[SerializeAsAny[Service], WrapValidator(validate_service)]
+"""Any service a box runs: a registered server type (``gpubox.servers.registry``), told apart by its ``type``."""
 
-
-AnyService = Annotated[
-    Annotated[LlamaServer, Tag("llama-server")]
-    | Annotated[WhisperServer, Tag("whisper-server")]
-    | Annotated[PiperServer, Tag("piper")],
-    Discriminator(_service_type),
-]
-"""Any service a box runs, told apart by its ``type``."""
-
-# Which install each service type runs from: the Box field, and what to add when it is missing.
-INSTALL_FIELDS: dict[type[Service], tuple[str, str]] = {
-    LlamaServer: ("llama_cpp", "llama_cpp=LlamaCppBuild(commit=...)"),
-    WhisperServer: ("whisper_cpp", "whisper_cpp=WhisperCppBuild(commit=...)"),
-    PiperServer: ("piper", "piper=PiperInstall(version='1.8.0')"),
-}
+Install = SourceBuild | PiperInstall
+INSTALL_FIELDS = ("llama_cpp", "whisper_cpp", "piper")
+"""The Box's installs: a server type's ``INSTALL`` names one of them (or none)."""
 
 
 class Box(Spec):
-    """A host: the builds and installs its services run from, and the services.
+    """A host: the builds and installs its services run from, and the services (a host's ``box`` in the
+    inventory)."""
 
-    + llama_cpp: the llama.cpp build llama-server services run
-    + whisper_cpp: the whisper.cpp build whisper-server services run
-    + piper: the piper install piper services run
-    + services: every service, each pinned to its GPUs
-    + expected_gpus: the GPUs the box should have; the planner budgets against them
-    + monitoring: the ports of the host's node-exporter and Prometheus agent (deploys/observability.py)
-    + huggingface: the hub ``hf://`` model sources come from and the token file for gated ones
-    """
-
-    llama_cpp: LlamaCppBuild | None = None
-    whisper_cpp: WhisperCppBuild | None = None
-    piper: PiperInstall | None = None
-    services: tuple[AnyService, ...]
-    expected_gpus: tuple[ExpectedGpu, ...] | None = None
-    monitoring: HostMonitoring = HostMonitoring()
-    huggingface: HuggingFace | None = None
+    llama_cpp: LlamaCppBuild | None = Field(
+        default=None, description="The llama.cpp build llama-server services run from; required by one."
+    )
+    whisper_cpp: WhisperCppBuild | None = Field(
+        default=None, description="The whisper.cpp build whisper-server services run from; required by one."
+    )
+    piper: PiperInstall | None = Field(
+        default=None, description="The piper install piper services run from; required by one."
+    )
+    services: tuple[AnyService, ...] = Field(
+        description="Every service the box runs, at least one, each a systemd unit told apart by its `type` (one "
+        "without is a llama-server). Unit names and ports are unique per box, one path has one sha256, and the "
+        "services pinned to one GPU must fit in it (`gpubox plan` and the deploy refuse `services.N.gpus`)."
+    )
+    expected_gpus: tuple[ExpectedGpu, ...] | None = Field(
+        default=None,
+        description="The GPUs the box should have: `gpubox plan` and the monitoring budget VRAM against them, a "
+        "service pinned to another GPU is refused, and so is GPU work pinned to none. None: nothing to budget "
+        "against.",
+    )
+    monitoring: HostMonitoring = Field(
+        default=HostMonitoring(),
+        description="What the host runs to be watched: the ports of its node-exporter and Prometheus agent "
+        "(`deploys/observability.py` deploys them).",
+    )
+    huggingface: HuggingFace | None = Field(
+        default=None,
+        description="The hub `hf://` model sources come from and the token for gated ones; None: huggingface.co, "
+        "with `$HF_TOKEN_FILE`'s token if it is set.",
+    )
 
     @model_validator(mode="after")
     def _box_rules(self) -> Self:
@@ -77,30 +78,31 @@ class Box(Spec):
                 *self._installs(),
                 *self._own_prefixes(),
                 *self._known_gpus(),
+                *self._gpu_work_pinned(),
                 *self._one_checksum(),
             ],
         )
         return self
 
     def _installs(self) -> list[Violation]:
-        """Every service type needs the build (or install) it runs from."""
+        """Every service type needs the build (or install) it runs from, if any."""
         return [
             (
-                (INSTALL_FIELDS[type(service)][0],),
+                (service.INSTALL,),
                 f"services[{position}] ({service.name!r}) is a {service.server_name} service and "
-                f"runs from {INSTALL_FIELDS[type(service)][0]}: set {INSTALL_FIELDS[type(service)][1]}",
+                f"runs from {service.INSTALL}: set {service.INSTALL_EXAMPLE}",
                 None,
             )
             for position, service in enumerate(self.services)
-            if getattr(self, INSTALL_FIELDS[type(service)][0]) is None
+            if service.INSTALL is not None and getattr(self, service.INSTALL) is None
         ]
 
     def _own_prefixes(self) -> list[Violation]:
         """Each install switches `{prefix}/current` and prunes under it: two at one prefix would clobber each other."""
         owners: dict[str, str] = {}
         problems: list[Violation] = []
-        for field in ("llama_cpp", "whisper_cpp", "piper"):
-            install: SourceBuild | PiperInstall | None = getattr(self, field)
+        for field in INSTALL_FIELDS:
+            install: Install | None = getattr(self, field)
             if install is None:
                 continue
             owner = owners.setdefault(install.prefix, field)
@@ -112,19 +114,30 @@ class Box(Spec):
                 ))
         return problems
 
-    def install_of(self, service: Service) -> SourceBuild | PiperInstall:
-        """The build or install ``service`` runs from (the rules made sure there is one)."""
-        install: SourceBuild | PiperInstall | None = getattr(self, INSTALL_FIELDS[type(service)][0])
-        assert install is not None, f"{service.name}: no {INSTALL_FIELDS[type(service)][0]}"
+    def install_of(self, service: Service) -> Install | None:
+        """The build or install ``service`` runs from (the rules made sure there is one); None: none."""
+        if service.INSTALL is None:
+            return None
+        install: Install | None = getattr(self, service.INSTALL)
+        assert install is not None, f"{service.name}: no {service.INSTALL}"
         return install
+
+    def prefix_of(self, service: Service) -> str | None:
+        """Where ``service``'s install lives (``/opt/llama.cpp``); None: it runs from no install."""
+        install = self.install_of(service)
+        return install.prefix if install is not None else None
+
+    def install_users(self, install: Install) -> list[Service]:
+        """The services that run from ``install``, in box order."""
+        return [service for service in self.services if self.install_of(service) is install]
 
     def builds(self) -> list[SourceBuild]:
         """The source builds the services need, llama.cpp first."""
         return [build for build in (self.llama_cpp, self.whisper_cpp) if build is not None]
 
-    def services_of(self, service_type: type[Service]) -> list[Any]:
-        """The services of one type, in box order."""
-        return [service for service in self.services if isinstance(service, service_type)]
+    def chat_servers(self) -> list[LlamaServer]:
+        """The services ``gpubox smoke`` and ``gpubox bench`` reach (the OpenAI chat API), in box order."""
+        return [service for service in self.services if service.CHAT]  # type: ignore[misc]
 
     def _unique_names_and_ports(self) -> list[Violation]:
         problems: list[Violation] = []
@@ -175,6 +188,24 @@ class Box(Spec):
             if gpu not in indices
         ]
 
+    def _gpu_work_pinned(self) -> list[Violation]:
+        """On a box that declares its GPUs, GPU work says which: an unpinned service would see none (the
+        unit hides them) while it asks for one."""
+        if self.expected_gpus is None:
+            return []
+        indices = sorted(gpu.index for gpu in self.expected_gpus)
+        return [
+            (
+                ("services", position, "gpus"),
+                f"{service.name} asks for a GPU but pins none, so its unit would hide every GPU and it would run "
+                f"on the CPU: pin it with gpus=({indices[0]},) (one of expected_gpus {indices}), or run it on the "
+                f"CPU with {service.CPU_SETTING}",
+                [],
+            )
+            for position, service in enumerate(self.services)
+            if service.gpu_work and not service.gpus
+        ]
+
     def _one_checksum(self) -> list[Violation]:
         problems: list[Violation] = []
         owners: dict[str, tuple[str, str]] = {}
@@ -207,15 +238,15 @@ class Box(Spec):
                 seen.setdefault(model.path, (service, model))
         return list(seen.values())
 
-    def service(self, name: str) -> LlamaServer | WhisperServer | PiperServer:
+    def service(self, name: str) -> Service:
         for service in self.services:
             if service.name == name:
                 return service
         raise KeyError(f"no service named {name!r}; services: {[s.name for s in self.services]}")
 
     def llama_server(self, name: str) -> LlamaServer:
-        """The llama-server service called ``name``; KeyError when there is none of that type."""
+        """The chat server (llama-server) called ``name``; KeyError when that service is another type."""
         service = self.service(name)
-        if not isinstance(service, LlamaServer):
-            raise KeyError(f"service {name!r} is a {service.type}, not a llama-server")
-        return service
+        if not service.CHAT:
+            raise KeyError(f"service {name!r} is a {service.type_tag()}, not a llama-server")
+        return service  # type: ignore[return-value]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from rich.console import Console
 
@@ -35,9 +35,11 @@ from gpubox.bench import (
 from gpubox.box import Box
 from gpubox.inventory import InventoryError, inventory_boxes
 from gpubox.keys import KeyFileError, first_line_key
-from gpubox.servers.llama import LlamaServer
 from gpubox.smoke import requests_transport, run_smoke, smoke_table
 from gpubox.spec import SmokeThresholds
+
+if TYPE_CHECKING:
+    from gpubox.servers.llama import LlamaServer
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -116,7 +118,7 @@ def _find_service(inventory: str, host: str | None, service_name: str | None) ->
     if host_box.box is None:
         problems = "; ".join(f"{problem.field}: {problem.message}" for problem in host_box.problems)
         raise InventoryError(f"{inventory}: host {host_box.host} is refused: {problems}")
-    services = host_box.box.services_of(LlamaServer)
+    services = host_box.box.chat_servers()
     if service_name is None:
         if len(services) != 1:
             raise InventoryError(f"pick a llama-server with --service: {[s.name for s in services]}")

@@ -208,12 +208,19 @@ class UnsupportedServerArgumentError(ValueError):
     """The llama-server binary on the host cannot run the command line the deploy asks for."""
 
 
-def check_flags_supported(used: Sequence[str], flags: ServerFlags, version: str, program: str = "llama-server") -> None:
+def check_flags_supported(
+    used: Sequence[str],
+    flags: ServerFlags,
+    version: str,
+    program: str = "llama-server",
+    pinned: str = "llama.cpp commit",
+) -> None:
     """Raise UnsupportedServerArgumentError naming each flag ``program`` (``version``) rejects.
 
-    ``used``: the flags a service's command line uses, from its flag table and ``extra_args``.
+    ``used``: the flags a service's command line uses, from its flag table and ``extra_args``; ``pinned``:
+    what the box pins that decides them (``Service.PINNED``).
     """
-    pinned, upgrade = ("llama.cpp commit",) * 2 if program == "llama-server" else ("version", "commit or version")
+    upgrade = pinned
     problems = []
     for flag in unsupported_flags(used, flags):
         hint = flags.removed.get(_normalised(flag))

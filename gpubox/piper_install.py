@@ -27,10 +27,11 @@ from typing import Literal
 
 from gpubox import switch
 from gpubox.quoting import shell_join, shell_word
-from gpubox.servers.piper import HELP_NAME
 from gpubox.spec import PiperInstall
 
 PiperFlavor = Literal["cpu", "cuda"]
+HELP_NAME = "piper.http_server.help"
+"""piper.http_server's ``--help``, saved in the install (the flag check reads it)."""
 STAMP_NAME = "gpubox-install.json"
 GPU_RUNTIME_VERSION = "1.31.1"
 GPU_RUNTIME = f"onnxruntime-gpu[cuda,cudnn]=={GPU_RUNTIME_VERSION}"

@@ -83,8 +83,9 @@ def refuse(model_name: str, problems: list[Violation]) -> None:
     )
 
 
-SERVICE_TYPES = ("llama-server", "whisper-server", "piper")
-"""The ``type`` of each server type: a Box's services are told apart by it."""
+SERVICE_TYPES: set[str] = set()
+"""The ``type`` of each registered server type (``gpubox.servers.registry`` adds them): a Box's services
+are told apart by it."""
 
 
 def _field_path(loc: tuple[str | int, ...]) -> str:
@@ -183,29 +184,49 @@ class SourceBuild(Spec):
 
     PROJECT: ClassVar[Project]
 
-    repo: str
-    commit: str = Field(description="full 40-hex commit sha")
-    cuda: Literal["auto", "on", "off"] = "auto"
-    cuda_architectures: tuple[str, ...] | Literal["auto"] = "auto"
-    targets: tuple[str, ...]
-    prefix: str
+    repo: str = Field(description="The git repository the build fetches `commit` from.")
+    commit: str = Field(
+        description="The commit to build, a full 40-hex sha; a short one is refused (it can't be fetched "
+        "shallowly and is ambiguous)."
+    )
+    cuda: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="`on`: a CUDA build (refused on a host without nvcc: gpubox does not install CUDA); `off`: a "
+        "CPU build; `auto`: CUDA when the host has both NVIDIA GPUs and nvcc.",
+    )
+    cuda_architectures: tuple[str, ...] | Literal["auto"] = Field(
+        default="auto",
+        description="The CMake CUDA architectures to compile for (`'89'` for an RTX 4090, `'90a'`); anything "
+        "else is refused. `auto`: the compute capabilities of the host's GPUs (refused when "
+        "nvidia-smi lists none).",
+    )
+    targets: tuple[str, ...] = Field(description="The CMake targets built; they must include the server.")
+    prefix: str = Field(
+        description="Where the builds live, `{prefix}/current` the active one (switched atomically). An "
+        "absolute path of plain characters (a space, quote, `$`, `%` or backtick is refused: cmake, ninja and "
+        "the compilers get it), no other install's prefix."
+    )
     native: bool = Field(
         default=False,
-        description="GGML_NATIVE: off by default; a native build died with SIGILL on a VM that "
-        "advertises AMX it cannot run",
+        description="GGML_NATIVE: build for the host's own CPU. Off by default: a native build died with "
+        "SIGILL on a VM that advertises AMX it cannot run.",
     )
     cpu_features: tuple[str, ...] = Field(
         default=("AVX", "AVX2", "FMA", "F16C"),
-        description="explicit GGML_<FEATURE>=ON flags used when native is off (x86-64)",
+        description="The `GGML_<FEATURE>=ON` options of a build without `native` (x86-64); each a GGML "
+        "option suffix such as `AVX2`.",
     )
-    jobs: int | None = Field(default=None, ge=1)
-    ccache_dir: str | None = Field(default=None, description="CCACHE_DIR for the build; None: ccache's default")
-    extra_cmake_args: tuple[str, ...] = ()
+    jobs: int | None = Field(default=None, ge=1, description="Parallel build jobs (`-j`); None: the build tool's.")
+    ccache_dir: str | None = Field(
+        default=None,
+        description="`CCACHE_DIR` for the build, an absolute path without a `..` part; None: ccache's default.",
+    )
+    extra_cmake_args: tuple[str, ...] = Field(default=(), description="More CMake options, after gpubox's own.")
     keep_builds: int = Field(
         default=2,
         ge=2,
-        description="installed builds kept under builds/ (with their work trees): current, previous (the "
-        "rollback target) and the newest others; older ones are pruned after each switch",
+        description="Installed builds kept under `builds/` (with their work trees): current, previous (the "
+        "rollback target) and the newest others; older ones are pruned after each switch.",
     )
 
     @field_validator("commit")
@@ -272,10 +293,25 @@ class LlamaCppBuild(SourceBuild):
 
     PROJECT: ClassVar[Project] = LLAMA_CPP
 
-    repo: str = "https://github.com/ggml-org/llama.cpp"
-    targets: tuple[str, ...] = ("llama-server", "llama-bench")
-    prefix: str = "/opt/llama.cpp"
-    prebuilt_ui: bool = Field(default=False, description="LLAMA_USE_PREBUILT_UI: downloads the web UI")
+    repo: str = Field(
+        default="https://github.com/ggml-org/llama.cpp",
+        description="The git repository the build fetches `commit` from.",
+    )
+    targets: tuple[str, ...] = Field(
+        default=("llama-server", "llama-bench"),
+        description="The CMake targets built; they must include `llama-server` (the services run it).",
+    )
+    prefix: str = Field(
+        default="/opt/llama.cpp",
+        description="Where the builds live, `{prefix}/current` the active one (switched atomically). An "
+        "absolute path of plain characters (a space, quote, `$`, `%` or backtick is refused: cmake, ninja and "
+        "the compilers get it), no other install's prefix.",
+    )
+    prebuilt_ui: bool = Field(
+        default=False,
+        description="LLAMA_USE_PREBUILT_UI: the build downloads llama-server's prebuilt web UI; off, it "
+        "downloads nothing.",
+    )
 
     def project_cmake_options(self) -> list[str]:
         return [*self.PROJECT.cmake_options, f"-DLLAMA_USE_PREBUILT_UI={'ON' if self.prebuilt_ui else 'OFF'}"]
@@ -286,9 +322,20 @@ class WhisperCppBuild(SourceBuild):
 
     PROJECT: ClassVar[Project] = WHISPER_CPP
 
-    repo: str = "https://github.com/ggml-org/whisper.cpp"
-    targets: tuple[str, ...] = ("whisper-server",)
-    prefix: str = "/opt/whisper.cpp"
+    repo: str = Field(
+        default="https://github.com/ggml-org/whisper.cpp",
+        description="The git repository the build fetches `commit` from.",
+    )
+    targets: tuple[str, ...] = Field(
+        default=("whisper-server",),
+        description="The CMake targets built; they must include `whisper-server` (the services run it).",
+    )
+    prefix: str = Field(
+        default="/opt/whisper.cpp",
+        description="Where the builds live, `{prefix}/current` the active one (switched atomically). An "
+        "absolute path of plain characters (a space, quote, `$`, `%` or backtick is refused: cmake, ninja and "
+        "the compilers get it), no other install's prefix.",
+    )
 
 
 AnySourceBuild = LlamaCppBuild | WhisperCppBuild
@@ -298,21 +345,32 @@ PIPER_PACKAGE = "piper-tts[http]"
 
 
 class PiperInstall(Spec):
-    """piper TTS (``piper-tts[http]``) at a pinned version, in a virtualenv on the host.
+    """piper TTS (``piper-tts[http]``) at a pinned version, in a virtualenv on the host: a CUDA one
+    (``onnxruntime-gpu`` in place of ``onnxruntime``) when a piper service of the box has ``cuda``."""
 
-    + version: the exact piper-tts version
-    + prefix: ``{prefix}/venvs/{version}-{flavor}`` holds each install, ``{prefix}/current`` the active one
-    + wheelhouse: a directory of wheels on the controller, uploaded and installed with ``--no-index``
-      (for a host whose pip can't reach or trust an index); None: pip installs from the host's index
-    + gpu: ``onnxruntime-gpu`` for a service with GPUs (``--cuda``); ``auto``: when a piper service
-      has GPUs. The wheelhouse must hold it then.
-    """
-
-    version: str = Field(pattern=r"^[0-9]+(\.[0-9]+)*$")
-    prefix: str = "/opt/piper"
-    wheelhouse: str | None = None
-    python: str = "/usr/bin/python3"
-    keep_installs: int = Field(default=2, ge=2)
+    version: str = Field(pattern=r"^[0-9]+(\.[0-9]+)*$", description="The exact piper-tts version (`1.8.0`).")
+    prefix: str = Field(
+        default="/opt/piper",
+        description="`{prefix}/venvs/{version}-{flavor}` holds each install, `{prefix}/current` the active one "
+        "(switched atomically). An absolute path of plain characters (`python -m venv` and pip get it), no "
+        "other install's prefix.",
+    )
+    wheelhouse: str | None = Field(
+        default=None,
+        description="A directory of wheels on the controller, uploaded and installed with `--no-index` (for a "
+        "host whose pip can't reach or trust an index); with a `cuda` service it must hold onnxruntime-gpu's. "
+        "None: pip installs from the host's index.",
+    )
+    python: str = Field(
+        default="/usr/bin/python3",
+        description="The host's Python that makes the virtualenvs; an absolute path of plain characters.",
+    )
+    keep_installs: int = Field(
+        default=2,
+        ge=2,
+        description="Virtualenvs kept under `venvs/`: current, previous (the rollback target) and the newest "
+        "others; older ones are pruned after each switch.",
+    )
 
     @field_validator("prefix", "python")
     @classmethod
@@ -328,27 +386,35 @@ ModelFormat = Literal["gguf", "ggml-whisper", "onnx", "json"]
 
 
 class ModelFile(Spec):
-    """A model file on the host, checksummed, with where it comes from and what it must be.
+    """A model file on the host, checksummed, with where it comes from and what it must be."""
 
-    ``format`` is checked at placement: a GGUF by its ``general.architecture``, a ggml whisper model
-    by its magic and hyperparameters (``architecture``: its size, ``tiny``/``base``/... with
-    ``.en`` for an English-only model), an ONNX file (a piper voice) by its protobuf head, and its
-    ``.onnx.json`` config as JSON.
-    """
-
-    path: str
-    sha256: str
+    path: str = Field(
+        description="Where the file lives on the host: an absolute path to a file, without a `..` part (systemd "
+        "ignores such a path); what a service's model flag renders."
+    )
+    sha256: str = Field(
+        description="The file's sha256, 64 hex digits (`sha256sum FILE`): the deploy refuses a file that does not "
+        "match (the old one stays). One path has one sha256 in a box; a placeholder (one digit repeated) is "
+        "flagged by `gpubox check`."
+    )
     source: str | None = Field(
         default=None,
-        description="a file on the controller, an https URL, or a Hugging Face reference pinned to a commit "
-        "(hf://org/repo/file@<40-hex>, downloaded with the box's huggingface settings); None: the file must "
-        "already be on the host with this sha256",
+        description="Where the file comes from: a file on the controller (refused by `gpubox check` and "
+        "`gpubox plan` when it is not there), an https URL, or a Hugging Face reference pinned to a commit "
+        "(`hf://org/repo/file@<40-hex>`, downloaded with the box's `huggingface` settings). None: the file must "
+        "already be on the host with this sha256.",
     )
-    format: ModelFormat = "gguf"
+    format: ModelFormat = Field(
+        default="gguf",
+        description="What the file must be, checked when it is placed: `gguf` (by its `general.architecture`), "
+        "`ggml-whisper` (its magic and hyperparameters), `onnx` (a piper voice, by its protobuf head) or `json` "
+        "(a voice's config).",
+    )
     architecture: str | None = Field(
         default=None,
-        description="a GGUF's general.architecture (gemma4, llama), required for a GGUF; a ggml whisper "
-        "model's size (tiny.en, base, large); nothing for ONNX and JSON",
+        description="A GGUF's `general.architecture` (`gemma4`, `llama`), required for a GGUF; a ggml whisper "
+        "model's size (`tiny`, `base`, `small`, `medium`, `large`, with `.en` for an English-only model); "
+        "refused for ONNX and JSON.",
     )
 
     @model_validator(mode="after")
@@ -419,15 +485,16 @@ class ModelFile(Spec):
 
 
 class HuggingFace(Spec):
-    """Where ``hf://`` model sources come from, and the token for gated ones.
+    """Where ``hf://`` model sources come from, and the token for gated ones."""
 
-    + endpoint: the hub's base URL (https); tests point it at a local server
-    + token_file: a file on the controller holding the token, readable by its owner only (0600); None:
-      ``$HF_TOKEN_FILE``, else no token (public files)
-    """
-
-    endpoint: str = DEFAULT_ENDPOINT
-    token_file: str | None = None
+    endpoint: str = Field(
+        default=DEFAULT_ENDPOINT, description="The hub's base URL, https only (tests point it at a local server)."
+    )
+    token_file: str | None = Field(
+        default=None,
+        description="A file on the controller holding the token, readable by its owner only (0600: refused "
+        "otherwise); None: `$HF_TOKEN_FILE`, else no token (public files). The token stays off every command line.",
+    )
 
     @field_validator("endpoint")
     @classmethod
@@ -439,16 +506,35 @@ class HuggingFace(Spec):
 
 
 class SmokeThresholds(Spec):
-    """What a freshly restarted service must reach, or the deploy rolls back and fails."""
+    """What a freshly restarted llama-server must reach, or the deploy rolls back and fails."""
 
-    min_tokens_per_second: float = Field(gt=0)
-    min_acceptance: float | None = Field(default=None, ge=0, le=1)
-    prompts: tuple[str, ...] = Field(
-        default=("Write a short story about a lighthouse keeper who finds a map.",), min_length=1
+    min_tokens_per_second: float = Field(
+        gt=0,
+        description="The generation speed (tok/s, the median of the runs) the server must reach; the monitoring "
+        "alerts when it decodes slower.",
     )
-    n_predict: int = Field(default=128, ge=1, le=8192)
-    runs: int = Field(default=3, ge=1, le=100)
-    timeout_s: float = Field(default=300, gt=0)
+    min_acceptance: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="The share of drafted tokens accepted the server must reach (the monitoring alerts below it "
+        "too); refused without a drafting `spec_type`. None: not checked.",
+    )
+    prompts: tuple[str, ...] = Field(
+        default=("Write a short story about a lighthouse keeper who finds a map.",),
+        min_length=1,
+        description="The prompts each run sends (temperature 0, exactly `n_predict` tokens each).",
+    )
+    n_predict: int = Field(
+        default=128,
+        ge=1,
+        le=8192,
+        description="Tokens generated per prompt; runs that stop before a quarter of them fail the test.",
+    )
+    runs: int = Field(default=3, ge=1, le=100, description="How many times every prompt is sent.")
+    timeout_s: float = Field(
+        default=300, gt=0, description="Seconds to wait for the server to be healthy, and for each request."
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -463,30 +549,42 @@ def is_loopback(host: str) -> bool:
 class ExpectedGpu(Spec):
     """A GPU the box should have; the planner budgets against memory_total_mib, less reserve_mib."""
 
-    index: int = Field(ge=0)
-    name: str
-    memory_total_mib: int = Field(gt=0)
+    index: int = Field(ge=0, description="The GPU's nvidia-smi index, as services' `gpus` name it.")
+    name: str = Field(description="What the GPU is, for people (`NVIDIA GeForce RTX 4090`); not checked.")
+    memory_total_mib: int = Field(
+        gt=0,
+        description="Its memory in MiB (nvidia-smi's `memory.total`): what `gpubox plan` and the monitoring "
+        "budget the services pinned to it against.",
+    )
     reserve_mib: int = Field(
         default=0,
         ge=0,
-        description="memory the plan must leave free on this GPU: what a service grows into at run time "
-        "beyond what the planner counts at load (the seed measured gemma4 at ~12 GB at load and ~22 GB "
-        "after a full 256k session)",
+        description="Memory the plan must leave free on this GPU: what a service grows into at run time beyond "
+        "what the planner counts at load (the seed measured gemma4 at ~12 GB at load and ~22 GB after a full "
+        "256k session).",
     )
 
 
 class HostMonitoring(Spec):
     """What a host runs to be watched: node-exporter (with gpubox's GPU textfile) and, when the
-    monitor is another host, a Prometheus agent that scrapes it and remote-writes to the monitor.
+    monitor is another host, a Prometheus agent that scrapes it and remote-writes to the monitor."""
 
-    + node_exporter_port: node-exporter listens on 127.0.0.1 at this port
-    + agent_port: the Prometheus agent's own web port (127.0.0.1); unused on the monitor host
-    + gpu_metrics_interval_s: how often the timer writes the GPU/unit metrics file
-    """
-
-    node_exporter_port: int = Field(default=9100, ge=1, le=65535)
-    agent_port: int = Field(default=9095, ge=1, le=65535)
-    gpu_metrics_interval_s: int = Field(default=15, ge=1, le=3600)
+    node_exporter_port: int = Field(
+        default=9100,
+        ge=1,
+        le=65535,
+        description="The port node-exporter listens on (127.0.0.1); a service's port is refused here.",
+    )
+    agent_port: int = Field(
+        default=9095,
+        ge=1,
+        le=65535,
+        description="The Prometheus agent's own web port (127.0.0.1), unused on the monitor host; "
+        "`node_exporter_port` or a service's port is refused here.",
+    )
+    gpu_metrics_interval_s: int = Field(
+        default=15, ge=1, le=3600, description="How often (seconds) the timer writes the GPU and unit metrics file."
+    )
 
     @model_validator(mode="after")
     def _own_ports(self) -> Self:

@@ -9,10 +9,8 @@ from gpubox.box import Box
 from gpubox.gguf_header import GgufFile
 from gpubox.gpu import gpu_list
 from gpubox.inventory import HostBox
-from gpubox.servers.llama import LlamaServer
-from gpubox.servers.piper import PiperServer
-from gpubox.servers.whisper import WhisperServer
-from gpubox.vram import CUDA_CONTEXT_MIB, MIB, BoxPlan, GpuBudget, moves, what_to_change
+from gpubox.servers.base import Service
+from gpubox.vram import CUDA_CONTEXT_MIB, MIB, BoxPlan, GpuBudget, moves
 
 TERM_EXPLANATIONS: dict[str, str] = {
     "weights": "target tensors on the GPU: offloaded layers + output head (a tied head is a GPU copy of "
@@ -50,7 +48,7 @@ def middle_ellipsis(name: str, limit: int = MODEL_NAME_MAX) -> str:
     return f"{name[: limit - 1 - tail]}…{name[len(name) - tail :]}"
 
 
-def model_names(service: LlamaServer | WhisperServer | PiperServer) -> str:
+def model_names(service: Service) -> str:
     """The service's model files (not a voice's JSON config), one a line, each whole or middle-shortened."""
     names = [model.path.rsplit("/", 1)[-1] for model in service.models() if model.format != "json"]
     return "\n".join(middle_ellipsis(name) for name in names)
@@ -74,26 +72,13 @@ def services_table(boxes: list[HostBox]) -> Table:
             table.add_row(
                 host_box.host,
                 service.name,
-                service.type,
-                gpu_list(service.gpus),
+                service.type_tag(),
+                gpu_list(service.placement),
                 str(service.port),
                 model_names(service),
-                configuration(service),
+                service.summary(),
             )
     return table
-
-
-def configuration(service: LlamaServer | WhisperServer | PiperServer) -> str:
-    """The settings that tell services of one type apart, in a few words."""
-    if isinstance(service, LlamaServer):
-        return (
-            f"spec {service.spec_type}, ctx {service.ctx_size}, parallel {service.parallel}, "
-            f"KV {service.cache_type_k}/{service.cache_type_v}, FA {service.flash_attn}"
-        )
-    if isinstance(service, WhisperServer):
-        where = "CPU" if service.no_gpu else f"device {service.device or 0}"
-        return f"language {service.language}, {where}, FA {'on' if service.flash_attn else 'off'}"
-    return "CUDA" if service.cuda else "CPU"
 
 
 def warnings_table(boxes: list[HostBox]) -> Table | None:
@@ -157,11 +142,7 @@ def print_refusal(console: Console, host: str, box: Box, plan: BoxPlan, headers:
             highlight=False,
         )
         for share in gpu.shares:
-            service = box.service(share.service)
-            if not isinstance(service, LlamaServer):
-                continue
-            draft = headers.get(service.model_draft.path) if service.model_draft else None
-            for suggestion in what_to_change(service, headers[service.model.path], draft, over):
+            for suggestion in box.service(share.service).vram_changes(headers, over):
                 console.print(f"  {share.service}: {suggestion}", highlight=False)
     for move in moves(box, plan):
         console.print(f"  {move.field}: {move.message}", highlight=False)

@@ -61,7 +61,7 @@ def service_gpus(service: Service, gpus: Sequence[Gpu], field: str = "gpus") -> 
     """
     by_index = {gpu.index: gpu for gpu in gpus}
     problems = []
-    for index in service.gpus:
+    for index in service.placement:
         gpu = by_index.get(index)
         if gpu is None:
             problems.append(f"GPU {index} is not on the host")
@@ -76,10 +76,10 @@ def service_gpus(service: Service, gpus: Sequence[Gpu], field: str = "gpus") -> 
             for gpu in sorted(gpus, key=lambda gpu: gpu.index)
         )
         raise ValueError(
-            f"{field}={list(service.gpus)}: {'; '.join(problems)}. The unit allows only its GPUs' device nodes "
+            f"{field}={list(service.placement)}: {'; '.join(problems)}. The unit allows only its GPUs' device nodes "
             f"and pins them by UUID. The host's GPUs: {host_gpus or 'none (no nvidia-smi)'}"
         )
-    return [by_index[index] for index in service.gpus]
+    return [by_index[index] for index in service.placement]
 
 
 def server_environment(service: Service, gpus: Sequence[Gpu] = ()) -> dict[str, str]:
@@ -91,10 +91,10 @@ def server_environment(service: Service, gpus: Sequence[Gpu] = ()) -> dict[str, 
     records (a process started outside a unit, such as the bench's temporary servers) the nvidia-smi
     indices: PCI bus order makes CUDA's numbering the same as nvidia-smi's.
     """
-    if service.gpus and gpus:
+    if service.placement and gpus:
         visible = ",".join(gpu.uuid for gpu in service_gpus(service, gpus))
     else:
-        visible = ",".join(str(gpu) for gpu in service.gpus)
+        visible = ",".join(str(gpu) for gpu in service.placement)
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible}
 
 
@@ -225,7 +225,7 @@ def unit_description(service: Service) -> str:
     details = [
         "gpubox",
         *(unit_text(detail, f"{service.name}'s description") for detail in service.description_details()),
-        f"GPUs: {gpu_list(service.gpus)}",
+        f"GPUs: {gpu_list(service.placement)}",
     ]
     return f"{service.server_name} {service.name} ({'; '.join(details)})"
 

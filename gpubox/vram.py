@@ -31,8 +31,8 @@ import functools
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gpubox.box import Box
 from gpubox.gguf_header import (
     ArraySummary,
     GgufError,
@@ -43,10 +43,12 @@ from gpubox.gguf_header import (
     read_gguf_header,
 )
 from gpubox.servers.base import flag_of
-from gpubox.servers.llama import GpuLayers, LlamaServer
-from gpubox.servers.piper import PiperServer
-from gpubox.servers.whisper import WhisperServer
 from gpubox.spec import ModelFile, Problem, WhisperSize
+
+if TYPE_CHECKING:
+    from gpubox.box import Box
+    from gpubox.servers.base import Service
+    from gpubox.servers.llama import GpuLayers, LlamaServer
 
 MIB = 1024 * 1024
 
@@ -69,8 +71,8 @@ CTX_PAD = 256
 SWA_PAD = 256
 """``the SWA cache is always padded to 256`` (``src/llama-kv-cache-iswa.cpp``)."""
 
-DEFAULT_N_UBATCH: int = LlamaServer.flag_default("ubatch_size")
-"""llama-server's default ``--ubatch-size`` (its flag table's, from the pinned ``--help``)."""
+DEFAULT_N_UBATCH: int = 512
+"""llama-server's default ``--ubatch-size`` (from the pinned ``--help``; its flag table's default reads it)."""
 
 CONTEXT_OVERRIDE_FLAGS = frozenset(
     {"--rope-scaling", "--rope-scale", "--rope-freq-scale", "--yarn-orig-ctx", "--override-kv"}
@@ -648,10 +650,10 @@ def plan_service(
                 "gemma4-assistant drafter: its KV layers share the target's last full/SWA layers, its input "
                 "embeddings are the target's token_embd (CPU); only its own output head goes to the GPU"
             )
-    headroom = CUDA_CONTEXT_MIB * MIB * max(1, len(server.gpus)) if on_gpu else 0
+    headroom = CUDA_CONTEXT_MIB * MIB * max(1, len(server.placement)) if on_gpu else 0
     return ServicePlan(
         service=server.name,
-        gpus=server.gpus,
+        gpus=server.placement,
         target_weights=weights.gpu_bytes,
         draft_weights=draft_weights,
         kv_cache=kv.gpu_bytes,
@@ -712,45 +714,81 @@ class BoxPlan:
         return not self.problems and not self.refused and all(gpu.fits for gpu in self.gpus)
 
 
-# whisper.cpp's ggml models by size: the f16 file (weights on the GPU) and what whisper_init_state
-# allocates beside it (KV self + cross + pad, the conv/encode/cross/decode compute buffers), MiB.
-# tiny: measured on an H200 (docs/gpu-validation.md, "whisper-server and the seed's two-GPU layout":
-# 143 MiB logged); the others: whisper.cpp's README memory column minus the model file, until they
-# are measured.
-WHISPER_WEIGHTS_MIB: dict[str, int] = {"tiny": 75, "base": 142, "small": 466, "medium": 1463, "large": 2952}
-WHISPER_STATE_MIB: dict[str, int] = {"tiny": 143, "base": 246, "small": 386, "medium": 600, "large": 1000}
-WHISPER_CUDA_CONTEXT_MIB = 660
-"""whisper-server's memory beyond its logged buffers (CUDA context, cuBLAS): nvidia-smi's 874 MiB for
-the tiny.en process minus its 214 MiB of weights and state, on an H200 with CUDA 13."""
-# piper's ONNX session on a GPU is unmeasured here (onnxruntime-gpu can't reach the GPU machine):
-# its voice file, and as much again for onnxruntime's arena, measured on the CPU (RSS minus the file).
-PIPER_SESSION_FACTOR = 1.0
+# whisper.cpp's ggml models by size, MiB, measured on an H100 with CUDA 13 (docs/gpu-validation.md,
+# "whisper-server at every size"): each size a random-weight f16 model with the real hyperparameters
+# (large: large-v3's), served by whisper-server from its unit and sent jfk.wav twice. Weights: whisper.cpp's
+# logged `model size`. State: what whisper_init_state logs (KV self + cross + pad, the conv/encode/cross/decode
+# compute buffers) plus what a temperature fallback adds (2 decoders, whisper-server's best_of: the
+# self-attention KV cache re-created 4 x as big), rounded up. large-v3-turbo, declared `large`, is planned as
+# large-v3 (its measured 2488 MiB is 1.9 GiB under this plan: only the header's decoder depth tells them apart).
+WHISPER_WEIGHTS_MIB: dict[str, int] = {"tiny": 74, "base": 141, "small": 465, "medium": 1463, "large": 2952}
+WHISPER_STATE_MIB: dict[str, int] = {"tiny": 149, "base": 181, "small": 285, "medium": 515, "large": 761}
+WHISPER_CUDA_CONTEXT_MIB = 669
+"""whisper-server's memory beyond its logged buffers (CUDA context, cuBLAS, the pool): nvidia-smi's process
+memory minus the logged buffers after a greedy transcription, 657.8 (tiny.en) to 668.8 MiB (large-v3) on an
+H100; 659.7 for the real tiny.en on an H200."""
+PIPER_CUDA_CONTEXT_MIB = 666
+"""onnxruntime-gpu 1.31.1's CUDA provider running a one-Conv model (cuDNN and cuBLAS loaded): its process
+memory on an H100, nvidia-smi (docs/gpu-validation.md, "piper on CUDA")."""
+PIPER_SESSION_FACTOR = 4.6
+"""piper's session beyond the voice file and the context, per byte of voice: the en_US-joe-medium voice
+(63,201,294 bytes) held 998 MiB on an H100 after its second synthesis (onnxruntime's arena grown; a 53-word
+paragraph added nothing): (998 - 666 - 60.3) / 60.3 = 4.51, rounded up. One voice measured: the other
+qualities (x_low, low, high) are priced by their file size with this factor, unmeasured."""
 
 
-def speech_terms(service: WhisperServer | PiperServer, model_bytes: int | None = None) -> dict[str, int]:
-    """What a whisper-server or piper service puts on its GPU: its model, its state, the CUDA context.
+def whisper_terms(size: WhisperSize | None, model_bytes: int | None = None) -> dict[str, int]:
+    """What a whisper-server puts on its GPU: its model, whisper.cpp's state, the CUDA context.
 
-    ``model_bytes``: the model file's size when known (a quantized whisper model is smaller than f16).
+    ``model_bytes``: the model file's size when known (a quantized whisper model is smaller than f16);
+    an undeclared size is priced as the largest.
     """
-    if isinstance(service, WhisperServer):
-        size = (service.model.whisper_size or WhisperSize("large")).size  # undeclared: priced as the largest
-        weights = model_bytes if model_bytes is not None else WHISPER_WEIGHTS_MIB[size] * MIB
-        return {
-            "weights": weights,
-            "compute": WHISPER_STATE_MIB[size] * MIB,
-            "headroom": WHISPER_CUDA_CONTEXT_MIB * MIB,
-        }
+    name = (size or WhisperSize("large")).size
+    weights = model_bytes if model_bytes is not None else WHISPER_WEIGHTS_MIB[name] * MIB
+    return {"weights": weights, "compute": WHISPER_STATE_MIB[name] * MIB, "headroom": WHISPER_CUDA_CONTEXT_MIB * MIB}
+
+
+def piper_terms(model_bytes: int | None = None) -> dict[str, int]:
+    """What a piper service puts on its GPU: its voice (its size when known), onnxruntime's arena, the CUDA
+    context."""
     weights = model_bytes if model_bytes is not None else 64 * MIB
-    return {"weights": weights, "compute": int(weights * PIPER_SESSION_FACTOR), "headroom": CUDA_CONTEXT_MIB * MIB}
+    return {
+        "weights": weights,
+        "compute": int(weights * PIPER_SESSION_FACTOR),
+        "headroom": PIPER_CUDA_CONTEXT_MIB * MIB,
+    }
 
 
-def _speech_gpus(service: WhisperServer | PiperServer, all_gpus: list[int]) -> list[int]:
-    """The GPUs a speech service uses: its pinned ones; unpinned, CUDA's device 0; none on the CPU."""
-    if isinstance(service, WhisperServer):
-        if service.no_gpu:
-            return []
-        return list(service.gpus[:1]) or all_gpus[:1]
-    return list(service.gpus[:1]) if service.cuda else []
+@dataclass(frozen=True)
+class VramInputs:
+    """What the planner knows of a box's model files: GGUF headers and other files' sizes, by host path."""
+
+    headers: dict[str, GgufFile] = field(default_factory=dict)
+    model_sizes: dict[str, int] = field(default_factory=dict)
+    calibration: ComputeCalibration = DEFAULT_COMPUTE
+
+
+@dataclass(frozen=True)
+class ServiceVram:
+    """What one service puts on each GPU its memory lands on (``Service.vram_gpus``), or why it can't be said.
+
+    + per_gpu: the terms each of those GPUs holds
+    + plan: a llama-server's breakdown (``gpubox plan``'s per-service table)
+    + problems: what kept it from being priced (a missing header)
+    + refused: fields its models' headers refuse
+    """
+
+    per_gpu: dict[str, int] = field(default_factory=dict)
+    plan: ServicePlan | None = None
+    problems: tuple[str, ...] = ()
+    refused: tuple[Problem, ...] = ()
+
+
+def speech_terms(service: Service, model_bytes: int | None = None) -> dict[str, int]:
+    """What one service puts on each of its GPUs, its first model file ``model_bytes`` long when known."""
+    sizes = {} if model_bytes is None else {service.models()[0].path: model_bytes}
+    priced = service.vram(VramInputs(model_sizes=sizes), "")
+    return dict(priced.per_gpu) if priced is not None else {}
 
 
 def plan_box(
@@ -764,48 +802,33 @@ def plan_box(
     """Plan every service of ``box`` against ``gpus`` (``(index, total MiB)``): one budget per GPU.
 
     ``headers`` maps a GGUF's path on the host to its header; ``model_sizes`` other model files'
-    sizes (whisper, piper), when known. A llama-server pinned to no GPU uses all of them (no
-    ``CUDA_VISIBLE_DEVICES``); one pinned to several splits its terms evenly, which is how
-    ``--split-mode layer`` spreads layers over GPUs of equal size. A whisper-server or piper service
-    runs on one GPU (its first pinned; unpinned, CUDA's device 0).
+    sizes (whisper, piper), when known. Each service prices itself (``Service.vram``) on the GPUs its
+    memory lands on (``Service.vram_gpus``, from its ``placement``): a llama-server pinned to several
+    splits its terms evenly, which is how ``--split-mode layer`` spreads layers over GPUs of equal size;
+    a whisper-server or piper service loads on one. A service pinned to no GPU runs on the CPU and is
+    priced on none.
     """
     problems: list[str] = []
     refused: list[Problem] = []
     plans: list[ServicePlan] = []
     shares: dict[int, list[GpuShare]] = {index: [] for index, _ in gpus}
-    all_gpus = [index for index, _ in gpus]
-
-    def add_share(name: str, pinned: list[int], terms: dict[str, int]) -> None:
-        for index in pinned:
-            if index not in shares:
-                problems.append(f"{name}: pinned to GPU {index}, which the box does not have")
-                continue
-            shares[index].append(GpuShare(service=name, terms=terms))
+    inputs = VramInputs(headers=headers, model_sizes=model_sizes or {}, calibration=calibration)
 
     for position, server in enumerate(box.services):
-        if isinstance(server, (WhisperServer, PiperServer)):
-            model = server.model if isinstance(server, WhisperServer) else server.voice
-            if isinstance(server, WhisperServer) and server.model.architecture is None:
-                problems.append(f"{server.name}: set model.architecture (tiny, base, ...) to plan its VRAM")
+        priced = server.vram(inputs, f"services.{position}")
+        if priced is None:
+            continue
+        problems += priced.problems
+        refused += priced.refused
+        if priced.plan is not None:
+            plans.append(priced.plan)
+        if priced.problems:
+            continue
+        for index in server.vram_gpus():
+            if index not in shares:
+                problems.append(f"{server.name}: pinned to GPU {index}, which the box does not have")
                 continue
-            size = (model_sizes or {}).get(model.path)
-            add_share(server.name, _speech_gpus(server, all_gpus), speech_terms(server, size))
-            continue
-        target = headers.get(server.model.path)
-        if target is not None:
-            refused += trained_context_problems(server, target, f"services.{position}")
-        draft = headers.get(server.model_draft.path) if server.model_draft is not None else None
-        if target is None or (server.model_draft is not None and draft is None):
-            missing = [m.path for m in (server.model, server.model_draft) if m is not None and m.path not in headers]
-            problems.append(f"{server.name}: no GGUF header for {', '.join(missing)}")
-            continue
-        plan = plan_service(server, target, draft, calibration=calibration)
-        plans.append(plan)
-        pinned = list(server.gpus) or all_gpus
-        if pinned:  # a host without GPUs budgets nothing
-            terms = {name: value // len(pinned) for name, value in plan.terms().items()}
-            terms["headroom"] = CUDA_CONTEXT_MIB * MIB if plan.headroom else 0
-            add_share(server.name, pinned, terms)
+            shares[index].append(GpuShare(service=server.name, terms=dict(priced.per_gpu)))
     reserves = {gpu.index: gpu.reserve_mib * MIB for gpu in box.expected_gpus or ()}
     budgets = tuple(
         GpuBudget(

@@ -13,15 +13,15 @@ from __future__ import annotations
 from facts.models import VerifiedStamps
 from gpubox.box import Box
 from gpubox.piper_install import PiperFlavor
-from gpubox.servers.piper import PiperServer
 
 from . import models, piper, service, source_build
 from .host_facts import FactRead, prefetch
 
 
 def piper_flavor(box: Box) -> PiperFlavor:
-    """`cuda` when a piper service runs on a GPU (onnxruntime-gpu), else `cpu`."""
-    return "cuda" if any(server.cuda for server in box.services_of(PiperServer)) else "cpu"
+    """`cuda` when a service that runs from the piper install is placed on a GPU (onnxruntime-gpu), else `cpu`."""
+    users = box.install_users(box.piper) if box.piper is not None else []
+    return "cuda" if any(server.placement for server in users) else "cpu"
 
 
 def box_reads(box: Box) -> list[FactRead]:
@@ -30,7 +30,7 @@ def box_reads(box: Box) -> list[FactRead]:
     if box.piper is not None:
         reads += piper.facts_read(box.piper, piper_flavor(box))
     reads += [read for _, model in box.models() for read in models.facts_read(model)]
-    reads += [read for server in box.services for read in service.facts_read(server, box.install_of(server).prefix)]
+    reads += [read for server in box.services for read in service.facts_read(server, box.prefix_of(server))]
     return [*reads, (VerifiedStamps, {})]
 
 

@@ -1,5 +1,5 @@
 """One gpubox systemd service of any type: its user, its flag check, its unit (previous kept as
-`.prev`), its restart; a service with smoke thresholds is marked unverified on the host before it is
+`.prev`), its restart; a smoke-tested service (`smoke_tested`) is marked unverified on the host before it is
 restarted or started (`gpubox.unverified`), until its smoke test passes."""
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from gpubox.keys import chmod_mode, fact_mode
 from gpubox.llamacpp import UnsupportedServerArgumentError, check_flags_supported, unsupported_flags
 from gpubox.quoting import shell_word
 from gpubox.servers.base import Service
-from gpubox.servers.llama import LlamaServer
 from gpubox.unit import render_unit, service_gpus
 from gpubox.unverified import Mark, mark_command
 
 from . import deploy_lock
+from .failures import refusals_fail_cleanly
 from .host_facts import FactRead, fact_once
 from .text_files import is_current, log_diff, write_commands
 
@@ -49,14 +49,16 @@ def previous_unit_path(server: Service) -> str:
 
 
 @operation()
-def flags_supported(server: AnyService, prefix: str):  # type: ignore[no-untyped-def]
+@refusals_fail_cleanly
+def flags_supported(server: AnyService, prefix: str | None):  # type: ignore[no-untyped-def]
     """
     Refuse, before the unit is written, a flag the installed server's ``--help`` lacks, and a
     program the server needs that the host lacks (whisper's ``--convert``: ffmpeg).
 
     + server: the service whose flags (its flag table's rendered flags and ``extra_args``) are checked
-    + prefix: the install's prefix; llama-server is asked (or its saved ``--help`` read), other
-      servers' saved ``--help`` is read (whisper-server exits 0 on any flag: only its help tells)
+    + prefix: the install's prefix; a server that ``RUNS_HELP`` is asked (or its saved ``--help`` read),
+      others' saved ``--help`` is read (whisper-server exits 0 on any flag: only its help tells).
+      None: it runs from no install (its ``PROGRAM`` is the host's), so there is no pinned ``--help``
 
     **Example:**
 
@@ -72,6 +74,9 @@ def flags_supported(server: AnyService, prefix: str):  # type: ignore[no-untyped
         if host.get_fact(Which, command=program) is None:
             raise OperationError(f"{server.unit_name} needs {program} on the host: install it, or turn off the field")
     binary = server.binary(prefix)
+    if prefix is None:
+        host.noop(f"{server.unit_name} runs {binary}, from no install: no pinned --help to check its flags in")
+        return
     fact, arguments = _flags_read(server, prefix)
     flags = fact_once(fact, **arguments)
     if flags is None:
@@ -83,7 +88,7 @@ def flags_supported(server: AnyService, prefix: str):  # type: ignore[no-untyped
     flags = records.ServerFlags.model_validate(flags)
     if unsupported_flags(server.command_flags(), flags):
         # Only a refusal names the binary's version: a passing check costs no second round trip.
-        version = host.get_fact(LlamaServerVersion, path=binary) if isinstance(server, LlamaServer) else None
+        version = host.get_fact(LlamaServerVersion, path=binary) if server.RUNS_HELP else None
         if version is not None:
             version = records.ServerVersion.model_validate(version)
         try:
@@ -95,20 +100,20 @@ def flags_supported(server: AnyService, prefix: str):  # type: ignore[no-untyped
 
 
 def _flags_source(server: Service, prefix: str) -> str:
-    """Where the flags were read, for people: llama-server's --help, else the server's --help saved at its install."""
-    if isinstance(server, LlamaServer):
+    """Where the flags were read, for people: the program's --help, else the one saved at its install."""
+    if server.RUNS_HELP:
         return f"{server.binary(prefix)} --help"
     return f"{server.server_name}'s --help (saved at {server.help_file(prefix)})"
 
 
 def _flags_read(server: Service, prefix: str) -> FactRead:
-    """llama-server's flags (its --help, saved or run); another server's saved --help."""
-    if isinstance(server, LlamaServer):
+    """The flags of a server that ``RUNS_HELP`` (its --help, saved or run); another server's saved --help."""
+    if server.RUNS_HELP:
         return LlamaServerFlags, {"path": server.binary(prefix)}
     return ServerOptions, {"path": server.help_file(prefix)}
 
 
-def _stale_read(server: Service, prefix: str) -> FactRead:
+def _stale_read(server: Service, prefix: str | None) -> FactRead:
     return StaleProcess, {
         "unit_name": server.unit_name,
         "unit_path": unit_path(server),
@@ -123,19 +128,20 @@ def unit_state_reads(unit_name: str) -> list[FactRead]:
     return [(SystemdStatus, arguments), (SystemdEnabled, arguments)]
 
 
-def facts_read(server: Service, prefix: str) -> list[FactRead]:
+def facts_read(server: Service, prefix: str | None) -> list[FactRead]:
     """The facts `server(...)` reads on a host where the service exists (`host_facts.prefetch` loads them)."""
-    reads: list[FactRead] = [
+    flag_reads = [_flags_read(server, prefix)] if prefix is not None else []
+    key_file = server.generated_key_file
+    key_reads: list[FactRead] = [(File, {"path": key_file})] if key_file else []
+    return [
         (ExistingUsers, {"names": (server.user,)}),
-        _flags_read(server, prefix),
+        *flag_reads,
         (FileContents, {"path": unit_path(server)}),
+        *key_reads,
+        _stale_read(server, prefix),
+        *unit_state_reads(server.unit_name),
+        (UnverifiedServices, {}),
     ]
-    return [*reads, _stale_read(server, prefix), *unit_state_reads(server.unit_name), (UnverifiedServices, {})]
-
-
-def smoke_tested(server: Service) -> bool:
-    """Whether the deploy smoke-tests the service (it has smoke thresholds): only such a service is marked."""
-    return getattr(server, "smoke", None) is not None
 
 
 def unverified(server: Service) -> Mark | None:
@@ -161,12 +167,14 @@ def _gpus_field(server: Service) -> str:
 
 
 @operation()
-def unit(server: AnyService, prefix: str):  # type: ignore[no-untyped-def]
+@refusals_fail_cleanly
+def unit(server: AnyService, prefix: str | None):  # type: ignore[no-untyped-def]
     """
     Write the service's unit atomically (upload beside it, rename over), keeping the old one as ``.prev``.
 
     + server: the service whose unit is rendered
-    + prefix: the install's prefix the unit's ``ExecStart`` runs from (``{prefix}/current``)
+    + prefix: the install's prefix the unit's ``ExecStart`` runs from (``{prefix}/current``); None: no
+      install (its ``PROGRAM``)
 
     With ``--diff`` the change is shown as a text diff of the unit. A service pinned to a GPU the host's
     ``NvidiaGpus`` fact lacks, or lists without its UUID or minor number, is refused (``services.N.gpus``).
@@ -220,12 +228,12 @@ def api_key_script(key_file: str, group: str) -> str:
 
 
 @operation()
-def api_key(server: LlamaServer):  # type: ignore[no-untyped-def]
+def api_key(server: AnyService):  # type: ignore[no-untyped-def]
     """
     Create the service's API key once: random, in a bare file readable by root and the service's group.
 
-    + server: a service with ``generate_api_key`` (``api_key_file="generate"``); its ``api_key_file``
-      is where the key goes. An existing key is kept; only its owner and mode are put right.
+    + server: a service whose key the deploy makes (its ``generated_key_file``, e.g. a llama-server's
+      ``api_key_file="generate"``). An existing key is kept; only its owner and mode are put right.
 
     **Example:**
 
@@ -233,23 +241,24 @@ def api_key(server: LlamaServer):  # type: ignore[no-untyped-def]
 
         service.api_key(name="API key of gemma4.service", server=server)
     """
-    assert server.api_key_file is not None
-    info = host.get_fact(File, path=server.api_key_file)
+    key_file = server.generated_key_file
+    assert key_file is not None, f"{server.unit_name}: the deploy makes no key for it"
+    info = fact_once(File, path=key_file)
     owned = info and (info["user"], info["group"], info["mode"]) == ("root", server.user, fact_mode())
     if owned and info["size"] > 0:
-        host.noop(f"{server.api_key_file} holds a key, readable by root and {server.user} only")
+        host.noop(f"{key_file} holds a key, readable by root and {server.user} only")
         return
-    yield api_key_script(server.api_key_file, server.user)
+    yield api_key_script(key_file, server.user)
 
 
 @operation()
-def running_current(server: AnyService, prefix: str):  # type: ignore[no-untyped-def]
+def running_current(server: AnyService, prefix: str | None):  # type: ignore[no-untyped-def]
     """
     Count as a change when the running process predates its unit, models, key or build: a deploy cut
     between writing one of them and the restart. The next run then restarts (and smokes) it.
 
     + server: the service
-    + prefix: the install's prefix (the process must run ``{prefix}/current``'s program)
+    + prefix: the install's prefix (the process must run ``{prefix}/current``'s program); None: no install
 
     **Example:**
 
@@ -270,7 +279,7 @@ def running_current(server: AnyService, prefix: str):  # type: ignore[no-untyped
 def restart(server: Service, install: Sequence[OperationMeta] = ()):  # type: ignore[no-untyped-def]
     """
     Restart the service (``systemctl restart``): run only when something it depends on changed. A
-    service with smoke thresholds is marked unverified first (``/var/lib/gpubox/unverified/<unit>``,
+    smoke-tested service (``smoke_tested``) is marked unverified first (``/var/lib/gpubox/unverified/<unit>``,
     written whole): its smoke test clears the mark, and a run cut before that finds it and smoke-tests.
 
     + server: the service
@@ -283,7 +292,7 @@ def restart(server: Service, install: Sequence[OperationMeta] = ()):  # type: ig
 
         service.restart(name="Restart gemma4.service", server=server, _if=any_changed(unit_meta))
     """
-    if smoke_tested(server):
+    if server.smoke_tested:
         yield _mark(server.unit_name, install)
     yield f"systemctl restart {shell_word(server.unit_name)}"
 
@@ -295,7 +304,7 @@ def running_and_enabled(unit_name: str, mark: bool = False):  # type: ignore[no-
     ``systemctl show`` for both (read with the run's other facts).
 
     + unit_name: the unit (``gemma4.service``, ``prometheus.service``)
-    + mark: mark the unit unverified before starting it (a service with smoke thresholds: a start
+    + mark: mark the unit unverified before starting it (a smoke-tested service: a start
       puts a process live as a restart does, and is smoke-tested as one)
 
     **Example:**
@@ -341,7 +350,7 @@ class Restarted:
 @deploy("Service")
 def server(  # type: ignore[no-untyped-def]
     server: Service,
-    prefix: str,
+    prefix: str | None,
     changed: list | None = None,  # type: ignore[type-arg]
     ensure_user: bool = True,
     install: Sequence[OperationMeta] = (),
@@ -350,8 +359,8 @@ def server(  # type: ignore[no-untyped-def]
     The service user, the flag check, the unit, and a restart only when the unit, a model or the
     build it uses changed; enabled at boot, started when it is stopped.
 
-    + server: the service (a llama-server, whisper-server or piper)
-    + prefix: the prefix of the install it runs from (``Box.install_of(server).prefix``)
+    + server: the service (any registered server type)
+    + prefix: the prefix of the install it runs from (``Box.prefix_of(server)``); None: it runs from none
     + changed: op metas (build, models) whose change restarts the service too
     + ensure_user: create the service's system user (the surgical deploy skips it)
     + install: the install's op metas (also in ``changed``): the unverified mark says whether this
@@ -385,8 +394,7 @@ def server(  # type: ignore[no-untyped-def]
         server=server,
         prefix=prefix,
     )
-    generates_key = isinstance(server, LlamaServer) and server.generate_api_key
-    key_metas = [api_key(name=f"API key of {server.unit_name}", server=server)] if generates_key else []
+    key_metas = [api_key(name=f"API key of {server.unit_name}", server=server)] if server.generated_key_file else []
     unit_meta = unit(name=f"Unit {unit_path(server)}", server=server, prefix=prefix)
     stale_meta = running_current(name=f"{server.unit_name} runs what is on disk", server=server, prefix=prefix)
     restart_on = [unit_meta, stale_meta, *key_metas, *(changed or [])]
@@ -399,7 +407,7 @@ def server(  # type: ignore[no-untyped-def]
         restart_meta = restart(
             name=f"Restart {server.unit_name}", server=server, install=install, _if=any_changed(*restart_on)
         )
-    smoked = smoke_tested(server)
+    smoked = server.smoke_tested
     status_read = unit_state_reads(server.unit_name)[0]
     running = (fact_once(status_read[0], **status_read[1]) or {}).get(server.unit_name)
     start_meta = running_and_enabled(

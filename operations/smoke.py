@@ -2,8 +2,10 @@
 
 One operation does all of it, so a healthy deploy lists only "Smoke test <unit>" and a converged
 host (no restart) lists nothing at all: the rollback steps run, and are reported, only on a miss.
-A llama-server is measured in tok/s and acceptance; a whisper-server transcribes a WAV; a piper
-service speaks a sentence; a box with both speaks and hears it back (the round trip).
+Which test a service gets is its type's ``SMOKE_KIND``: ``chat`` is measured in tok/s and acceptance
+(llama-server), ``transcribe`` transcribes a WAV (whisper-server), ``speak`` speaks a sentence (piper),
+and any other type waits for its ``READY_PATH`` to say it has loaded (``ready``); a box with a speaker
+and a listener speaks and hears it back (the round trip).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, OperationError, operation
+from pyinfra.api import OperationError, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations.util import any_changed
 from rich.console import Console
@@ -25,9 +27,6 @@ from gpubox.box import AnyService, Box
 from gpubox.build import rollback_script as build_rollback_script
 from gpubox.quoting import shell_word
 from gpubox.servers.base import Service
-from gpubox.servers.llama import LlamaServer
-from gpubox.servers.piper import PiperServer
-from gpubox.servers.whisper import JFK_SAMPLE, WhisperServer
 from gpubox.smoke import (
     GpuProcesses,
     SmokeResult,
@@ -39,9 +38,18 @@ from gpubox.smoke import (
 from gpubox.spec import PiperInstall, SourceBuild
 from gpubox.unverified import clear_command
 
+from .failures import python_step
 from .host_commands import connector_arguments, run, run_status
 from .host_facts import fact_once
 from .service import Restarted, previous_unit_path, unit_path
+
+if TYPE_CHECKING:
+    from gpubox.servers.llama import LlamaServer
+    from gpubox.servers.piper import PiperServer
+    from gpubox.servers.whisper import WhisperServer
+
+READY_TIMEOUT_S = 120.0
+"""How long the ``ready`` smoke test waits for a service's ``READY_PATH`` (a type with no thresholds)."""
 
 
 @dataclass
@@ -108,14 +116,22 @@ def summary_line(server: LlamaServer, result: SmokeResult, seconds: float) -> st
     )
 
 
-def _wait_ready(server: WhisperServer | PiperServer, timeout_s: float, arguments: Mapping[str, Any]) -> str | None:
-    """Wait for the service to load its model; the failure to report when it never does."""
+def _wait_ready(server: Service, timeout_s: float, arguments: Mapping[str, Any]) -> str | None:
+    """Wait until the service's ``READY_PATH`` says it has loaded (``ready``); the failure to report when it
+    never does."""
     transport = command_transport(lambda command: run_status(command, arguments), base_url(server))
-    if isinstance(server, PiperServer):  # no /health: /info answers once the voice is loaded
-        wait = wait_until_healthy(transport, timeout_s, path="/info", ready=lambda answer: answer.status == 200)
-    else:
-        wait = wait_until_healthy(transport, timeout_s)
+    wait = wait_until_healthy(
+        transport, timeout_s, path=server.READY_PATH, ready=lambda answer: server.ready(answer.status, answer.body)
+    )
     return None if wait.healthy else f"not ready after {wait.waited_s:.0f} s: {wait.last_answer}"
+
+
+def _measure_ready(server: Service, outcome: SmokeOutcome, arguments: Mapping[str, Any]) -> None:
+    """The ``ready`` smoke test: its ``READY_PATH`` answers that it has loaded, within ``READY_TIMEOUT_S``."""
+    not_ready = _wait_ready(server, READY_TIMEOUT_S, arguments)
+    if not_ready:
+        outcome.failures.append(not_ready)
+    host.log(f"smoke {server.unit_name}: GET {server.READY_PATH}: {'FAILED' if not_ready else 'passed'}")
 
 
 def transcribe(
@@ -315,22 +331,33 @@ def _smoke_or_roll_back(
     raise OperationError(f"{missed}: " + "; ".join(failures) + ". " + " ".join(done))
 
 
+def _measurement(server: Service, audio: str | None, arguments: Mapping[str, Any]) -> Callable[[SmokeOutcome], None]:
+    """The smoke test of the service's ``SMOKE_KIND`` (``ready``: its ``READY_PATH`` answers)."""
+    if server.SMOKE_KIND == "chat":
+        return lambda outcome: _measure(cast("LlamaServer", server), outcome, arguments)
+    if server.SMOKE_KIND == "transcribe":
+        assert audio is not None, f"{server.unit_name}: a transcribe smoke test needs a WAV"
+        return lambda outcome: _measure_whisper(cast("WhisperServer", server), audio, outcome, arguments)
+    if server.SMOKE_KIND == "speak":
+        return lambda outcome: _measure_piper(cast("PiperServer", server), outcome, arguments)
+    return lambda outcome: _measure_ready(server, outcome, arguments)
+
+
 @operation(is_idempotent=False)
 def check(  # type: ignore[no-untyped-def]
     server: AnyService, rollback: Rollback | None = None, audio: str | None = None, clear_mark: bool = True
 ):
     """
-    Smoke test the restarted service against its thresholds: a llama-server's tok/s (and acceptance
+    Smoke test the restarted service by its ``SMOKE_KIND``: a llama-server's tok/s (and acceptance
     with a drafter), a whisper-server's transcript of a WAV (word error rate, real-time factor), a
-    piper service's WAV of a sentence (plausible length). A pass clears the service's unverified
-    mark. On a miss, restore ``{unit}.prev`` (and the previous install when this run, or the cut run
-    that marked the service, switched it), restart on it, or stop the service when it has no previous
-    unit, clear the mark, and fail the deploy saying which.
+    piper service's WAV of a sentence (plausible length), another type's ``READY_PATH`` answering.
+    A pass clears the service's unverified mark. On a miss, restore ``{unit}.prev`` (and the previous
+    install when this run, or the cut run that marked the service, switched it), restart on it, or stop
+    the service when it has no previous unit, clear the mark, and fail the deploy saying which.
 
-    + server: the service, with its ``smoke`` thresholds
+    + server: the service (``smoke_tested``: with its ``smoke`` thresholds, where its type has them)
     + rollback: the install to switch back, and whether this run switched it (evaluated on a miss)
-    + audio: the WAV on the host a whisper-server transcribes (its smoke's ``audio``, else the sample
-      of its whisper.cpp source tree)
+    + audio: the WAV on the host a ``transcribe`` smoke test sends (the service's ``smoke_audio``)
     + clear_mark: clear the mark on a pass (not when the speech round trip verifies the service too)
 
     **Example:**
@@ -340,25 +367,17 @@ def check(  # type: ignore[no-untyped-def]
         smoke.check(name="Smoke test gemma4.service", server=server, _if=any_changed(restart))
     """
     arguments = connector_arguments()
-    measure: Callable[[SmokeOutcome], None]
-    if isinstance(server, LlamaServer):
-        measure = lambda outcome: _measure(server, outcome, arguments)  # noqa: E731
-    elif isinstance(server, WhisperServer):
-        assert audio is not None
-        measure = lambda outcome: _measure_whisper(server, audio, outcome, arguments)  # noqa: E731
-    else:
-        assert isinstance(server, PiperServer)
-        measure = lambda outcome: _measure_piper(server, outcome, arguments)  # noqa: E731
+    measure = _measurement(server, audio, arguments)
     rollbacks = [(server, rollback or Rollback(), lambda: True)]
     missed = f"{server.unit_name} failed its smoke test"
     verified = [server] if clear_mark else []
-    yield FunctionCommand(_smoke_or_roll_back, (measure, rollbacks, arguments, missed, verified), {})
+    yield python_step(_smoke_or_roll_back, measure, rollbacks, arguments, missed, verified)
 
 
 @operation(is_idempotent=False)
 def round_trip(  # type: ignore[no-untyped-def]
-    piper: PiperServer,
-    whisper: WhisperServer,
+    piper: AnyService,
+    whisper: AnyService,
     rollbacks: list[tuple[Service, Rollback, Callable[[], bool]]],
 ):
     """
@@ -366,8 +385,8 @@ def round_trip(  # type: ignore[no-untyped-def]
     whisper smoke's word error rate). A pass clears both services' unverified marks. On a miss, each
     of the two that this run restarted (or found unverified) is rolled back as its own smoke test would.
 
-    + piper: the piper service (its ``smoke.text`` is said)
-    + whisper: the whisper-server service (its ``smoke`` thresholds judge the transcript)
+    + piper: the ``speak`` service (piper: its ``smoke.text`` is said)
+    + whisper: the ``transcribe`` service (whisper-server: its ``smoke`` thresholds judge the transcript)
     + rollbacks: (service, its install's rollback, whether this run restarted it) for both
 
     **Example:**
@@ -377,18 +396,20 @@ def round_trip(  # type: ignore[no-untyped-def]
         smoke.round_trip(name="Round trip piper -> whisper", piper=tts, whisper=stt, rollbacks=[...])
     """
     arguments = connector_arguments()
-    measure = lambda outcome: _measure_round_trip(piper, whisper, outcome, arguments)  # noqa: E731
+    speaker, listener = cast("PiperServer", piper), cast("WhisperServer", whisper)
+    measure = lambda outcome: _measure_round_trip(speaker, listener, outcome, arguments)  # noqa: E731
     missed = f"the round trip {piper.unit_name} -> {whisper.unit_name} failed"
-    yield FunctionCommand(_smoke_or_roll_back, (measure, rollbacks, arguments, missed, [piper, whisper]), {})
+    yield python_step(_smoke_or_roll_back, measure, rollbacks, arguments, missed, [piper, whisper])
 
 
 def round_trip_pair(box: Box) -> tuple[PiperServer, WhisperServer] | None:
-    """The services the speech round trip checks: the box's first piper and first whisper-server, when
-    both have smoke thresholds."""
-    speakers, listeners = box.services_of(PiperServer), box.services_of(WhisperServer)
-    if not (speakers and listeners and speakers[0].smoke and listeners[0].smoke):
+    """The services the speech round trip checks: the box's first ``speak`` and first ``transcribe``
+    service (piper, whisper-server), when both are smoke-tested (have thresholds)."""
+    speakers = [server for server in box.services if server.SMOKE_KIND == "speak"]
+    listeners = [server for server in box.services if server.SMOKE_KIND == "transcribe"]
+    if not (speakers and listeners and speakers[0].smoke_tested and listeners[0].smoke_tested):
         return None
-    return speakers[0], listeners[0]
+    return cast("PiperServer", speakers[0]), cast("WhisperServer", listeners[0])
 
 
 def _install_switched(restarted: Restarted | None, metas: Sequence[OperationMeta]) -> Callable[[], bool]:
@@ -423,10 +444,10 @@ def round_trip_test(
         return
     rollbacks = []
     for server in pair:
-        install = box.install_of(server)
+        install, prefix = box.install_of(server), box.prefix_of(server)
         restarted = restarts[server.name]
         happened = restarted.happened if restarted is not None else (lambda: False)
-        switched = _install_switched(restarted, install_metas[install.prefix])
+        switched = _install_switched(restarted, install_metas[prefix] if prefix is not None else [])
         rollbacks.append((server, Rollback(install, switched), happened))
     round_trip(
         name=f"Round trip {pair[0].unit_name} -> {pair[1].unit_name}",
@@ -435,15 +456,6 @@ def round_trip_test(
         rollbacks=rollbacks,
         _if=lambda: any(restarted.happened() for restarted in planned),
     )
-
-
-def whisper_audio(server: WhisperServer, build: SourceBuild | None) -> str | None:
-    """The WAV a whisper-server's smoke test transcribes: its own, else the sample in the source tree."""
-    if server.smoke is None:
-        return None
-    if server.smoke.audio is not None:
-        return server.smoke.audio
-    return f"{build.prefix}/src/{JFK_SAMPLE}" if build is not None else None
 
 
 def smoke_test(
@@ -456,12 +468,12 @@ def smoke_test(
     """
     The smoke test, after a restart or a start, or of a service an earlier run left unverified (it
     was cut before its smoke test passed): nothing when none of them is planned (``restart`` None or
-    not ``planned``) or the service has no ``smoke`` thresholds.
+    not ``planned``) or the service is not ``smoke_tested`` (its type's thresholds unset).
 
     + server: the service
     + restart: what can put a new process of it live (``service.server``'s answer), or None
-    + build: the install the service runs from, switched back on a miss when ``build_metas`` changed
-      (or the unverified mark says the cut run switched it)
+    + build: the install the service runs from (``Box.install_of``; None: none), switched back on a miss
+      when ``build_metas`` changed (or the unverified mark says the cut run switched it)
     + build_metas: the install's op metas
     + box: the host's Box: a service its speech round trip checks keeps its mark for the round trip
 
@@ -471,14 +483,10 @@ def smoke_test(
 
         smoke.smoke_test(server, restarted, box.llama_cpp, build_metas, box=box)
     """
-    if restart is None or not restart.planned or getattr(server, "smoke", None) is None:
+    if restart is None or not restart.planned or not server.smoke_tested:
         return
     rollback = Rollback(build, _install_switched(restart, build_metas or [])) if build is not None else None
-    audio = (
-        whisper_audio(server, build if isinstance(build, SourceBuild) else None)
-        if isinstance(server, WhisperServer)
-        else None
-    )
+    audio = server.smoke_audio(build.prefix if build is not None else None)
     pair = round_trip_pair(box) if box is not None else None
     in_round_trip = pair is not None and any(server.unit_name == paired.unit_name for paired in pair)
     name = f"Smoke test {server.unit_name}"

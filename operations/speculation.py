@@ -7,20 +7,19 @@ from pyinfra.api import OperationError, operation
 
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion
 from gpubox import llamacpp as records
+from gpubox.box import AnyService
 from gpubox.llamacpp import check_spec_type_supported
-from gpubox.servers.base import binary_path
-from gpubox.servers.llama import LlamaServer
 from gpubox.spec import ModelFile
 
 from .models import check_remote_architecture, has_sha256
 
 
 @operation()
-def supported(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
+def supported(server: AnyService, prefix: str):  # type: ignore[no-untyped-def]
     """
     Refuse unless the installed llama-server's ``--help`` lists the service's spec type.
 
-    + server: the service whose ``spec_type`` is looked up
+    + server: the service (a llama-server: one that ``drafts``) whose ``spec_type`` is looked up
     + prefix: the llama.cpp build prefix; its ``current/llama-server`` is asked
 
     **Example:**
@@ -31,7 +30,7 @@ def supported(server: LlamaServer, prefix: str):  # type: ignore[no-untyped-def]
             name="llama-server supports --spec-type draft-mtp", server=server, prefix="/opt/llama.cpp"
         )
     """
-    binary = binary_path(prefix)
+    binary = server.binary(prefix)
     flags = host.get_fact(LlamaServerFlags, path=binary)
     if flags is None:
         raise OperationError(f"no llama-server at {binary}: run the full deploy first")

@@ -55,13 +55,6 @@ def test_speech_moved_beside_a_reserved_llm_is_refused_naming_the_service_to_mov
     assert "move whisper" in move.message and "to GPU 1" in move.message and "gpus=(1,)" in move.message
 
 
-def test_an_unpinned_whisper_server_is_planned_on_cuda_device_0() -> None:
-    data = three_services()
-    data["services"] = [dict(data["services"][1], gpus=())]
-    plan = plan_box(Box.model_validate(data), {}, [(0, 1000), (1, 1000)])
-    assert [len(gpu.shares) for gpu in plan.gpus] == [1, 0]
-
-
 # --- build stamps ------------------------------------------------------------------------------------
 
 

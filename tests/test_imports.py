@@ -163,3 +163,60 @@ def test_the_core_does_not_import_the_monitoring_package() -> None:
         if name.startswith("gpubox.monitoring")
     ]
     assert not offenders, "\n".join(offenders)
+
+
+SERVER_ROOMS = ("gpubox.servers.llama", "gpubox.servers.whisper", "gpubox.servers.piper")
+"""The product's server types' modules: only gpubox/servers/ (and the package's face) imports them."""
+PRODUCT = ("gpubox", "operations", "facts", "deploys")
+
+
+def _type_tags() -> set[str]:
+    from gpubox.servers import server_types
+
+    return {service_type.type_tag() for service_type in server_types()}
+
+
+def test_no_module_outside_the_servers_imports_a_server_type() -> None:
+    """Behaviour is behind the service's methods: the rest of the product calls them and never asks which
+    type a service is (type-only imports, under ``if TYPE_CHECKING:``, don't count)."""
+    offenders = [
+        f"{module} ({path.relative_to(REPO)}:{line}) imports {name}"
+        for package in PRODUCT
+        for module, path in _modules(package).items()
+        if module != "gpubox" and not module.startswith("gpubox.servers")
+        for name, line in imported_names(module, path)
+        if any(name == room or name.startswith(room + ".") for room in SERVER_ROOMS)
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def type_tag_comparisons(path: Path, tags: set[str]) -> Iterator[int]:
+    """The lines of ``path`` that compare a value with a server type's tag (``== "llama-server"``, ``in``)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            constants = [
+                element
+                for operand in operands
+                for element in (operand.elts if isinstance(operand, ast.Tuple | ast.List | ast.Set) else [operand])
+            ]
+            if any(isinstance(item, ast.Constant) and item.value in tags for item in constants):
+                yield node.lineno
+
+
+def test_type_tag_comparisons_are_found(tmp_path: Path) -> None:
+    path = tmp_path / "mod.py"
+    path.write_text('a = 1\nif row.type == "llama-server":\n    pass\nb = kind in ("x", "piper")\nc = "piper"\n')
+    assert list(type_tag_comparisons(path, {"llama-server", "piper"})) == [2, 4]
+
+
+def test_no_module_outside_the_servers_compares_a_type_tag() -> None:
+    tags = _type_tags()
+    offenders = [
+        f"{path.relative_to(REPO)}:{line}"
+        for package in PRODUCT
+        for module, path in _modules(package).items()
+        if not module.startswith("gpubox.servers")
+        for line in type_tag_comparisons(path, tags)
+    ]
+    assert not offenders, "a type tag compared outside gpubox/servers/:\n" + "\n".join(offenders)

@@ -30,7 +30,7 @@ from gpubox import (
     WhisperServer,
 )
 from gpubox.monitoring import metrics
-from gpubox.monitoring.fleet import Fleet, build_fleet, llama_labels
+from gpubox.monitoring.fleet import Fleet, build_fleet, service_labels
 from gpubox.monitoring.rules import (
     alert_rules,
     duration,
@@ -157,7 +157,9 @@ def series(metric: str, labels: Mapping[str, str], values: str) -> dict[str, str
 def llama(host: str, service: str) -> dict[str, str]:
     """The labels a llama-server's series carry: its target's labels, job and instance."""
     server = FLEET.host(host).box.llama_server(service)
-    return {**llama_labels(host, server), "job": f"{service}@{host}", "instance": f"127.0.0.1:{server.port}"}
+    scrape = server.scrape()
+    assert scrape is not None
+    return {**service_labels(host, server, scrape), "job": f"{service}@{host}", "instance": f"127.0.0.1:{server.port}"}
 
 
 def node(host: str, **labels: str) -> dict[str, str]:

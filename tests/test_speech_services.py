@@ -297,3 +297,35 @@ def test_two_installs_may_not_share_a_prefix() -> None:
     with pytest.raises(ValidationError) as error:
         Box.model_validate(three_services(whisper_cpp={"commit": "1" * 40, "prefix": "/opt/llama.cpp"}))
     assert fields_refused(error) == {"whisper_cpp.prefix"}
+
+
+def test_the_deploy_asks_the_services_not_their_types() -> None:
+    """What operations/ and deploys/ read of a service, through its methods (issue 22): the piper flavour, the
+    round trip's pair, each service's flag-check read, its key file, its models' roles, whether it is smoked."""
+    from operations import box_state, service, smoke
+
+    services = three_services()
+    services["services"][0].update(
+        model_draft=GGUF.model_copy(update={"path": "/srv/models/d.gguf"}).model_dump(), api_key_file="generate",
+        spec_type="draft-simple",
+    )
+    services["services"][1]["smoke"] = {}
+    services["services"][2]["smoke"] = {}
+    box = Box.model_validate(services)
+    llama, stt, tts = box.services
+    assert box_state.piper_flavor(box) == "cuda"
+    assert box_state.piper_flavor(Box.model_validate(three_services(services=[services["services"][0]]))) == "cpu"
+    assert smoke.round_trip_pair(box) == (tts, stt)
+    assert [llama.model_role(model) for model in llama.models()] == ["Model", "Drafter"]
+    assert llama.generated_key_file == "/etc/gpubox/keys/gemma4.key" and stt.generated_key_file is None
+    assert not llama.smoke_tested and stt.smoke_tested and tts.smoke_tested
+    assert stt.smoke_audio("/opt/whisper.cpp") == "/opt/whisper.cpp/src/samples/jfk.wav"
+    reads = {fact.__name__: arguments for fact, arguments in service.facts_read(llama, "/opt/llama.cpp")}
+    assert reads["LlamaServerFlags"] == {"path": "/opt/llama.cpp/current/llama-server"} and "File" in reads
+    reads = {fact.__name__: arguments for fact, arguments in service.facts_read(stt, "/opt/whisper.cpp")}
+    assert "ServerOptions" in reads and "LlamaServerFlags" not in reads and "File" not in reads
+
+
+def test_whisper_is_ready_when_its_health_says_ok() -> None:
+    assert whisper().ready(200, '{"status": "ok"}')
+    assert not whisper().ready(200, '{"status": "loading model"}') and not whisper().ready(503, "")

@@ -592,3 +592,31 @@ def test_an_unset_draft_n_max_is_planned_at_llama_server_s_default(target: GgufF
     unset = plan_service(_server(), target, drafter).compute
     assert unset == plan_service(_server(spec_draft_n_max=3), target, drafter).compute
     assert unset != plan_service(_server(spec_draft_n_max=1), target, drafter).compute
+
+
+# --- the speech terms against what they were measured from (docs/gpu-validation.md, an H100) ---------------
+
+# nvidia-smi's memory of whisper-server per size (random-weight f16 models, the real hyperparameters) after a
+# sampled transcription (2 decoders: the most whisper-server's defaults allocate), and of piper --cuda with the
+# joe medium voice (63,201,294 bytes) after its syntheses.
+MEASURED_WHISPER_MIB = {"tiny": 880, "base": 982, "small": 1412, "medium": 2642, "large": 4380}
+MEASURED_PIPER_MIB, JOE_MEDIUM_BYTES = 998, 63_201_294
+
+
+@pytest.mark.parametrize("size", sorted(MEASURED_WHISPER_MIB))
+def test_the_whisper_terms_cover_each_measured_size_within_5_percent(size: str) -> None:
+    from gpubox.spec import WhisperSize
+    from gpubox.vram import whisper_terms
+
+    planned = sum(whisper_terms(WhisperSize(size)).values()) / MIB
+    measured = MEASURED_WHISPER_MIB[size]
+    assert measured <= planned <= measured * 1.05, (size, planned, measured)
+
+
+def test_the_piper_terms_cover_the_measured_voice_within_5_percent() -> None:
+    from gpubox.vram import PIPER_CUDA_CONTEXT_MIB, piper_terms
+
+    terms = piper_terms(JOE_MEDIUM_BYTES)
+    assert terms["headroom"] == PIPER_CUDA_CONTEXT_MIB * MIB == 666 * MIB  # onnxruntime's CUDA context, not llama's
+    planned = sum(terms.values()) / MIB
+    assert MEASURED_PIPER_MIB <= planned <= MEASURED_PIPER_MIB * 1.05, planned

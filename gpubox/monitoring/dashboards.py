@@ -27,9 +27,8 @@ from grafana_foundation_sdk.models import common as common_model
 from grafana_foundation_sdk.models import dashboard as dashboard_model
 
 from gpubox.monitoring import metrics
-from gpubox.monitoring.fleet import KIND_LLAMA, KIND_NODE, Fleet
+from gpubox.monitoring.fleet import KIND_NODE, Fleet
 from gpubox.monitoring.rules import RESTARTS_WINDOW_S, duration, number, selector
-from gpubox.servers.llama import LlamaServer
 
 DATASOURCE_UID = "gpubox-prometheus"
 DATASOURCE_NAME = "gpubox Prometheus"
@@ -50,7 +49,7 @@ RATE_INTERVAL = "$__rate_interval"
 # What the panels select by: the dashboard's variables (regexes: they may hold several values, or .*).
 HOSTS = {"host": "$host"}
 HOSTS_AND_SERVICES = {"host": "$host", "service": "$service"}
-LLAMA = {"kind": KIND_LLAMA}
+LLAMA = {"kind": "llama-server"}  # the series of llama.cpp's own metrics (metrics.LLAMA_*)
 NODE = {"kind": KIND_NODE}
 
 
@@ -137,12 +136,13 @@ def _smoke_minimums(fleet: Fleet) -> tuple[str, str]:
     """Each llama-server's smoke minimums, as the panels' descriptions list them."""
     speeds, acceptances = [], []
     for host in fleet.hosts:
-        for server in host.box.services_of(LlamaServer):
-            if server.smoke is None:
+        for server in host.box.services:
+            thresholds = server.decode_thresholds()
+            if thresholds is None:
                 continue
-            speeds.append(f"{server.name}@{host.name} {number(server.smoke.min_tokens_per_second)} tok/s")
-            if server.drafts and server.smoke.min_acceptance is not None:
-                acceptances.append(f"{server.name}@{host.name} {number(server.smoke.min_acceptance)}")
+            speeds.append(f"{server.name}@{host.name} {number(thresholds.min_tokens_per_second)} tok/s")
+            if server.drafts and thresholds.min_acceptance is not None:
+                acceptances.append(f"{server.name}@{host.name} {number(thresholds.min_acceptance)}")
     return ", ".join(speeds) or "none set", ", ".join(acceptances) or "none set"
 
 

@@ -5,28 +5,27 @@ other host runs Prometheus in agent mode, scraping its loopback services and nod
 remote-writing to the monitor. So nothing listens beyond loopback for monitoring's sake but the
 monitor's Prometheus (and only when ``Monitoring.listen`` says so).
 
-Every series carries ``host`` (the inventory name) and ``kind`` (``llama-server`` or ``node``); a
-llama-server's also ``service``, ``gpu`` (its pinned indices, ``cpu`` when none), ``model`` (the
-model file's name without ``.gguf``) and ``spec_type``.
+Every series carries ``host`` (the inventory name) and ``kind`` (the server type, ``llama-server``, or
+``node``); a service's also ``service`` and what its type adds (``Service.scrape``): a llama-server's
+``gpu`` (its pinned indices, ``cpu`` when none), ``model`` (the model file's name without ``.gguf``)
+and ``spec_type``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from gpubox.box import Box
-from gpubox.gpu import gpu_list
 from gpubox.monitoring.spec import Monitoring
-from gpubox.servers.llama import LlamaServer
+from gpubox.servers.base import Scrape, Service
 from gpubox.spec import Problem, is_loopback, problems_from
 
 MONITORING_KEY = "monitoring"
-KIND_LLAMA = "llama-server"
 KIND_NODE = "node"
 CREDENTIALS_DIR = "/etc/prometheus/gpubox"
 """Root-owned copies of the services' API keys, readable by the prometheus group."""
@@ -62,6 +61,8 @@ class Target:
     """The copy of the service's API key Prometheus sends as a bearer token (never the key inline)."""
     key_source: str | None = None
     """The service's own key file on the host, which the copy is made from."""
+    path: str = "/metrics"
+    """The endpoint scraped."""
 
 
 @dataclass(frozen=True)
@@ -103,16 +104,10 @@ class Fleet:
         return name == self.monitoring.monitor
 
 
-def llama_labels(host: str, server: LlamaServer) -> dict[str, str]:
-    """The labels of a llama-server's series: where it runs, what it serves and how it drafts."""
-    return {
-        "host": host,
-        "kind": KIND_LLAMA,
-        "service": server.name,
-        "gpu": gpu_list(server.gpus),
-        "model": PurePosixPath(server.model.path).name.removesuffix(".gguf"),
-        "spec_type": server.spec_type,
-    }
+def service_labels(host: str, server: Service, scrape: Scrape) -> dict[str, str]:
+    """The labels of a scraped service's series: where it runs, its type, and what its type adds
+    (a llama-server: its GPUs, model and spec type)."""
+    return {"host": host, "kind": server.type_tag(), "service": server.name, **scrape.labels}
 
 
 def credentials_path(service: str) -> str:
@@ -120,17 +115,19 @@ def credentials_path(service: str) -> str:
 
 
 def scrape_targets(host: FleetHost) -> list[Target]:
-    """What ``host``'s own Prometheus (agent or server) scrapes: each llama-server, then node-exporter."""
+    """What ``host``'s own Prometheus (agent or server) scrapes: each service's endpoint (``Service.scrape``),
+    then node-exporter."""
     targets = [
         Target(
             job=f"{server.name}@{host.name}",
             port=server.port,
-            labels=llama_labels(host.name, server),
-            credentials_file=credentials_path(server.name) if server.api_key_file is not None else None,
-            key_source=server.api_key_file,
+            labels=service_labels(host.name, server, scrape),
+            credentials_file=credentials_path(server.name) if scrape.key_file is not None else None,
+            key_source=scrape.key_file,
+            path=scrape.path,
         )
-        for server in host.box.services_of(LlamaServer)
-        if server.metrics
+        for server in host.box.services
+        if (scrape := server.scrape()) is not None
     ]
     targets.append(
         Target(
@@ -165,12 +162,11 @@ def fleet_problems(monitoring: Monitoring, hosts: tuple[FleetHost, ...]) -> list
             ))
     jobs: dict[str, str] = {}
     for fleet_host in hosts:
-        for server in fleet_host.box.services_of(LlamaServer):
-            if not server.metrics:
-                problems.append(Problem(
-                    field=f"{fleet_host.name}.services.{fleet_host.box.services.index(server)}.metrics",
-                    message=f"{server.name} has /metrics off, so nothing watches its speed: set metrics=True",
-                ))
+        for position, server in enumerate(fleet_host.box.services):
+            problems += [
+                Problem(field=f"{fleet_host.name}.services.{position}.{field}", message=message)
+                for field, message in server.monitoring_problems()
+            ]
         for target in scrape_targets(fleet_host):
             if target.job in jobs:
                 problems.append(Problem(

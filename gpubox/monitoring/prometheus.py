@@ -86,6 +86,8 @@ def scrape_config(target: Target) -> dict[str, Any]:
         "job_name": target.job,
         "static_configs": [{"targets": [f"127.0.0.1:{target.port}"], "labels": dict(target.labels)}],
     }
+    if target.path != "/metrics":  # Prometheus's default
+        job["metrics_path"] = target.path
     if target.credentials_file is not None:
         job["authorization"] = {"type": "Bearer", "credentials_file": target.credentials_file}
     return job

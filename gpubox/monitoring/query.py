@@ -24,8 +24,7 @@ from rich.table import Table
 
 from gpubox.gpu import gpu_list
 from gpubox.monitoring import metrics
-from gpubox.monitoring.fleet import KIND_LLAMA, Fleet, scrape_targets
-from gpubox.servers.llama import LlamaServer
+from gpubox.monitoring.fleet import KIND_NODE, Fleet, scrape_targets
 
 GIB = 1024**3
 DEFAULT_TIMEOUT_S = 10.0
@@ -153,7 +152,7 @@ def acceptance_query(window: str, drafting_only: bool = False) -> str:
     return _ratio(metrics.LLAMA_ACCEPTED_TOKENS, metrics.LLAMA_DRAFT_TOKENS, window, selector)
 
 
-UP_QUERY = f'up{{kind="{KIND_LLAMA}"}}'
+UP_QUERY = f'up{{kind!="{KIND_NODE}"}}'
 UNIT_ACTIVE_QUERY = f"max by (host, service) ({metrics.UNIT_ACTIVE})"
 VRAM_USED_QUERY = f"max by (host, gpu) ({metrics.GPU_MEMORY_USED})"
 VRAM_PLANNED_QUERY = f"max by (host, gpu) ({metrics.GPU_PLANNED_MEMORY})"
@@ -193,6 +192,8 @@ class FleetRow:
     acceptance: float | None
     vram: tuple[GpuMemory, ...]
     alerts: tuple[str, ...]
+    decodes: bool = False
+    """Whether it reports a decode speed (a chat server Prometheus scrapes): idle when it has none."""
 
 
 def _finite(value: float | None) -> float | None:
@@ -232,11 +233,12 @@ def fleet_rows(fleet: Fleet, client: PrometheusClient) -> list[FleetRow]:
         jobs = {target.labels.get("service"): target.job for target in scrape_targets(host)}
         for service in host.box.services:
             key = (host.name, service.name)
-            gpus = tuple(service.gpus)
-            is_llama = isinstance(service, LlamaServer)
-            # a llama-server is up when Prometheus scrapes it; whisper and piper when systemd runs them
+            gpus = service.placement
+            scraped = service.scrape() is not None
+            decodes = scraped and service.CHAT
+            # a scraped service is up when Prometheus scrapes it; another when systemd runs it
             job = jobs.get(service.name, f"{service.name}@{host.name}")
-            value = up.get((job,)) if is_llama else active.get(key)
+            value = up.get((job,)) if scraped else active.get(key)
             is_up = None if value is None else value >= 1
             drafting = service.drafts
             serving = is_up is not False  # down: the rate window's tail is no speed
@@ -244,11 +246,11 @@ def fleet_rows(fleet: Fleet, client: PrometheusClient) -> list[FleetRow]:
                 FleetRow(
                     host=host.name,
                     service=service.name,
-                    type=service.type,
+                    type=service.type_tag(),
                     gpus=gpus,
                     up=is_up,
                     drafting=drafting,
-                    tokens_per_second=_finite(speed.get(key)) if is_llama and serving else None,
+                    tokens_per_second=_finite(speed.get(key)) if decodes and serving else None,
                     acceptance=_finite(acceptance.get(key)) if drafting and serving else None,
                     vram=tuple(
                         GpuMemory(
@@ -261,6 +263,7 @@ def fleet_rows(fleet: Fleet, client: PrometheusClient) -> list[FleetRow]:
                     alerts=tuple(
                         sorted({alert.name for alert in firing if _alert_applies(alert, host.name, service.name, gpus)})
                     ),
+                    decodes=decodes,
                 )
             )
     return rows
@@ -298,7 +301,7 @@ def top_table(rows: Sequence[FleetRow], title: str = "gpubox fleet") -> Table:
     table.add_column("alerts", overflow="fold")
     for row in rows:
         speed = "-" if row.tokens_per_second is None else f"{row.tokens_per_second:.1f}"
-        if row.type == "llama-server" and row.tokens_per_second is None and row.up:
+        if row.decodes and row.tokens_per_second is None and row.up:
             speed = "[dim]idle[/]"
         acceptance = "-" if row.acceptance is None else f"{row.acceptance:.0%}"
         table.add_row(

@@ -42,8 +42,8 @@ from typing import Any, Literal
 import yaml
 
 from gpubox.monitoring import metrics
-from gpubox.monitoring.fleet import KIND_LLAMA, KIND_NODE, Fleet, FleetHost, scrape_targets
-from gpubox.servers.llama import LlamaServer
+from gpubox.monitoring.fleet import KIND_NODE, Fleet, FleetHost, scrape_targets
+from gpubox.servers.base import Service
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -161,8 +161,9 @@ def _node(host: FleetHost, **labels: str) -> dict[str, str]:
     return {"host": host.name, "kind": KIND_NODE, **labels}
 
 
-def _llama(host: FleetHost, server: LlamaServer) -> dict[str, str]:
-    return {"host": host.name, "kind": KIND_LLAMA, "service": server.name}
+def _service(host: FleetHost, server: Service) -> dict[str, str]:
+    """The labels that select a scraped service's series."""
+    return {"host": host.name, "kind": server.type_tag(), "service": server.name}
 
 
 def counter_ratio(numerator: str, denominator: str, labels: Mapping[str, str], window: str) -> str:
@@ -177,7 +178,7 @@ def availability_rules(fleet: Fleet) -> list[dict[str, Any]]:
     rules: list[dict[str, Any]] = []
     for host in fleet.hosts:
         for target in scrape_targets(host):
-            if target.labels.get("kind") != KIND_LLAMA:
+            if target.labels.get("kind") == KIND_NODE:
                 continue
             name = target.labels["service"]
             rules.append(_rule(
@@ -204,7 +205,7 @@ def availability_rules(fleet: Fleet) -> list[dict[str, Any]]:
                 _text(
                     "systemd has not reported {service}.service ({type}) active for Monitoring.down_for_s = "
                     "{down_for}.",
-                    service=service.name, type=service.type, down_for=down_for,
+                    service=service.name, type=service.type_tag(), down_for=down_for,
                 ),
             ))
         rules.append(_rule(
@@ -232,11 +233,12 @@ def performance_rules(fleet: Fleet) -> list[dict[str, Any]]:
     over_text = "over {window} (Monitoring.rate_window_s = {rate_window_s}) for Monitoring.slow_for_s = {slow_for_s}"
     rules: list[dict[str, Any]] = []
     for host in fleet.hosts:
-        for server in host.box.services_of(LlamaServer):
-            if server.smoke is None:
+        for server in host.box.services:
+            thresholds, scrape = server.decode_thresholds(), server.scrape()
+            if thresholds is None or scrape is None:
                 continue
-            labels = _llama(host, server)
-            minimum = number(server.smoke.min_tokens_per_second)
+            labels = _service(host, server)
+            minimum = number(thresholds.min_tokens_per_second)
             speed = counter_ratio(
                 metrics.LLAMA_TOKENS_PREDICTED, metrics.LLAMA_TOKENS_PREDICTED_SECONDS, labels, window
             )
@@ -254,8 +256,8 @@ def performance_rules(fleet: Fleet) -> list[dict[str, Any]]:
                     service=server.name, minimum=minimum, **over,
                 ),
             ))
-            if server.drafts and server.smoke.min_acceptance is not None:
-                minimum = number(server.smoke.min_acceptance)
+            if server.drafts and thresholds.min_acceptance is not None:
+                minimum = number(thresholds.min_acceptance)
                 acceptance = counter_ratio(metrics.LLAMA_ACCEPTED_TOKENS, metrics.LLAMA_DRAFT_TOKENS, labels, window)
                 rules.append(_rule(
                     "GpuboxLowAcceptance",
@@ -269,7 +271,7 @@ def performance_rules(fleet: Fleet) -> list[dict[str, Any]]:
                         "{service}'s drafter ({spec_type}) had {percent} of its drafted tokens accepted "
                         + over_text + ", below SmokeThresholds.min_acceptance = {minimum} (its smoke threshold): "
                         "the drafter is not paying for itself.",
-                        service=server.name, spec_type=server.spec_type, minimum=minimum, **over,
+                        service=server.name, spec_type=scrape.labels.get("spec_type", ""), minimum=minimum, **over,
                     ),
                 ))
     return rules

@@ -23,45 +23,83 @@ Port = int
 
 
 class Monitoring(Spec):
-    """The fleet's monitoring: which host runs Prometheus (and Alertmanager), and how it alerts.
+    """The fleet's monitoring: which host runs Prometheus (and Alertmanager), and how it alerts (the
+    hosts' ``monitoring`` in the inventory's data)."""
 
-    + monitor: the inventory host that runs Prometheus; every other host's agent writes to it
-    + address: how the other hosts (and ``gpubox top``) reach the monitor; default: its inventory
-      address (``ssh_hostname``, else its name)
-    + listen: the address Prometheus binds (``0.0.0.0`` for every interface); loopback unless
-      agents on other machines must reach it
-    + port: Prometheus's port on the monitor
-    + retention: how long Prometheus keeps samples (``15d``)
-    + scrape_interval_s, evaluation_interval_s: Prometheus's global intervals
-    + webhook_url: where Alertmanager posts alerts; None: no Alertmanager (alerts still show in
-      Prometheus and ``gpubox top``)
-    + alertmanager_port: Alertmanager's port on the monitor (127.0.0.1)
-    + group_wait_s: Alertmanager waits this long to batch a new alert group's first notification
-    + down_for_s: how long a service is down before its alert fires
-    + slow_for_s: how long decode speed or draft acceptance stays below threshold before it fires
-    + rate_window_s: the window of the rate()s behind speed and acceptance
-    + restarts_max: a unit restarted more than this many times in 15 minutes alerts
-    + vram_margin_mib: a GPU using more than its planned total plus this alerts
-    + grafana_provisioning: Grafana's provisioning directory on the monitor; dashboards are placed
-      there when it exists
-    """
-
-    monitor: str
-    address: str | None = None
-    listen: str = "127.0.0.1"
-    port: Port = Field(default=9090, ge=1, le=65535)
-    retention: str = "15d"
-    scrape_interval_s: int = Field(default=15, ge=1, le=3600)
-    evaluation_interval_s: int = Field(default=15, ge=1, le=3600)
-    webhook_url: str | None = None
-    alertmanager_port: Port = Field(default=9093, ge=1, le=65535)
-    group_wait_s: int = Field(default=30, ge=0, le=3600)
-    down_for_s: int = Field(default=60, ge=0, le=86400)
-    slow_for_s: int = Field(default=600, ge=0, le=86400)
-    rate_window_s: int = Field(default=300, ge=10, le=86400)
-    restarts_max: int = Field(default=3, ge=0, le=1000)
-    vram_margin_mib: int = Field(default=1024, ge=0)
-    grafana_provisioning: str = "/etc/grafana/provisioning"
+    monitor: str = Field(
+        description="The inventory host that runs Prometheus; every other host's agent writes to it. A name that "
+        "is no gpubox host of the inventory is refused."
+    )
+    address: str | None = Field(
+        default=None,
+        description="How the other hosts (and `gpubox top`) reach the monitor; None: the address Prometheus "
+        "listens on, when `listen` names one, else the monitor's inventory address (`ssh_hostname`, else its name).",
+    )
+    listen: str = Field(
+        default="127.0.0.1",
+        description="The IP address Prometheus binds (`0.0.0.0` for every interface): loopback unless agents on "
+        "other machines must reach it, and refused on loopback when they must.",
+    )
+    port: Port = Field(
+        default=9090,
+        ge=1,
+        le=65535,
+        description="Prometheus's port on the monitor; a port the monitor's box uses is refused.",
+    )
+    retention: str = Field(
+        default="15d", description="How long Prometheus keeps samples: a Prometheus duration (`15d`, `12h`, `2w`)."
+    )
+    scrape_interval_s: int = Field(
+        default=15, ge=1, le=3600, description="Prometheus's global scrape interval, in seconds."
+    )
+    evaluation_interval_s: int = Field(
+        default=15, ge=1, le=3600, description="Prometheus's global rule evaluation interval, in seconds."
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        description="Where Alertmanager posts alerts (http or https); None: no Alertmanager (alerts still show in "
+        "Prometheus and `gpubox top`).",
+    )
+    alertmanager_port: Port = Field(
+        default=9093,
+        ge=1,
+        le=65535,
+        description="Alertmanager's port on the monitor (127.0.0.1); Prometheus's port or one the monitor's box "
+        "uses is refused.",
+    )
+    group_wait_s: int = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description="How long Alertmanager waits to batch a new alert group's first notification.",
+    )
+    down_for_s: int = Field(
+        default=60, ge=0, le=86400, description="How long a service is down before its alert fires (seconds)."
+    )
+    slow_for_s: int = Field(
+        default=600,
+        ge=0,
+        le=86400,
+        description="How long decode speed or draft acceptance stays below its smoke threshold before the alert "
+        "fires (seconds).",
+    )
+    rate_window_s: int = Field(
+        default=300,
+        ge=10,
+        le=86400,
+        description="The window (seconds) of the `rate()`s behind decode speed and draft acceptance.",
+    )
+    restarts_max: int = Field(
+        default=3, ge=0, le=1000, description="A unit restarted more than this many times in 15 minutes alerts."
+    )
+    vram_margin_mib: int = Field(
+        default=1024, ge=0, description="A GPU using more than its planned total plus this many MiB alerts."
+    )
+    grafana_provisioning: str = Field(
+        default="/etc/grafana/provisioning",
+        description="Grafana's provisioning directory on the monitor; the dashboards are placed there when it "
+        "exists.",
+    )
 
     @field_validator("monitor", "address")
     @classmethod

@@ -154,7 +154,7 @@ def static_metrics(box: Box, planned_bytes: Mapping[int, int]) -> str:
         metrics.GPU_SERVICE_INFO, HELP[metrics.GPU_SERVICE_INFO], labels=["gpu", "service", "unit"]
     )
     for service in box.services:
-        for gpu in service.gpus:
+        for gpu in service.placement:
             info.add_metric([str(gpu), service.name, service.unit_name], 1)
     return exposition([planned, info])
 

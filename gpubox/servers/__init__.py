@@ -1,8 +1,20 @@
 """The server types gpubox runs, one module each, beside what they share (`base`)."""
 
-from gpubox.servers.base import Flag, Service
+from gpubox.servers.base import Flag, Scrape, Service
 from gpubox.servers.llama import LlamaServer
 from gpubox.servers.piper import PiperServer, SpeechSmoke
+from gpubox.servers.registry import register_server_type, server_types
 from gpubox.servers.whisper import TranscriptionSmoke, WhisperServer
 
-__all__ = ["Flag", "LlamaServer", "PiperServer", "Service", "SpeechSmoke", "TranscriptionSmoke", "WhisperServer"]
+__all__ = [
+    "Flag",
+    "LlamaServer",
+    "PiperServer",
+    "Scrape",
+    "Service",
+    "SpeechSmoke",
+    "TranscriptionSmoke",
+    "WhisperServer",
+    "register_server_type",
+    "server_types",
+]

@@ -20,13 +20,17 @@ import contextlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Self
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from gpubox.llamacpp import HELP_CACHE_SUFFIX
-from gpubox.spec import ModelFile, Spec, Violation, is_loopback, refuse
+from gpubox.spec import ModelFile, SmokeThresholds, Spec, Violation, is_loopback, refuse
+
+if TYPE_CHECKING:
+    from gpubox.gguf_header import GgufFile
+    from gpubox.vram import ServiceVram, VramInputs
 
 UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -113,12 +117,63 @@ def _network(value: str) -> str:
         ) from None
 
 
+@dataclass(frozen=True)
+class Scrape:
+    """What monitoring scrapes of a service: a Prometheus endpoint on its port, and its series' labels.
+
+    + path: the endpoint (``/metrics``)
+    + labels: the labels beside ``host``, ``kind`` (the type) and ``service`` that every series gets
+    + key_file: the service's API key file on the host, sent as a bearer token (a root-owned copy)
+    """
+
+    path: str = "/metrics"
+    labels: dict[str, str] = field(default_factory=dict)
+    key_file: str | None = None
+
+
 class Service(Spec):
     """What every service gpubox runs as a systemd unit has: a name, GPUs, a user, a listener.
 
-    Subclasses set ``PROGRAM`` (the binary in the build), ``FLAGS`` (the flag table) and
-    ``RULES`` (cross-field rules run at validation, then ``extra_args_rule``).
+    Subclasses set ``type`` (a ``Literal`` tag, its default the tag: the registry tells services apart
+    by it), ``PROGRAM`` (the binary in the build), ``FLAGS`` (the flag table) and ``RULES``
+    (cross-field rules run at validation, then ``extra_args_rule``), and override the behaviour below
+    where theirs differs: the rest of gpubox calls these, and never asks which type a service is.
+
+    - ``INSTALL``/``INSTALL_EXAMPLE``: which install of the ``Box`` it runs from, or none;
+    - ``binary``: its program; ``host_programs``: what else it runs on the host;
+    - ``gpu_work``/``CPU_SETTING``: whether it asks for a GPU, and the setting that runs it on the CPU;
+      ``placement``: the GPUs it runs on (the unit, the planner, the smoke test, monitoring);
+      ``vram_gpus``: which of them hold its memory;
+    - ``vram``/``vram_changes``: its VRAM terms, and what would shrink them;
+    - ``summary``: its one line in ``gpubox check``;
+    - ``READY_PATH``/``ready``: when it has loaded; ``SMOKE_KIND``: which smoke test checks it;
+      ``smoke_tested``: whether one does; ``smoke_audio``: what a ``transcribe`` one sends;
+    - ``RUNS_HELP``: how the deploy's flag check reads its ``--help``; ``generated_key_file``: the API key the
+      deploy makes; ``model_role``: what each model is to it (``Drafter``);
+    - ``scrape``: what monitoring scrapes (a ``/metrics`` target), None for its unit state only;
+      ``decode_thresholds``: the decode speed its alerts watch; ``CHAT``: whether ``gpubox smoke`` and
+      ``gpubox bench`` (the OpenAI chat API) reach it.
     """
+
+    INSTALL: ClassVar[str | None] = None
+    """The ``Box`` field of the install it runs from (``llama_cpp``); None: none (``PROGRAM`` is absolute)."""
+    INSTALL_EXAMPLE: ClassVar[str] = ""
+    """What to add to the ``Box`` when the install is missing (``llama_cpp=LlamaCppBuild(commit=...)``)."""
+    CPU_SETTING: ClassVar[str] = ""
+    """The setting that runs it on the CPU (``n_gpu_layers=0``); empty: it never asks for a GPU."""
+    READY_PATH: ClassVar[str] = "/health"
+    """What answers 200 once the server has loaded (the smoke tests wait for it)."""
+    SMOKE_KIND: ClassVar[str] = "ready"
+    """Which smoke test checks it after a restart: ``ready`` (``READY_PATH`` answers) unless its type has its own."""
+    CHAT: ClassVar[bool] = False
+    """Whether it speaks the OpenAI chat API that ``gpubox smoke`` and ``gpubox bench`` use."""
+    PINNED: ClassVar[str] = "version"
+    """What the box pins that decides the flags its program takes (an unsupported flag's fix names it)."""
+    RUNS_HELP: ClassVar[bool] = False
+    """Whether the flag check may run the program's ``--help`` and ``--version`` (llama-server); else it reads
+    the ``--help`` its install saved (``help_file``: whisper-server exits 0 on any flag, only its help tells)."""
+    MODEL_ROLES: ClassVar[dict[str, str]] = {}
+    """What its model fields are called in the deploy's steps (``model_draft``: ``Drafter``); else ``Model``."""
 
     PROGRAM: ClassVar[str]
     """The program in its install's ``current`` directory (``llama-server``; piper's ``bin/python3``)."""
@@ -129,15 +184,36 @@ class Service(Spec):
     FLAGS: ClassVar[tuple[Flag, ...]] = ()
     RULES: ClassVar[tuple[Callable[[Any], Iterable[Violation]], ...]] = ()
 
-    name: str
-    gpus: tuple[Annotated[int, Field(ge=0)], ...] = ()
-    user: str
-    host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
-    # Who may connect to a listener beyond loopback: the unit's IPAddressAllow= (with localhost), all
-    # else denied (IPAddressDeny=any). Required then, so that "everyone" is a decision ('any'), not a default.
-    allow_from: tuple[Annotated[str, AfterValidator(_network)], ...] = ()
-    extra_args: tuple[str, ...] = ()
+    name: str = Field(
+        description="The unit is `<name>.service`, and messages, plans and metrics name the service so: letters, "
+        "digits, `-`, `_` or `.`, at most 64, starting with a letter or digit, without `.service`; unique per box."
+    )
+    gpus: tuple[Annotated[int, Field(ge=0)], ...] = Field(
+        default=(),
+        description="The GPUs it runs on, by nvidia-smi index: the unit opens only their device nodes and pins "
+        "them by UUID (inside, they are numbered from 0). Empty: the CPU, and GPU work left unpinned is refused "
+        "on a box with `expected_gpus`; the deploy refuses a GPU the host lacks.",
+    )
+    user: str = Field(description="The dedicated system account the unit runs as (not root); the deploy creates it.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="The one address it listens on. Beyond loopback, `allow_from` is required, a server with API "
+        "keys needs `api_key_file`, and one without authentication is refused.",
+    )
+    port: int = Field(ge=1, le=65535, description="The port it listens on; unique per box.")
+    allow_from: tuple[Annotated[str, AfterValidator(_network)], ...] = Field(
+        default=(),
+        description="Who may connect to a listener beyond loopback: IP networks (a bare address is its /32 or "
+        "/128), or `('any',)` alone; the unit allows them and localhost (`IPAddressAllow=`) and denies the rest. "
+        "Required beyond loopback, so that everyone is a decision, not a default; refused on loopback, and so is "
+        "an entry that is no network (`192.168.1.5/24` asks for `192.168.1.0/24`).",
+    )
+    extra_args: tuple[str, ...] = Field(
+        default=(),
+        description="More words for the command line, after the typed flags, for flags no field renders; a "
+        "typed flag here is refused (set its field, so the rules see it). The deploy checks every flag against "
+        "the installed binary's `--help`.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -184,6 +260,79 @@ class Service(Spec):
     def unit_name(self) -> str:
         return f"{self.name}.service"
 
+    @classmethod
+    def type_tag(cls) -> str:
+        """Its ``type``: the tag a Box's services are told apart by (the ``type`` field's default)."""
+        return str(cls.model_fields["type"].default)
+
+    @property
+    def gpu_work(self) -> bool:
+        """Whether the spec asks for a GPU (a box that declares GPUs refuses it unpinned)."""
+        return False
+
+    @property
+    def placement(self) -> tuple[int, ...]:
+        """The GPUs (nvidia-smi indices) it runs on; none: the CPU. The one answer the unit's
+        ``CUDA_VISIBLE_DEVICES``/``DeviceAllow``, the planner, the smoke test's residency check, `check` and
+        monitoring read: its pinned ``gpus``. Unpinned GPU work is refused on a box that declares GPUs,
+        and runs on the CPU on one that does not (the unit hides every GPU)."""
+        return self.gpus
+
+    def vram_gpus(self) -> tuple[int, ...]:
+        """The GPUs its memory lands on: all of ``placement`` (a server that splits over them)."""
+        return self.placement
+
+    def vram(self, inputs: VramInputs, where: str) -> ServiceVram | None:
+        """What it puts on each of ``vram_gpus``, from the planner's inputs; None: nothing on a GPU.
+
+        ``where``: its place in the box (``services.0``), where a refused field is named."""
+        return None
+
+    def vram_changes(self, headers: dict[str, GgufFile], over_bytes: int) -> list[str]:
+        """Changes to its own fields that would save ``over_bytes`` of VRAM (none it knows of)."""
+        return []
+
+    def summary(self) -> str:
+        """The settings that tell services of one type apart, in a few words (`gpubox check`)."""
+        return "CPU" if not self.placement else "GPU"
+
+    def ready(self, status: int, body: str) -> bool:
+        """Whether an answer of ``READY_PATH`` says the server has loaded."""
+        return status == 200
+
+    def scrape(self) -> Scrape | None:
+        """What monitoring scrapes of it; None: its unit's state only (the GPU metrics timer's)."""
+        return None
+
+    def monitoring_problems(self) -> list[tuple[str, str]]:
+        """What refuses a fleet's monitoring of it: (its field, what to change)."""
+        return []
+
+    @property
+    def smoke_tested(self) -> bool:
+        """Whether the deploy smoke-tests it after a restart (and marks it unverified until then): the
+        ``ready`` kind always (``READY_PATH`` answers); a type with thresholds when they are set."""
+        return True
+
+    def smoke_audio(self, prefix: str | None) -> str | None:
+        """The WAV on the host a ``transcribe`` smoke test sends, given its install's prefix (none else)."""
+        return None
+
+    @property
+    def generated_key_file(self) -> str | None:
+        """Where the deploy makes its API key (``api_key_file="generate"``); None: it makes none."""
+        return None
+
+    def model_role(self, model: ModelFile) -> str:
+        """What ``model`` (one of its models) is to it, as the deploy's steps name it: ``MODEL_ROLES``' word for
+        the field that holds it, else ``Model``."""
+        fields = [field for field, mine in self.model_files() if mine.path == model.path]
+        return self.MODEL_ROLES.get(fields[0], "Model") if fields else "Model"
+
+    def decode_thresholds(self) -> SmokeThresholds | None:
+        """The decode speed (and draft acceptance) its smoke test demands, which alerts and panels watch."""
+        return None
+
     def argv(self, binary: str) -> list[str]:
         """The command line: the binary, every typed flag in table order, then ``extra_args``."""
         words = [binary, *self.PROGRAM_ARGS]
@@ -210,9 +359,9 @@ class Service(Spec):
         """Files the service reads and must not write (its models, its key file)."""
         return [model.path for model in self.models()]
 
-    def binary(self, prefix: str) -> str:
-        """The program the unit runs, in the install at ``prefix``."""
-        return binary_path(prefix, self.PROGRAM)
+    def binary(self, prefix: str | None) -> str:
+        """The program the unit runs, in the install at ``prefix``; without an install, ``PROGRAM`` itself."""
+        return self.PROGRAM if prefix is None else binary_path(prefix, self.PROGRAM)
 
     def help_file(self, prefix: str) -> str:
         """Where the install saved the server's ``--help`` (the flag check reads it, runs nothing)."""

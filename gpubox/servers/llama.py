@@ -9,11 +9,16 @@ the README's rule table, one function each, named after the rule.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gpubox.servers.base import Flag, Service, model_path
+from gpubox import vram as planner
+from gpubox.gguf_header import GgufFile
+from gpubox.gpu import gpu_list
+from gpubox.servers.base import Flag, Scrape, Service, model_path
+from gpubox.servers.registry import register_server_type
 from gpubox.spec import ModelFile, SmokeThresholds, Violation, absolute_path, is_loopback
 
 # Values the pinned llama.cpp (0c1e57098) accepts, read from its `llama-server --help`.
@@ -52,7 +57,7 @@ LLAMA_SERVER_FLAGS: tuple[Flag, ...] = (
     Flag("spec_draft_type_v", "--spec-draft-type-v", ("-ctvd", "--cache-type-v-draft"), default="f16"),
     Flag("ctx_size", "--ctx-size", ("-c",)),
     Flag("batch_size", "--batch-size", ("-b",), default=2048),
-    Flag("ubatch_size", "--ubatch-size", ("-ub",), default=512),
+    Flag("ubatch_size", "--ubatch-size", ("-ub",), default=planner.DEFAULT_N_UBATCH),
     Flag("n_gpu_layers", "--n-gpu-layers", ("-ngl", "--gpu-layers")),
     Flag("cache_type_k", "--cache-type-k", ("-ctk",), default="f16"),
     Flag("cache_type_v", "--cache-type-v", ("-ctv",), default="f16"),
@@ -74,39 +79,135 @@ class LlamaServer(Service):
     PROGRAM: ClassVar[str] = PROGRAM
     AUTHENTICATES: ClassVar[bool] = True
     FLAGS: ClassVar[tuple[Flag, ...]] = LLAMA_SERVER_FLAGS
+    INSTALL: ClassVar[str | None] = "llama_cpp"
+    INSTALL_EXAMPLE: ClassVar[str] = "llama_cpp=LlamaCppBuild(commit=...)"
+    PINNED: ClassVar[str] = "llama.cpp commit"
+    CPU_SETTING: ClassVar[str] = "n_gpu_layers=0"
+    SMOKE_KIND: ClassVar[str] = "chat"
+    CHAT: ClassVar[bool] = True
+    RUNS_HELP: ClassVar[bool] = True
+    MODEL_ROLES: ClassVar[dict[str, str]] = {"model_draft": "Drafter"}
 
-    type: Literal["llama-server"] = "llama-server"
-    user: str = "llama"
-    port: int = Field(default=8080, ge=1, le=65535)
-    model: ModelFile
-    model_draft: ModelFile | None = None
-    spec_type: SpecType = "none"
-    spec_draft_n_max: int | None = Field(default=None, ge=1, le=64)
-    spec_draft_ngl: GpuLayers | None = None
-    # the drafter's own KV cache; llama-server's default is f16 whatever cache_type_k/v say
-    spec_draft_type_k: CacheType | None = None
-    spec_draft_type_v: CacheType | None = None
-    ctx_size: int = Field(default=4096, ge=1)
-    # llama-server's defaults (2048 / 512) when unset; n_ubatch sizes the compute buffers (a VRAM term)
-    batch_size: int | None = Field(default=None, ge=1)
-    ubatch_size: int | None = Field(default=None, ge=1)
-    n_gpu_layers: GpuLayers = "auto"
-    cache_type_k: CacheType = "f16"
-    cache_type_v: CacheType = "f16"
-    parallel: int = Field(default=1, ge=1, le=256)
-    flash_attn: OnOffAuto = "auto"
-    cont_batching: bool = True
-    jinja: bool = True
-    fit: OnOff | None = None
-    metrics: bool = True
+    type: Literal["llama-server"] = Field(
+        default="llama-server",
+        description="The server type, which tells a box's services apart; a service written without one is a "
+        "llama-server.",
+    )
+    user: str = Field(
+        default="llama", description="The dedicated system account the unit runs as (not root); the deploy creates it."
+    )
+    port: int = Field(default=8080, ge=1, le=65535, description="The port it listens on; unique per box.")
+    model: ModelFile = Field(description="The GGUF it serves.")
+    model_draft: ModelFile | None = Field(
+        default=None,
+        description="The drafter GGUF, which a `draft-*` `spec_type` needs and any other refuses (`ngram-*` drafts "
+        "from n-grams, `none` never drafts). `draft-mtp` on a `gemma4` target needs a `gemma4-assistant` drafter; "
+        "at the model's path, it must have the model's sha256.",
+    )
+    spec_type: SpecType = Field(
+        default="none",
+        description="How it drafts tokens (speculative decoding): `none`, `draft-*` with `model_draft`, or "
+        "`ngram-*` from the context's n-grams. Drafting with `parallel` above 1 is refused (the parallel trap) "
+        "unless `allow_parallel_speculation`.",
+    )
+    spec_draft_n_max: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="The most tokens a draft proposes; refused without a drafting `spec_type`.",
+    )
+    spec_draft_ngl: GpuLayers | None = Field(
+        default=None,
+        description="How many of the drafter's layers go to the GPU: a number, `auto` or `all`; refused without "
+        "`model_draft`.",
+    )
+    spec_draft_type_k: CacheType | None = Field(
+        default=None,
+        description="The drafter's own K cache type (`cache_type_k` is not applied to the drafter); refused "
+        "without `model_draft`.",
+    )
+    spec_draft_type_v: CacheType | None = Field(
+        default=None,
+        description="The drafter's own V cache type (`cache_type_v` is not applied to the drafter): a quantized "
+        "one is refused without `flash_attn='on'` (llama-server exits); refused without `model_draft`.",
+    )
+    ctx_size: int = Field(
+        default=4096,
+        ge=1,
+        description="The context in tokens, split evenly over the `parallel` slots (refused when it does not "
+        "divide). A slot's share above the model's trained context is refused by `gpubox plan` and the deploy: "
+        "llama-server caps the slot but allocates the KV cache for all of it.",
+    )
+    batch_size: int | None = Field(
+        default=None, ge=1, description="The logical batch: the most prompt tokens one decode step takes."
+    )
+    ubatch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="The physical batch: it sizes the compute buffers, a term of the VRAM plan.",
+    )
+    n_gpu_layers: GpuLayers = Field(
+        default="auto",
+        description="How many of the model's layers go to the GPU: a number, `auto` or `all`; `0` runs it on the "
+        "CPU.",
+    )
+    cache_type_k: CacheType = Field(
+        default="f16", description="The KV cache's type for K; a quantized type takes less VRAM."
+    )
+    cache_type_v: CacheType = Field(
+        default="f16",
+        description="The KV cache's type for V; a quantized one (not `f32`, `f16` or `bf16`) is refused without "
+        "`flash_attn='on'` (llama-server exits).",
+    )
+    parallel: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Server slots, the requests it serves at once; always rendered, since llama-server's own "
+        "(auto: 4) is the parallel trap. Above 1 with a drafting `spec_type` it is refused unless "
+        "`allow_parallel_speculation`.",
+    )
+    flash_attn: OnOffAuto = Field(
+        default="auto",
+        description="Flash attention: `on`, `off` or `auto`; a quantized V cache (main or draft) is refused "
+        "unless `on`.",
+    )
+    cont_batching: bool = Field(
+        default=True, description="Continuous batching: a new request joins the running batch."
+    )
+    jinja: bool = Field(default=True, description="Chat templates through llama-server's jinja engine.")
+    fit: OnOff | None = Field(
+        default=None,
+        description="Whether llama-server adjusts the arguments left unset to fit in device memory; None leaves "
+        "it to llama-server.",
+    )
+    metrics: bool = Field(
+        default=True,
+        description="The Prometheus `/metrics` endpoint: the monitoring scrapes it (without it nothing watches "
+        "the server's speed), and the smoke test reads draft acceptance from it.",
+    )
     api_key_file: str | None = Field(
         default=None,
-        description='a file of API keys on the host (one a line); "generate": gpubox creates one key at '
-        f"{KEY_DIR}/<name>.key on the first deploy (generate_api_key=True with a path of your own does the same)",
+        description="A file of API keys on the host (one a line), so no key is on a command line; "
+        f'`"generate"`: gpubox creates one key at `{KEY_DIR}/<name>.key` on the first deploy. Required to '
+        "listen beyond loopback; without it `gpubox check` warns (any web page open on the box can POST to "
+        "it). An absolute path without a `..` part.",
     )
-    generate_api_key: bool = False
-    allow_parallel_speculation: bool = False
-    smoke: SmokeThresholds | None = None
+    generate_api_key: bool = Field(
+        default=False,
+        description="The deploy creates the key in `api_key_file` (readable by root and `user` only); "
+        '`api_key_file="generate"` sets it. Refused without an `api_key_file`.',
+    )
+    allow_parallel_speculation: bool = Field(
+        default=False,
+        description="Allow drafting with `parallel` above 1, the parallel trap (np=4 with MTP ran at 64 tok/s "
+        "vs 90 without): measure it with `gpubox bench` first.",
+    )
+    smoke: SmokeThresholds | None = Field(
+        default=None,
+        description="What the server must reach after a restart, or the deploy rolls back; the monitoring's "
+        "alerts use it too. None: no smoke test.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -149,6 +250,69 @@ class LlamaServer(Service):
 
     def read_only_files(self) -> list[str]:
         return super().read_only_files() + ([self.api_key_file] if self.api_key_file is not None else [])
+
+    @property
+    def gpu_work(self) -> bool:
+        """Layers offloaded (``n_gpu_layers`` other than 0), or a drafter's."""
+        drafter_layers = self.model_draft is not None and self.spec_draft_ngl not in (None, 0)
+        return self.n_gpu_layers != 0 or drafter_layers
+
+    def vram(self, inputs: planner.VramInputs, where: str) -> planner.ServiceVram:
+        """Its GGUFs' terms from their headers, split evenly over its GPUs (``--split-mode layer``)."""
+        headers = inputs.headers
+        target = headers.get(self.model.path)
+        refused = planner.trained_context_problems(self, target, where) if target is not None else []
+        draft = headers.get(self.model_draft.path) if self.model_draft is not None else None
+        if target is None or (self.model_draft is not None and draft is None):
+            missing = [m.path for m in (self.model, self.model_draft) if m is not None and m.path not in headers]
+            return planner.ServiceVram(
+                problems=(f"{self.name}: no GGUF header for {', '.join(missing)}",), refused=tuple(refused)
+            )
+        plan = planner.plan_service(self, target, draft, calibration=inputs.calibration)
+        share = max(1, len(self.vram_gpus()))
+        terms = {name: value // share for name, value in plan.terms().items()}
+        terms["headroom"] = planner.CUDA_CONTEXT_MIB * planner.MIB if plan.headroom else 0
+        return planner.ServiceVram(per_gpu=terms, plan=plan, refused=tuple(refused))
+
+    def vram_changes(self, headers: dict[str, GgufFile], over_bytes: int) -> list[str]:
+        target = headers.get(self.model.path)
+        if target is None:
+            return []
+        draft = headers.get(self.model_draft.path) if self.model_draft is not None else None
+        return planner.what_to_change(self, target, draft, over_bytes)
+
+    def summary(self) -> str:
+        return (
+            f"spec {self.spec_type}, ctx {self.ctx_size}, parallel {self.parallel}, "
+            f"KV {self.cache_type_k}/{self.cache_type_v}, FA {self.flash_attn}"
+        )
+
+    def scrape(self) -> Scrape | None:
+        """Its ``/metrics`` (with ``metrics``), labelled with its GPUs, its model and how it drafts."""
+        if not self.metrics:
+            return None
+        labels = {
+            "gpu": gpu_list(self.placement),
+            "model": PurePosixPath(self.model.path).name.removesuffix(".gguf"),
+            "spec_type": self.spec_type,
+        }
+        return Scrape(labels=labels, key_file=self.api_key_file)
+
+    def monitoring_problems(self) -> list[tuple[str, str]]:
+        if not self.metrics:
+            return [("metrics", f"{self.name} has /metrics off, so nothing watches its speed: set metrics=True")]
+        return []
+
+    def decode_thresholds(self) -> SmokeThresholds | None:
+        return self.smoke
+
+    @property
+    def smoke_tested(self) -> bool:
+        return self.smoke is not None
+
+    @property
+    def generated_key_file(self) -> str | None:
+        return self.api_key_file if self.generate_api_key else None
 
 
 # --- the rules, in the order of the README's rule table --------------------------------------------
@@ -332,3 +496,5 @@ LlamaServer.RULES = (
     draft_settings_need_drafting,
     one_checksum_per_file,
 )
+
+register_server_type(LlamaServer)

@@ -14,11 +14,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from gpubox import vram as planner
+from gpubox.piper_install import HELP_NAME
 from gpubox.servers.base import Flag, Service, model_path
+from gpubox.servers.registry import register_server_type
 from gpubox.spec import ModelFile, Spec, Violation
 
 PROGRAM = "bin/python3"
-HELP_NAME = "piper.http_server.help"
 QUICK_BROWN_FOX = "The quick brown fox jumps over the lazy dog."
 
 
@@ -38,8 +40,16 @@ PIPER_SERVER_FLAGS: tuple[Flag, ...] = (
 class SpeechSmoke(Spec):
     """What a freshly restarted piper service must do: speak a sentence as a WAV of plausible length."""
 
-    text: str = Field(default=QUICK_BROWN_FOX, min_length=1, max_length=2000)
-    timeout_s: float = Field(default=120, gt=0)
+    text: str = Field(
+        default=QUICK_BROWN_FOX,
+        min_length=1,
+        max_length=2000,
+        description="The sentence it speaks; with a whisper-server's smoke test too, the box's first whisper-server "
+        "must hear it back (the round trip).",
+    )
+    timeout_s: float = Field(
+        default=120, gt=0, description="Seconds to wait for the server to be ready, and for the speech."
+    )
 
 
 class PiperServer(Service):
@@ -48,21 +58,49 @@ class PiperServer(Service):
     PROGRAM: ClassVar[str] = PROGRAM
     PROGRAM_ARGS: ClassVar[tuple[str, ...]] = ("-m", "piper.http_server")
     FLAGS: ClassVar[tuple[Flag, ...]] = PIPER_SERVER_FLAGS
+    INSTALL: ClassVar[str | None] = "piper"
+    INSTALL_EXAMPLE: ClassVar[str] = "piper=PiperInstall(version='1.8.0')"
+    PINNED: ClassVar[str] = "piper version"
+    CPU_SETTING: ClassVar[str] = "cuda=False"
+    READY_PATH: ClassVar[str] = "/info"
+    """piper has no /health: /info answers once the voice is loaded."""
+    SMOKE_KIND: ClassVar[str] = "speak"
 
-    type: Literal["piper"] = "piper"
-    user: str = "piper"
-    port: int = Field(default=5000, ge=1, le=65535)
-    voice: ModelFile
-    voice_config: ModelFile
-    speaker: int | None = Field(default=None, ge=0)
-    length_scale: float | None = Field(default=None, gt=0)
-    noise_scale: float | None = Field(default=None, ge=0)
-    noise_w_scale: float | None = Field(default=None, ge=0)
-    sentence_silence: float | None = Field(default=None, ge=0)
-    cuda: bool = Field(
-        default=False, description="run the voice on the service's GPU (onnxruntime-gpu); set when gpus is"
+    type: Literal["piper"] = Field(default="piper", description="The server type, which tells a box's services apart.")
+    user: str = Field(
+        default="piper", description="The dedicated system account the unit runs as (not root); the deploy creates it."
     )
-    smoke: SpeechSmoke | None = None
+    port: int = Field(default=5000, ge=1, le=65535, description="The port it listens on; unique per box.")
+    voice: ModelFile = Field(
+        description="The voice, an `.onnx` file (`format='onnx'`, refused otherwise); its file name without "
+        "`.onnx` is the voice's name (`en_US-joe-medium`)."
+    )
+    voice_config: ModelFile = Field(
+        description="The voice's config (`format='json'`), where piper reads it: the voice's path and `.json`; "
+        "refused elsewhere. No flag renders it."
+    )
+    speaker: int | None = Field(
+        default=None, ge=0, description="The speaker of a multi-speaker voice; None leaves it to piper."
+    )
+    length_scale: float | None = Field(
+        default=None, gt=0, description="Phoneme length: above 1 speaks slower, below 1 faster."
+    )
+    noise_scale: float | None = Field(default=None, ge=0, description="Generator noise: how much the voice varies.")
+    noise_w_scale: float | None = Field(
+        default=None, ge=0, description="Phoneme width noise: how much the timing varies."
+    )
+    sentence_silence: float | None = Field(
+        default=None, ge=0, description="Seconds of silence after each sentence."
+    )
+    cuda: bool = Field(
+        default=False,
+        description="Run the voice on the service's GPU (onnxruntime-gpu: the piper install gets a CUDA "
+        "virtualenv); set when `gpus` is, unless given. Refused without `gpus`, and `gpus` are refused without it.",
+    )
+    smoke: SpeechSmoke | None = Field(
+        default=None,
+        description="What the server must do after a restart, or the deploy rolls back; None: no smoke test.",
+    )
 
     def help_file(self, prefix: str) -> str:
         return f"{prefix}/current/{HELP_NAME}"
@@ -79,6 +117,25 @@ class PiperServer(Service):
 
     def description_details(self) -> list[str]:
         return [f"voice {self.voice_name}"]
+
+    @property
+    def gpu_work(self) -> bool:
+        return self.cuda
+
+    @property
+    def smoke_tested(self) -> bool:
+        return self.smoke is not None
+
+    def vram_gpus(self) -> tuple[int, ...]:
+        """The one GPU its ONNX session runs on: the first pinned."""
+        return self.placement[:1]
+
+    def vram(self, inputs: planner.VramInputs, where: str) -> planner.ServiceVram:
+        """Its voice (the file's size when known), onnxruntime's arena, the CUDA context."""
+        return planner.ServiceVram(per_gpu=planner.piper_terms(inputs.model_sizes.get(self.voice.path)))
+
+    def summary(self) -> str:
+        return "CUDA" if self.placement else "CPU"
 
     @model_validator(mode="before")
     @classmethod
@@ -121,3 +178,5 @@ def cuda_needs_gpus(server: PiperServer) -> Iterator[Violation]:
 
 
 PiperServer.RULES = (voice_is_onnx, cuda_needs_gpus)
+
+register_server_type(PiperServer)

@@ -10,12 +10,15 @@ is written, and the unit restarts it whatever the status (``Restart=always``). I
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from gpubox import vram as planner
 from gpubox.servers.base import Flag, Service, model_path
+from gpubox.servers.registry import register_server_type
 from gpubox.spec import ModelFile, Spec, Violation
 
 PROGRAM = "whisper-server"
@@ -42,19 +45,29 @@ WHISPER_SERVER_FLAGS: tuple[Flag, ...] = (
 
 
 class TranscriptionSmoke(Spec):
-    """What a freshly restarted whisper-server must do: transcribe a WAV well enough, fast enough.
+    """What a freshly restarted whisper-server must do: transcribe a WAV well enough, fast enough."""
 
-    + audio: a WAV on the host; None: ``samples/jfk.wav`` of the whisper.cpp build's source tree
-    + expected_text: what is said in it
-    + max_word_error_rate: words substituted, dropped or added, over the expected words
-    + max_real_time_factor: request seconds over audio seconds (below 1: faster than real time)
-    """
-
-    audio: str | None = None
-    expected_text: str = JFK_TEXT
-    max_word_error_rate: float = Field(default=0.2, ge=0, le=1)
-    max_real_time_factor: float = Field(default=1.0, gt=0)
-    timeout_s: float = Field(default=300, gt=0)
+    audio: str | None = Field(
+        default=None,
+        description="A WAV on the host to transcribe; None: `samples/jfk.wav` of the whisper.cpp build's source "
+        "tree.",
+    )
+    expected_text: str = Field(default=JFK_TEXT, description="What is said in `audio`.")
+    max_word_error_rate: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="The most words substituted, dropped or added, over the expected words.",
+    )
+    max_real_time_factor: float = Field(
+        default=1.0,
+        gt=0,
+        description="The most request seconds per second of audio, upload included (below 1: faster than real "
+        "time).",
+    )
+    timeout_s: float = Field(
+        default=300, gt=0, description="Seconds to wait for the server to be ready, and for the transcription."
+    )
 
 
 class WhisperServer(Service):
@@ -62,29 +75,67 @@ class WhisperServer(Service):
 
     PROGRAM: ClassVar[str] = PROGRAM
     FLAGS: ClassVar[tuple[Flag, ...]] = WHISPER_SERVER_FLAGS
+    INSTALL: ClassVar[str | None] = "whisper_cpp"
+    INSTALL_EXAMPLE: ClassVar[str] = "whisper_cpp=WhisperCppBuild(commit=...)"
+    PINNED: ClassVar[str] = "whisper.cpp commit"
+    CPU_SETTING: ClassVar[str] = "no_gpu=True"
+    SMOKE_KIND: ClassVar[str] = "transcribe"
 
-    type: Literal["whisper-server"] = "whisper-server"
-    user: str = "whisper"
-    port: int = Field(default=8090, ge=1, le=65535)
-    model: ModelFile
-    threads: int | None = Field(default=None, ge=1, le=512)
-    processors: int | None = Field(default=None, ge=1, le=64)
-    language: str = Field(default="en", pattern=r"^([a-z]{2,3}|auto)$")
-    flash_attn: bool = Field(default=True, description="whisper-server's default; always rendered")
-    no_gpu: bool = False
+    type: Literal["whisper-server"] = Field(
+        default="whisper-server", description="The server type, which tells a box's services apart."
+    )
+    user: str = Field(
+        default="whisper",
+        description="The dedicated system account the unit runs as (not root); the deploy creates it.",
+    )
+    port: int = Field(default=8090, ge=1, le=65535, description="The port it listens on; unique per box.")
+    model: ModelFile = Field(
+        description="The ggml whisper model it serves (`format='ggml-whisper'`, refused otherwise); its "
+        "`architecture`, the model's size, sizes its VRAM plan."
+    )
+    threads: int | None = Field(
+        default=None, ge=1, le=512, description="CPU threads per request; None leaves it to whisper-server."
+    )
+    processors: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Processors that share one request's audio, each transcribing a part; None leaves it to "
+        "whisper-server.",
+    )
+    language: str = Field(
+        default="en",
+        pattern=r"^([a-z]{2,3}|auto)$",
+        description="The spoken language, a 2- or 3-letter code, or `auto` to detect it; with an English-only "
+        "model (`tiny.en`) any but `en` is refused.",
+    )
+    flash_attn: bool = Field(default=True, description="Flash attention; always rendered.")
+    no_gpu: bool = Field(
+        default=False,
+        description="Run on the CPU (a box with `expected_gpus` refuses a whisper-server with neither `gpus` nor "
+        "this); refused with pinned `gpus`, which would be reserved for nothing.",
+    )
     device: int | None = Field(
         default=None,
         ge=0,
-        description="the CUDA device among the service's own GPUs: the unit pins them by UUID, so the "
-        "first pinned GPU is device 0 whatever its nvidia-smi index",
+        description="The CUDA device among the service's own GPUs: the unit pins them by UUID, so the first "
+        "pinned GPU is device 0 whatever its nvidia-smi index. Refused beyond the pinned GPUs, and with `no_gpu`.",
     )
-    convert: bool = Field(default=False, description="convert uploads with ffmpeg (needs ffmpeg on the host)")
+    convert: bool = Field(
+        default=False,
+        description="Convert uploads to WAV with ffmpeg (needs ffmpeg on the host); `tmp_dir` is then the unit's "
+        "private /tmp unless set.",
+    )
     tmp_dir: str | None = Field(
         default=None,
-        description="where --convert writes ffmpeg's files; its default is the working directory, which the "
-        "unit's read-only file system refuses: with convert it is the unit's private /tmp",
+        description="Where `convert` writes ffmpeg's files; whisper-server's default, the working directory, is "
+        "read-only in the unit. Refused without `convert`.",
     )
-    smoke: TranscriptionSmoke | None = None
+    smoke: TranscriptionSmoke | None = Field(
+        default=None,
+        description="What the server must do after a restart, or the deploy rolls back; None: no smoke test. With "
+        "a piper service's smoke test too, the box's first whisper-server transcribes what its first piper says.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -95,6 +146,47 @@ class WhisperServer(Service):
 
     def host_programs(self) -> list[str]:
         return ["ffmpeg"] if self.convert else []
+
+    def ready(self, status: int, body: str) -> bool:
+        """``/health`` answers 200 ``{"status": "ok"}`` once the model is loaded."""
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return False
+        return status == 200 and isinstance(answer, dict) and answer.get("status") == "ok"
+
+    @property
+    def smoke_tested(self) -> bool:
+        return self.smoke is not None
+
+    def smoke_audio(self, prefix: str | None) -> str | None:
+        """Its smoke's ``audio``, else the sample in its whisper.cpp source tree (``{prefix}/src``)."""
+        if self.smoke is None:
+            return None
+        if self.smoke.audio is not None:
+            return self.smoke.audio
+        return f"{prefix}/src/{JFK_SAMPLE}" if prefix is not None else None
+
+    @property
+    def gpu_work(self) -> bool:
+        return not self.no_gpu
+
+    def vram_gpus(self) -> tuple[int, ...]:
+        """The one GPU it loads on: ``device`` among its pinned GPUs (the first by default)."""
+        return self.placement[self.device or 0 :][:1]
+
+    def vram(self, inputs: planner.VramInputs, where: str) -> planner.ServiceVram:
+        """Its model (the file's size when known), whisper.cpp's state for its size, the CUDA context."""
+        if self.model.architecture is None:
+            return planner.ServiceVram(
+                problems=(f"{self.name}: set model.architecture (tiny, base, ...) to plan its VRAM",)
+            )
+        size = inputs.model_sizes.get(self.model.path)
+        return planner.ServiceVram(per_gpu=planner.whisper_terms(self.model.whisper_size, size))
+
+    def summary(self) -> str:
+        where = f"device {self.device or 0}" if self.placement else "CPU"
+        return f"language {self.language}, {where}, FA {'on' if self.flash_attn else 'off'}"
 
 
 def model_is_ggml_whisper(server: WhisperServer) -> Iterator[Violation]:
@@ -157,3 +249,5 @@ WhisperServer.RULES = (
     english_only_model_speaks_english,
     tmp_dir_is_for_convert,
 )
+
+register_server_type(WhisperServer)

@@ -16,13 +16,9 @@ file order, each from the state the previous left.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +28,7 @@ from gpubox.deploy_lock import record_file
 from gpubox.unverified import mark_path
 from tests.e2e.test_deploy import (
     FULL,
-    INVENTORY,
     MODEL,
-    PYINFRA,
-    ROOT,
     UNIT,
     Deployer,
     fact_loads,
@@ -44,6 +37,7 @@ from tests.e2e.test_deploy import (
     plain,
     smoke_numbers,
 )
+from tests.e2e.test_interrupted import cut, finish, spawn
 from tests.testbed import TestHost, sha256_file
 
 pytestmark = pytest.mark.e2e
@@ -76,63 +70,6 @@ def changed_model(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 def starts(operation: str) -> str:
     """The line pyinfra prints when an operation (named in full, or the end of its name) starts."""
     return rf"^--> Starting operation: (.* \| )?{re.escape(operation)}"
-
-
-def spawn(deployer: Deployer, deploy: str = FULL, *flags: str) -> subprocess.Popen[str]:
-    """`pyinfra -y` on the test host's config as it is now (write it first), in its own process group."""
-    return subprocess.Popen(
-        [PYINFRA, "-y", *flags, INVENTORY, deploy],
-        cwd=ROOT,
-        env={
-            **os.environ, "GPUBOX_TESTBED_CONFIG": str(deployer.config_path), "COLUMNS": "200",
-            "PYTHONUNBUFFERED": "1",  # each line as it is printed
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )  # fmt: skip
-
-
-def finish(process: subprocess.Popen[str], timeout: float = 900) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    print(output[-6000:])
-    return output
-
-
-def cut(
-    deployer: Deployer,
-    pattern: str,
-    sig: int = signal.SIGKILL,
-    before: Callable[[], None] = lambda: None,
-    **overrides: Any,
-) -> tuple[str, int, int]:
-    """Run the full deploy and send `sig` to its controller as soon as it prints a line matching `pattern`
-    (SIGKILL: its whole process group, as a dying laptop; SIGINT: the controller only, as Ctrl-C), after
-    calling `before`. Returns what it printed, its pid and its exit status."""
-    deployer.write_config(**overrides)
-    process = spawn(deployer)
-    watchdog = threading.Timer(900, process.kill)
-    watchdog.start()
-    lines, signalled = [], False
-    try:
-        assert process.stdout is not None
-        for text in process.stdout:
-            lines.append(text)
-            if not signalled and re.search(pattern, plain(text)):
-                signalled = True
-                before()
-                if sig == signal.SIGKILL:
-                    os.killpg(process.pid, sig)
-                    break
-                process.send_signal(sig)
-        process.wait(timeout=120)
-    finally:
-        watchdog.cancel()
-    output = "".join(lines)
-    print(output[-6000:])
-    assert signalled, f"pyinfra never printed a line like {pattern!r} (exit {process.returncode})"
-    return output, process.pid, process.returncode
 
 
 def results(output: str) -> dict[str, str]:

@@ -167,7 +167,7 @@ class GpuboxFakeHost(FakeHost):
 def _build_specs(op: Any, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     """Build each pydantic-annotated argument from its JSON object, as a deploy would pass it."""
     inner = op._inner
-    hints = typing.get_type_hints(inner)
+    hints = typing.get_type_hints(inner, include_extras=True)  # AnyService validates through the registry
     names = list(inspect.signature(inner).parameters)
 
     def build(name: str | None, value: Any) -> Any:

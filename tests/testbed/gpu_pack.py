@@ -809,8 +809,7 @@ def bootstrap_command(venv: Path) -> str:
     """The one command that makes the packing side's venv (what `ensure_pack_python` runs)."""
     return (
         f"{shlex.quote(sys.executable)} -m venv {shlex.quote(str(venv))} && "
-        f"{shlex.quote(str(venv / 'bin' / 'pip'))} install -q "
-        + " ".join(shlex.quote(r) for r in PACK_REQUIREMENTS)
+        f"{shlex.quote(str(venv / 'bin' / 'pip'))} install -q " + " ".join(shlex.quote(r) for r in PACK_REQUIREMENTS)
     )
 
 

@@ -53,7 +53,27 @@ The speech service and the seed's two-GPU layout, not part of `all` either:
 
   scripts/gpu-validate prepare seedbuild whisper seedlayout report --workdir /root/gv --tarball llama.tgz
       --whisper-tarball whisper.tgz --jobs 16 --out report.md
-  (scripts/gpu-pack packs the tarballs, models, WAV and wheels and prints the device calls that run this.)
+  (scripts/gpu-pack --gpus 2 packs the tarballs, models, WAV and wheels and prints the device calls that run this.)
+
+On one GPU (scripts/gpu-pack's default list: `all`'s steps with these three and whisper):
+
+  whisperbuild  start the whisper step's build (the product's fetch and build scripts) in a thread, beside
+                llama.cpp's build; whisper and whispersizes wait for it
+  piper         piper's cuda venv the product's way (piper-tts and onnxruntime-gpu from --piper-requirements,
+                the machine's nvidia-* wheels linked in), then piper --cuda from its rendered unit, the CUDA
+                toolkit hidden: without gpubox's preload hook (the smoke's GPU check must fail: onnxruntime
+                falls back to the CPU), with it (fox x 3, a paragraph: RTF, nvidia-smi's memory of the pid),
+                and without it, toolkit visible; onnxruntime's CUDA context on a one-Conv model. Its fox WAV
+                is the whisper step's round trip (--roundtrip-wav)
+  whispersizes  every whisper size (--whisper-sizes) as a random-weight model with the real hyperparameters
+                (tests.testbed.random_whisper), served from its unit, jfk.wav greedy then sampled
+                (2 decoders): whisper.cpp's logged buffers against nvidia-smi's memory of the pid
+
+  scripts/gpu-validate prepare facts whisperbuild build smoke mtp bench vram piper whisper whispersizes report
+      --workdir /root/gv --tarball llama.tgz --whisper-tarball whisper.tgz --jobs 16 --out report.md
+
+The report starts with a reproduction check against docs/gpu-validation.md's H200 numbers (REFERENCE_PROCESS_MIB):
+each process's GPU memory within 1 %, the planner within 5 %, every smoke's verdict, the build a no-op on rerun.
 """
 
 # The logic of scripts/gpu-validate (a thin entry point). Pure pieces (the argument parser, the command
@@ -3015,15 +3035,17 @@ def ninja_rebuilt(output: str) -> list[str]:
 
 
 def build_noop(build: Mapping[str, Any] | None) -> tuple[bool, str]:
-    """Whether the second pyinfra run changed nothing and ninja rebuilt nothing; what it saw."""
+    """Whether the second pyinfra run changed nothing (every operation it started says `No changes`) and ninja
+    rebuilt nothing; what it saw."""
     if not build or len(build.get("runs") or []) < 2:
         return False, "no second run"
     second = build["runs"][1]
-    unchanged = second["output_tail"].count("No changes")
+    started = second["output_tail"].count("--> Starting operation:")
+    unchanged = second["output_tail"].count("] No changes")
     rebuilt = ninja_rebuilt((build.get("ninja_again") or {}).get("output", ""))
-    ok = second["exit"] == 0 and unchanged >= 2 and not rebuilt
-    return ok, (f"second pyinfra run exit {second['exit']}, {unchanged} operations `No changes`; ninja rebuilt "
-                f"{len(rebuilt)}")
+    ok = second["exit"] == 0 and started > 0 and unchanged == started and not rebuilt
+    return ok, (f"second pyinfra run exit {second['exit']}: {unchanged} of {started} operations `No changes`; "
+                f"ninja rebuilt {len(rebuilt)}")
 
 
 def reproduction_section(state: Mapping[str, Any]) -> str:

@@ -15,37 +15,27 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
 
-GGML_MAGIC = 0x67676D6C
+from gpubox.ggml_whisper import GGML_MAGIC, WhisperModelHeader
+
+F16 = 1  # the ggml ftype these models are written in
 N_FFT_BINS = 201  # whisper's n_fft 400 // 2 + 1: the mel filters' width
 GPT2_TOKENS = 50256  # the ranks in openai-whisper's gpt2.tiktoken (.en models)
 MULTILINGUAL_TOKENS = 50257  # multilingual.tiktoken
 
 
-@dataclass(frozen=True)
-class WhisperDims:
-    """The 10 size hparams of a ggml whisper header, in file order (ftype, the 11th, is always f16 here)."""
-
-    n_vocab: int
-    n_audio_ctx: int
-    n_audio_state: int
-    n_audio_head: int
-    n_audio_layer: int
-    n_text_ctx: int
-    n_text_state: int
-    n_text_head: int
-    n_text_layer: int
-    n_mels: int
+WhisperDims = WhisperModelHeader
+"""A size's hparams: the ggml whisper header gpubox parses (gpubox.ggml_whisper), always f16 here."""
 
 
 def _dims(
     n_vocab: int, state: int, heads: int, layers: int, n_mels: int = 80, text_layers: int | None = None
 ) -> WhisperDims:
-    return WhisperDims(n_vocab, 1500, state, heads, layers, 448, state, heads, text_layers or layers, n_mels)
+    return WhisperDims(n_vocab, 1500, state, heads, layers, 448, state, heads, text_layers or layers, n_mels, F16)
 
 
 # openai-whisper's ModelDimensions of each checkpoint (whisper/__init__.py _MODELS; large-v3: 128 mels and
@@ -138,7 +128,7 @@ def write_random_whisper(dims: WhisperDims, out: Path, seed: int = 0) -> int:
     filters = np.abs(rng.standard_normal((dims.n_mels, N_FFT_BINS))).astype("<f4") * 0.01
     partial = out.with_name(out.name + ".partial")
     with open(partial, "wb") as fh:
-        fh.write(struct.pack("<12i", GGML_MAGIC, *astuple(dims), 1))
+        fh.write(struct.pack("<I11i", GGML_MAGIC, *astuple(dims)))
         fh.write(struct.pack("<2i", *filters.shape))
         fh.write(filters.tobytes())
         fh.write(struct.pack("<i", tokens))
