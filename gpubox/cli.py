@@ -12,12 +12,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from rich.console import Console
 
 from gpubox import cli_client, cli_monitoring, cli_plan
-from gpubox.inventory import HostBox, InventoryError, inventory_boxes, load_inventory, with_missing_sources
+from gpubox.inventory import (
+    HostBox,
+    InventoryError,
+    inventory_boxes,
+    inventory_dir,
+    load_inventory,
+    with_missing_sources,
+)
 from gpubox.monitoring.fleet import MONITORING_KEY, FleetError, build_fleet, scrape_targets
 from gpubox.tables import problems_table, services_table, warnings_table
 
@@ -34,7 +40,8 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
         if error.problems:
             console.print(problems_table([HostBox(host="(inventory)", box=None, problems=error.problems)]))
         return EXIT_REFUSED
-    boxes = [with_missing_sources(host_box, Path.cwd()) for host_box in boxes]  # as the deploy looks for them
+    base = inventory_dir(args.inventory)
+    boxes = [with_missing_sources(host_box, base) for host_box in boxes]  # as the deploy looks for them
     refused = [host_box for host_box in boxes if host_box.problems]
     if refused:
         console.print(problems_table(refused))

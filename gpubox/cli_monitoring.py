@@ -12,12 +12,12 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from gpubox.inventory import HostBox, InventoryError
+from gpubox.cli_plan import HEADERS_HELP, headers_dir
+from gpubox.inventory import HostBox, InventoryError, inventory_dir
 from gpubox.monitoring.files import monitoring_files, planned_vram, write_files
 from gpubox.monitoring.fleet import Fleet, FleetError, fleet_from_inventory
 from gpubox.monitoring.query import PrometheusClient, PrometheusError, fleet_rows, report_png, top_table
 from gpubox.tables import problems_table
-from gpubox.vram import DEFAULT_HEADERS_DIR
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
@@ -126,7 +126,7 @@ def cmd_monitoring(args: argparse.Namespace, console: Console) -> int:
     fleet = _load_fleet(args.inventory, console)
     if fleet is None:
         return EXIT_REFUSED
-    planned, notes = planned_vram(fleet, Path(args.headers))
+    planned, notes = planned_vram(fleet, headers_dir(args), inventory_dir(args.inventory))
     written = write_files(monitoring_files(fleet, planned), Path(args.out))
     for path in written:
         console.print(f"wrote {path}", highlight=False)
@@ -145,8 +145,7 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     files.add_argument("--out", required=True, help="the directory to write them under")
     files.add_argument(
         "--headers",
-        default=str(DEFAULT_HEADERS_DIR),
-        help="header-only GGUFs for the VRAM plan the memory alerts use (default: %(default)s)",
+        help=f"header-only GGUFs for the VRAM plan the memory alerts use (default: {HEADERS_HELP})",
     )
     files.set_defaults(run=cmd_monitoring)
 

@@ -1,7 +1,8 @@
 """`gpubox plan INVENTORY`: each host's VRAM budget per GPU, from its models' GGUF headers.
 
 A model's header is read from its ``source`` when that is a file on the controller, otherwise from
-``--headers DIR/<basename of the model's path>`` (a header-only GGUF, see
+``--headers DIR/<basename of the model's path>`` (by default ``gguf-headers/`` next to the inventory
+file; a relative ``source`` is taken from the inventory file's directory too) (a header-only GGUF, see
 ``scripts/make-gemma4-headers``). GPUs are the box's ``expected_gpus``.
 
 ``--json`` prints one JSON document instead of the tables (see :func:`plan_json`), for scripts.
@@ -18,18 +19,22 @@ from rich.console import Console
 
 from gpubox.box import Box
 from gpubox.gguf_header import GgufFile
-from gpubox.inventory import HostBox, InventoryError, inventory_boxes, with_missing_sources
+from gpubox.inventory import HostBox, InventoryError, inventory_boxes, inventory_dir, with_missing_sources
 from gpubox.spec import Problem
 from gpubox.tables import explain_terms, gpu_table, mib, print_refusal, problems_table
-from gpubox.vram import (
-    DEFAULT_HEADERS_DIR,
-    BoxPlan,
-    headers_for_box,
-    plan_box,
-)
+from gpubox.vram import HEADERS_DIR_NAME, BoxPlan, default_headers_dir, headers_for_box, plan_box
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
+
+HEADERS_HELP = f"{HEADERS_DIR_NAME}/ in the inventory file's directory, as a relative model source is"
+
+
+def headers_dir(args: argparse.Namespace) -> Path:
+    """``--headers`` (relative to the working directory), else ``gguf-headers`` next to the inventory file."""
+    given: str | None = args.headers
+    return Path(given) if given is not None else default_headers_dir(inventory_dir(args.inventory))
+
 
 def _problem_json(problem: Problem) -> dict[str, str | None]:
     return {"field": problem.field, "message": problem.message}
@@ -79,7 +84,8 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         if error.problems:
             console.print(problems_table([HostBox(host="(inventory)", box=None, problems=error.problems)]))
         return EXIT_REFUSED
-    boxes = [with_missing_sources(host_box, Path.cwd()) for host_box in boxes]  # as the deploy looks for them
+    base = inventory_dir(args.inventory)
+    boxes = [with_missing_sources(host_box, base) for host_box in boxes]  # as the deploy looks for them
     code = EXIT_OK
     hosts: list[dict[str, Any]] = []
     refused_boxes = [host_box for host_box in boxes if host_box.box is None or host_box.problems]
@@ -100,7 +106,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
                 console.print(f"{host_box.host}: no expected_gpus: nothing to budget against", highlight=False)
             hosts.append(plan_json(host_box.host, None, []) | {"fits": True})
             continue
-        headers, missing = headers_for_box(box, Path(args.headers))
+        headers, missing = headers_for_box(box, headers_dir(args), base)
         plan = plan_box(box, headers, [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus])
         if missing or not plan.fits:
             code = EXIT_REFUSED
@@ -144,8 +150,7 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     plan.add_argument("inventory", help="a pyinfra inventory file, e.g. inventory/home.py")
     plan.add_argument(
         "--headers",
-        default=str(DEFAULT_HEADERS_DIR),
-        help="directory of header-only GGUFs named like the models' basenames (default: %(default)s)",
+        help=f"directory of header-only GGUFs named like the models' basenames (default: {HEADERS_HELP})",
     )
     plan.add_argument(
         "--json",

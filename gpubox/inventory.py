@@ -181,6 +181,12 @@ def no_box_message(host_name: str) -> str:
     )
 
 
+def inventory_dir(inventory: str | Path) -> Path:
+    """The inventory file's directory (absolute): a model's relative ``source`` and the default
+    ``gguf-headers`` directory are taken from it, not from the directory gpubox or pyinfra runs in."""
+    return Path(os.path.abspath(inventory)).parent
+
+
 def with_missing_sources(host_box: HostBox, base: Path) -> HostBox:
     """The host's Box with a problem for each model whose controller source is not a file here."""
     if host_box.box is None:

@@ -191,7 +191,7 @@ def parse_head(lines: Sequence[str]) -> bytes | None:
 
 def controller_source(model: ModelFile, base: Path) -> Path | None:
     """The file on the controller a model is uploaded from (a relative ``source`` is taken from ``base``,
-    the directory pyinfra and gpubox run in); None when it is downloaded (a URL) or has no source."""
+    the inventory file's directory); None when it is downloaded (a URL) or has no source."""
     if model.source is None or model.source_is_url:
         return None
     source = Path(model.source)
@@ -214,7 +214,7 @@ def missing_source_problem(field: str, model: ModelFile, source: Path) -> Proble
         field=f"{field}.source",
         message=(
             f"{source} is not a file on this machine (the controller), and a deploy uploads {model.path} from "
-            f"there when the host lacks it: fix the path (a relative one is taken from the directory you run "
-            f"in), put the file there, or give an https:// or hf:// source"
+            f"there when the host lacks it: fix the path (a relative one is taken from the inventory file's "
+            f"directory), put the file there, or give an https:// or hf:// source"
         ),
     )

@@ -42,6 +42,7 @@ from gpubox.gguf_header import (
     parse_gguf_header,
     read_gguf_header,
 )
+from gpubox.models import controller_source
 from gpubox.servers.base import flag_of
 from gpubox.spec import ModelFile, Problem, WhisperSize
 
@@ -93,8 +94,9 @@ per-process usage minus llama-server's logged CUDA0 buffers was 589-595 MiB on a
 HEADER_ONLY_KEY = "gpubox.header_only"
 """Metadata flag of a header-only GGUF (header, KV and tensor infos, no tensor data)."""
 
-DEFAULT_HEADERS_DIR = Path("inventory/gguf-headers")
-"""Where ``gpubox plan`` looks for ``<basename of the model path>`` header-only GGUFs."""
+HEADERS_DIR_NAME = "gguf-headers"
+"""The directory next to the inventory file where ``gpubox plan``, ``gpubox monitoring`` and the
+monitoring deploy look for ``<basename of the model path>`` header-only GGUFs (``--headers`` unset)."""
 
 LogicalGpu = tuple[int, int]
 """``(index, total MiB)`` of a GPU."""
@@ -933,10 +935,17 @@ def _load_model_header(path: str, size: int, mtime_ns: int) -> GgufFile:
         return header.model_copy(update={"file_size": header.tensor_data_end})
 
 
-def header_path_for(model: ModelFile, headers_dir: Path = DEFAULT_HEADERS_DIR) -> Path | None:
-    """Where the controller finds a model's header: its local ``source`` file, else ``headers_dir/<basename>``."""
-    if model.source is not None and not model.source_is_url and Path(model.source).is_file():
-        return Path(model.source)
+def default_headers_dir(inventory_dir: Path) -> Path:
+    """Where the header-only GGUFs are when no ``--headers`` names them: ``gguf-headers`` next to the inventory."""
+    return inventory_dir / HEADERS_DIR_NAME
+
+
+def header_path_for(model: ModelFile, headers_dir: Path, base: Path) -> Path | None:
+    """Where the controller finds a model's header: its local ``source`` file (a relative one taken from
+    ``base``, the inventory file's directory), else ``headers_dir/<basename>``."""
+    source = controller_source(model, base)
+    if source is not None and source.is_file():
+        return source
     candidate = headers_dir / Path(model.path).name
     return candidate if candidate.is_file() else None
 
@@ -974,14 +983,15 @@ def parse_memory_breakdown(log_text: str) -> MemoryBreakdown:
     )
 
 
-def headers_for_box(box: Box, headers_dir: Path) -> tuple[dict[str, GgufFile], list[str]]:
-    """Read each model's header on the controller; return them by host path, and what was missing."""
+def headers_for_box(box: Box, headers_dir: Path, base: Path) -> tuple[dict[str, GgufFile], list[str]]:
+    """Read each model's header on the controller (a relative ``source`` taken from ``base``, the inventory
+    file's directory); return them by host path, and what was missing."""
     headers: dict[str, GgufFile] = {}
     missing: list[str] = []
     for service, model in box.models():
         if model.format != "gguf":
             continue
-        path = header_path_for(model, headers_dir)
+        path = header_path_for(model, headers_dir, base)
         if path is None:
             missing.append(
                 f"{service.name}: no header for {model.path}: set its source to a local file, or put a "

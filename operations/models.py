@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from functools import cache
 from io import StringIO
@@ -37,6 +36,7 @@ from gpubox.verified import STAMP_DIR, stamp_path, stamp_text, stamped_sha256
 from .failures import python_step, refusals_fail_cleanly
 from .host_commands import connector_arguments
 from .host_facts import FactRead, fact_once, forget, once
+from .preflight import inventory_base
 
 # Read the head in growing steps: a small vocab fits in 4 MiB, Gemma's 262k-token vocab does not.
 HEAD_STEPS = (4 << 20, 32 << 20, 128 << 20)
@@ -52,8 +52,8 @@ def _local_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def local_source(model: ModelFile) -> Path:
-    """The controller file, relative paths taken from the directory pyinfra runs in."""
-    source = controller_source(model, Path(state.cwd or os.getcwd()))
+    """The controller file, relative paths taken from the inventory file's directory (``inventory_base``)."""
+    source = controller_source(model, inventory_base())
     assert source is not None, f"{model.path}: its source is no controller file"
     return source
 
@@ -62,7 +62,7 @@ def check_sources(box: Box) -> None:
     """Refuse the deploy before any operation runs (a ``DeployError``, one message) when a model the host
     lacks comes from a controller file that is not there: every such model, by field. A model the host
     has (its stamp's word, else its hash) needs no source, so a missing one is no reason to stop."""
-    needed = [found for found in missing_sources(box, Path(state.cwd or os.getcwd())) if not has_sha256(found[1])]
+    needed = [found for found in missing_sources(box, inventory_base()) if not has_sha256(found[1])]
     if needed:
         problems = [missing_source_problem(*found) for found in needed]
         raise DeployError(
@@ -77,7 +77,7 @@ def check_local_source(model: ModelFile) -> Path:
     if not source.is_file():
         raise OperationError(
             f"model source {source} of {model.path} is not a file on the controller (this machine): fix the "
-            f"model's source (a relative one is taken from the directory pyinfra runs in) or put the file there"
+            f"model's source (a relative one is taken from the inventory file's directory) or put the file there"
         )
     stat = source.stat()
     found = _local_sha256(str(source), stat.st_size, stat.st_mtime_ns)

@@ -4,8 +4,6 @@ Alertmanager, gpubox's GPU textfile timer, Grafana's provisioning files; all ren
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pyinfra import host, state
 from pyinfra.api import OperationError, deploy, operation
 from pyinfra.api.operation import OperationMeta
@@ -27,11 +25,12 @@ from gpubox.monitoring.files import (
 )
 from gpubox.monitoring.fleet import CREDENTIALS_DIR, Fleet, FleetHost, Target, scrape_targets
 from gpubox.quoting import shell_word
-from gpubox.vram import DEFAULT_HEADERS_DIR
+from gpubox.vram import default_headers_dir
 
 from .distro import DISTRO_READ, PackageManager, distro_name, package_manager
 from .failures import refusals_fail_cleanly
 from .host_facts import FactRead, fact_once, prefetch
+from .preflight import inventory_base
 from .service import running_and_enabled, unit_state_reads
 from .text_files import text_file
 
@@ -170,7 +169,8 @@ def observe(fleet: Fleet, host_name: str) -> None:
         monitoring.observe(fleet, host.name)
     """
     fleet_host = fleet.host(host_name)
-    planned, _ = planned_vram(fleet, Path(DEFAULT_HEADERS_DIR))
+    base = inventory_base()
+    planned, _ = planned_vram(fleet, default_headers_dir(base), base)
     files = host_files(fleet, fleet_host, "apt", planned)
     grafana = grafana_files(fleet) if fleet.is_monitor(host_name) else []
     prefetch(facts_read(fleet, fleet_host, files, grafana))  # one round trip, the distro included

@@ -13,18 +13,44 @@ CLI prints as one line (``--> pyinfra error ...: message``), for:
 - an inventory that raises while it runs, a spec refused there included (a bad field value): pyinfra
   prints the exception with its traceback (a pydantic error: some 24 lines).
 
+It also records the inventory file's directory (``inventory_base``): operations take a model's relative
+``source`` and the default ``gguf-headers`` directory from it, as ``gpubox check`` and ``gpubox plan`` do.
+pyinfra keeps no inventory path on its state, and the deploy files run in greenlets without the click
+context, so this is the one place that sees the argument.
+
 Nothing else is refused here (a host's ``box`` given as data is validated by the deploy that reads it),
 and an argument that is no path (``@local``, ``host1,host2``, a host name) is left to pyinfra.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 import click
+from pyinfra import state
 from pyinfra.api.exceptions import InventoryError as PyinfraInventoryError
 
-from gpubox.inventory import InventoryError, load_inventory, missing_inventory_file, refusal_text
+from gpubox.inventory import InventoryError, inventory_dir, load_inventory, missing_inventory_file, refusal_text
+
+_inventory_dirs: list[Path] = []
+"""The running ``pyinfra`` command's inventory directory, once ``check_inventory_argument`` saw a file."""
+
+
+def record_inventory_dir(argument: str) -> None:
+    """Remember the directory of the inventory file ``argument`` names (nothing for a host list)."""
+    if os.path.isfile(argument):
+        _inventory_dirs[:] = [inventory_dir(argument)]
+
+
+def inventory_base() -> Path:
+    """The directory a model's relative ``source`` and the default ``gguf-headers`` are taken from: the
+    inventory file's, when ``config.py`` ran (``pyinfra`` started from the project's directory); else the
+    directory pyinfra runs in (``state.cwd``)."""
+    if _inventory_dirs:
+        return _inventory_dirs[0]
+    return Path(state.cwd or os.getcwd())
 
 
 def resolves(name: str) -> bool:
@@ -62,3 +88,4 @@ def check_inventory_argument() -> None:
     problem = inventory_problem(argument)
     if problem is not None:
         raise PyinfraInventoryError(problem)
+    record_inventory_dir(argument)

@@ -225,7 +225,7 @@ def test_the_planned_vram_comes_from_the_headers_as_gpubox_plan_makes_it() -> No
     from gpubox.inventory import load_inventory
 
     (home,) = load_inventory("inventory/home.py")
-    planned, missing = planned_gpu_bytes(home.data["box"], Path("inventory/gguf-headers"))
+    planned, missing = planned_gpu_bytes(home.data["box"], Path("inventory/gguf-headers"), Path("inventory"))
     assert missing == []
     # GPU 0: gemma4's planned load plus the 9,500 MiB reserve; GPU 1: whisper and piper
     assert set(planned) == {0, 1}

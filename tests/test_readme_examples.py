@@ -120,6 +120,9 @@ def real_output(example: Example) -> str:
                 assert changed != original, f"variant {example.variant!r} changes nothing in {arg}"
                 copy = Path(directory) / Path(arg).name
                 copy.write_text(changed)
+                headers = Path(directory) / "gguf-headers"  # as if edited in place: its headers next to it
+                if not headers.exists():
+                    headers.symlink_to(ROOT / Path(arg).parent / "gguf-headers")
                 arg = str(copy)
             edited.append(arg)
         return run_gpubox(edited)[1]

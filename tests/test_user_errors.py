@@ -102,7 +102,7 @@ def test_a_missing_controller_source_is_found_by_field(tmp_path: Path) -> None:
     present = tmp_path / "m.gguf"
     present.write_bytes(b"GGUF")
     assert missing_sources(box(source=str(present)), tmp_path) == []
-    assert missing_sources(box(source="m.gguf"), tmp_path) == []  # relative: from the directory it runs in
+    assert missing_sources(box(source="m.gguf"), tmp_path) == []  # relative: from the inventory file's directory
     assert missing_sources(box(source="https://example.com/m.gguf"), tmp_path) == []  # downloaded on the host
     assert missing_sources(box(), tmp_path) == []  # no source: the host must have it
     [(field, model, where)] = missing_sources(box(source="models/gone.gguf"), tmp_path)

@@ -123,12 +123,13 @@ def host_files(
     return files
 
 
-def planned_vram(fleet: Fleet, headers_dir: Path) -> tuple[dict[str, dict[int, int]], list[str]]:
-    """Each host's planned VRAM per GPU from the controller's headers, and why a host has none."""
+def planned_vram(fleet: Fleet, headers_dir: Path, base: Path) -> tuple[dict[str, dict[int, int]], list[str]]:
+    """Each host's planned VRAM per GPU from the controller's headers (relative model sources taken from
+    ``base``, the inventory file's directory), and why a host has none."""
     planned: dict[str, dict[int, int]] = {}
     notes: list[str] = []
     for fleet_host in fleet.hosts:
-        planned[fleet_host.name], missing = planned_gpu_bytes(fleet_host.box, headers_dir)
+        planned[fleet_host.name], missing = planned_gpu_bytes(fleet_host.box, headers_dir, base)
         notes += [f"{fleet_host.name}: no VRAM alert: {reason}" for reason in missing]
     return planned, notes
 

@@ -234,16 +234,17 @@ def fleet_from_inventory(path: str | Path) -> Fleet:
     return build_fleet((host.name, host.data) for host in load_inventory(path))
 
 
-def planned_gpu_bytes(box: Box, headers_dir: Path) -> tuple[dict[int, int], list[str]]:
-    """Each expected GPU's planned total (services + reserve), from the controller's GGUF headers,
-    as ``gpubox plan`` makes it; and why a GPU has no plan (a header missing). None expected: nothing."""
+def planned_gpu_bytes(box: Box, headers_dir: Path, base: Path) -> tuple[dict[int, int], list[str]]:
+    """Each expected GPU's planned total (services + reserve), from the controller's GGUF headers
+    (a relative model source taken from ``base``, the inventory file's directory), as ``gpubox plan``
+    makes it; and why a GPU has no plan (a header missing). None expected: nothing."""
     # Imported here, not at the top: the planner brings gguf and numpy, which a deploy that never plans
     # (the observability no-op) should not pay to import.
     from gpubox.vram import headers_for_box, plan_box
 
     if not box.expected_gpus:
         return {}, []
-    headers, missing = headers_for_box(box, headers_dir)
+    headers, missing = headers_for_box(box, headers_dir, base)
     plan = plan_box(box, headers, [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus])
     if missing or plan.problems:
         return {}, [*missing, *plan.problems]
