@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 from gpubox import switch
+from gpubox.binaries import HELP_CACHE_SUFFIX, VERSION_CACHE_SUFFIX
 from gpubox.cuda import Nvcc
 from gpubox.gpu import Gpu, cuda_architectures
-from gpubox.llamacpp import HELP_CACHE_SUFFIX, VERSION_CACHE_SUFFIX
 from gpubox.quoting import shell_join, shell_word
 from gpubox.spec import SourceBuild
 

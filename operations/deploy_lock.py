@@ -31,15 +31,14 @@ from datetime import UTC, datetime
 from typing import IO, Any, Protocol
 
 from pyinfra import host, logger, state
-from pyinfra.api import StringCommand
-from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
 from pyinfra.api.exceptions import DeployError
 from pyinfra.api.host import Host
-from pyinfra.api.state import BaseStateCallback, State
-from pyinfra.connectors.util import make_unix_command_for_host
+from pyinfra.api.state import State
 
 from gpubox import deploy_lock
 from gpubox.deploy_lock import Holder, Verdict
+
+from .pyinfra_internals import host_command, on_host_disconnect
 
 DEPLOY = "deploy"  # the lock every deploy of a box takes
 ANSWER_TIMEOUT_S = 60.0
@@ -131,17 +130,13 @@ def _held(run_state: State, create: bool = False) -> dict[tuple[str, str], _Held
             return {}
         held = {}
         setattr(run_state, _HELD, held)
-        run_state.add_callback_handler(_ReleaseAtDisconnect())
+        on_host_disconnect(run_state, _release_at_disconnect)
     return held
 
 
 def _start(command: str) -> _Process:
     """Run the holder over this host's connection, as the run's operations run their commands (sudo & co.)."""
-    arguments, _ = pop_global_arguments(state, host, {})
-    connector = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
-    for key in ("_get_pty", "_timeout", "_stdin", "_success_exit_codes"):
-        connector.pop(key, None)
-    raw = make_unix_command_for_host(state, host, StringCommand(command), **connector).get_raw_value()
+    raw = host_command(state, host, command, drop=("_get_pty", "_timeout", "_stdin", "_success_exit_codes"))
     client = getattr(host.connector, "client", None)
     if client is not None:
         return _SshProcess(client, raw)
@@ -240,11 +235,8 @@ def release(name: str = DEPLOY) -> None:
     _release(state, host, deploy_lock.check_name(name))
 
 
-class _ReleaseAtDisconnect(BaseStateCallback):
+def _release_at_disconnect(run_state: State, disconnected: Host) -> None:
     """pyinfra disconnects every host at the end of every run, whatever ended it: release its locks then."""
-
-    @staticmethod
-    def host_disconnect(state: State, host: Host) -> None:  # type: ignore[override]
-        for lock_host, name in list(_held(state)):
-            if lock_host == host.name:
-                _release(state, host, name)
+    for lock_host, name in list(_held(run_state)):
+        if lock_host == disconnected.name:
+            _release(run_state, disconnected, name)

@@ -29,6 +29,8 @@ from pyinfra.api.host import Host
 from pyinfra.api.state import State
 from pyinfra.context import ctx_state
 
+from .pyinfra_internals import state_host_step
+
 P = ParamSpec("P")
 
 
@@ -54,7 +56,7 @@ def python_step(function: Callable[..., object], *args: Any, **kwargs: Any) -> F
         return True
 
     step.__name__ = step.__qualname__ = getattr(function, "__name__", "step")  # as --debug-operations names it
-    return FunctionCommand(step, args, kwargs)
+    return state_host_step(step, *args, **kwargs)
 
 
 def _executing() -> bool:
@@ -85,6 +87,6 @@ def refusals_fail_cleanly(
             if not _executing():
                 raise
             message = str(error)
-            yield FunctionCommand(lambda state, host: report(host, message), (), {})
+            yield state_host_step(lambda state, host: report(host, message))
 
     return checked

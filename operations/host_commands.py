@@ -12,8 +12,9 @@ from typing import Any
 
 from pyinfra import host
 from pyinfra.api import OperationError, StringCommand
-from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.connectors.util import CommandOutput
+
+from . import pyinfra_internals
 
 
 def connector_arguments() -> dict[str, Any]:
@@ -21,8 +22,7 @@ def connector_arguments() -> dict[str, Any]:
 
     Call it while the operation yields its commands: only then does the host know them.
     """
-    arguments = host.current_op_global_arguments or {}
-    return {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
+    return pyinfra_internals.connector_arguments(host)
 
 
 EXIT_MARKER = "__gpubox_exit="

@@ -20,6 +20,8 @@ from pyinfra.api.facts import FactBase
 
 from facts import batch
 
+from .pyinfra_internals import host_operations
+
 T = TypeVar("T")
 
 _MEMO = "_gpubox_facts_once"  # kept on the run's State: a new run (or test) starts empty
@@ -51,8 +53,7 @@ def changes_so_far() -> int:
     pyinfra runs each operation's checks as it executes it, so on a host that changes, the facts
     after the first change are read again, one by one, as pyinfra would.
     """
-    operations = getattr(state, "ops", {}).get(host, {}).values()
-    return sum(1 for data in operations if data.operation_meta.is_complete() and data.operation_meta.did_change())
+    return sum(1 for meta in host_operations(state, host) if meta.is_complete() and meta.did_change())
 
 
 def _fact_key(fact: type[FactBase[Any]], arguments: dict[str, Any]) -> Hashable:

@@ -20,12 +20,12 @@ from facts.gpu import NvidiaGpus
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion, ServerOptions
 from facts.systemd import ExistingUsers, StaleProcess
 from facts.unverified import UnverifiedServices
-from gpubox import llamacpp as records
+from gpubox import binaries as records
+from gpubox.binaries import UnsupportedServerArgumentError, check_flags_supported, unsupported_flags
 from gpubox.box import AnyService
 from gpubox.gpu import gpus_from_fact
 from gpubox.inventory import InventoryError, box_from_host_data
 from gpubox.keys import chmod_mode, fact_mode
-from gpubox.llamacpp import UnsupportedServerArgumentError, check_flags_supported, unsupported_flags
 from gpubox.quoting import shell_word
 from gpubox.servers.base import Service
 from gpubox.unit import render_unit, service_gpus

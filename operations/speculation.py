@@ -6,9 +6,9 @@ from pyinfra import host, state
 from pyinfra.api import OperationError, operation
 
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion
-from gpubox import llamacpp as records
+from gpubox import binaries as records
+from gpubox.binaries import check_spec_type_supported
 from gpubox.box import AnyService
-from gpubox.llamacpp import check_spec_type_supported
 from gpubox.spec import ModelFile
 
 from .models import check_remote_architecture, has_sha256

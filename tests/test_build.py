@@ -7,8 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from gpubox.binaries import server_help_command, server_version_command
 from gpubox.build import build_script, switch_script
-from gpubox.llamacpp import server_help_command, server_version_command
 from gpubox.spec import LlamaCppBuild
 
 # Configure succeeds; `--build WORK` prints 40 ninja steps and makes WORK/bin/llama-server.

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from gpubox.bench import BenchConfig, bench_variant
-from gpubox.llamacpp import UnsupportedServerArgumentError, check_flags_supported, parse_server_help
+from gpubox.binaries import UnsupportedServerArgumentError, check_flags_supported, parse_server_help
 from gpubox.servers.base import Flag, typed_flags
 from gpubox.servers.llama import LLAMA_SERVER_FLAGS, LlamaServer
 from gpubox.spec import ModelFile, problems_from

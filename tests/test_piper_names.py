@@ -10,7 +10,7 @@ from pyinfra.context import ctx_host, ctx_state
 from pyinfra_testing.util import FakeState
 
 from gpubox import ModelFile, PiperServer
-from gpubox.llamacpp import ServerFlags, parse_usage_options
+from gpubox.binaries import ServerFlags, parse_usage_options
 from gpubox.unit import render_unit
 from operations import service
 from tests.operations.test_operations import GpuboxFakeHost

@@ -244,7 +244,7 @@ SMOL = {"path": "/srv/models/smol.gguf", "sha256": "c" * 64, "architecture": "ll
 def _help_flags() -> frozenset[str]:
     from pathlib import Path
 
-    from gpubox.llamacpp import parse_server_help
+    from gpubox.binaries import parse_server_help
 
     text = (Path(__file__).parent / "fixtures/llamacpp/server-help-0c1e57098.txt").read_text()
     return frozenset(parse_server_help(text.splitlines()).flags)

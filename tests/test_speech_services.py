@@ -19,8 +19,8 @@ from gpubox import (
     WhisperCppBuild,
     WhisperServer,
 )
+from gpubox.binaries import parse_usage_options, unsupported_flags
 from gpubox.gpu import Gpu
-from gpubox.llamacpp import parse_usage_options, unsupported_flags
 from gpubox.models import ModelFormatError, check_head
 from gpubox.servers.base import typed_flags
 from gpubox.servers.piper import PIPER_SERVER_FLAGS

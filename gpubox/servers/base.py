@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from gpubox.llamacpp import HELP_CACHE_SUFFIX
+from gpubox.binaries import HELP_CACHE_SUFFIX
 from gpubox.spec import ModelFile, SmokeThresholds, Spec, Violation, is_loopback, refuse
 
 if TYPE_CHECKING:

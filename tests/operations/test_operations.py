@@ -67,7 +67,7 @@ from pyinfra_testing.util import (
     patch_files,
 )
 
-from gpubox import cuda, gpu, llamacpp
+from gpubox import binaries, cuda, gpu
 
 HERE = Path(__file__).parent
 REPO_ROOT = HERE.parent.parent
@@ -270,9 +270,9 @@ del _folder, _case
 FACT_RECORDS: dict[str, tuple[TypeAdapter[Any], bool]] = {
     "cuda.CudaToolkit": (TypeAdapter(cuda.Nvcc | None), False),
     "gpu.NvidiaGpus": (TypeAdapter(list[gpu.Gpu]), False),
-    "llamacpp.LlamaCppCheckout": (TypeAdapter(llamacpp.SourceCheckout | None), True),
-    "llamacpp.LlamaServerVersion": (TypeAdapter(llamacpp.ServerVersion | None), True),
-    "llamacpp.LlamaServerFlags": (TypeAdapter(llamacpp.ServerFlags | None), True),
+    "llamacpp.LlamaCppCheckout": (TypeAdapter(binaries.SourceCheckout | None), True),
+    "llamacpp.LlamaServerVersion": (TypeAdapter(binaries.ServerVersion | None), True),
+    "llamacpp.LlamaServerFlags": (TypeAdapter(binaries.ServerFlags | None), True),
 }
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gpubox.llamacpp import (
+from gpubox.binaries import (
     GitCheckoutError,
     ServerFlags,
     UnsupportedServerArgumentError,

@@ -1,7 +1,9 @@
-"""llama.cpp on a host: the source checkout, and what its ``llama-server`` binary says of itself.
+"""A server binary on a host: the git checkout it is built from, and what it says of itself.
 
-The checks here refuse a ``llama-server`` command line that the installed binary would reject,
-before a deploy writes a unit that crash-loops on start.
+``--help`` and ``--version`` of llama-server, whisper-server's and piper's help (``parse_usage_options``),
+a git checkout (llama.cpp's, whisper.cpp's): the records behind ``facts.llamacpp``. The checks here refuse
+a server command line that the installed binary would reject, before a deploy writes a unit that
+crash-loops on start.
 """
 
 from __future__ import annotations

@@ -1,0 +1,76 @@
+"""The pyinfra internals gpubox relies on, in one place: why ``pyproject.toml`` pins ``pyinfra>=3.10,<3.11``.
+
+pyinfra's documented API (operations, facts, ``host.get_fact``) is not enough for some of what
+gpubox does; these reach into pyinfra 3.10's own modules and behaviour, and
+``tests/test_pyinfra_internals.py`` checks each against the installed pyinfra, so a release that
+changes one fails there by name rather than in a deploy:
+
+- ``host_operations``: the run's ``State.ops`` (host -> operation hash -> its data), read by
+  ``operations/host_facts.py`` to know whether anything changed the host since a fact was read;
+- ``connector_arguments``: ``Host.current_op_global_arguments`` filtered by ``CONNECTOR_ARGUMENT_KEYS``,
+  the running operation's ``_sudo`` & co., used by ``operations/host_commands.py`` and ``operations/models.py``;
+- ``host_command``: ``pop_global_arguments`` and ``make_unix_command_for_host``, the command line pyinfra
+  would run for the host (``operations/deploy_lock.py`` runs it on its own channel of the connection);
+- ``state_host_step``: ``FunctionCommand``'s calling convention: a function whose parameters are
+  *named* ``state`` and ``host`` is called with both and its return value is the command's success
+  (``False`` fails the operation without a traceback); ``operations/failures.py`` uses it;
+- ``on_host_disconnect``: ``State.add_callback_handler`` and ``BaseStateCallback.host_disconnect``,
+  which pyinfra triggers for every host at the end of every run (``operations/deploy_lock.py``
+  releases its locks there).
+
+One more lives in ``gpubox/inventory.py`` (``import_pyinfra_cli_without_gevent_patching``), where the
+pure core would otherwise import this package: importing ``pyinfra_cli`` calls
+``gevent.monkey.patch_all()`` from its package ``__init__``, which gpubox's own CLI replaces with a no-op
+while it imports pyinfra's inventory loader. The test checks that one too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pyinfra.api import FunctionCommand, StringCommand
+from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
+from pyinfra.api.host import Host
+from pyinfra.api.operation import OperationMeta
+from pyinfra.api.state import BaseStateCallback, State
+from pyinfra.connectors.util import make_unix_command_for_host
+
+StateHostFunction = Callable[..., bool]
+"""A step pyinfra calls as ``function(state, host, *args, **kwargs)``: its first parameters must be named so."""
+
+
+def host_operations(run_state: State, run_host: Host) -> list[OperationMeta]:
+    """The operations pyinfra has planned (and maybe run) on ``run_host`` in this run, in order."""
+    ops: dict[Host, dict[str, Any]] = getattr(run_state, "ops", {})
+    return [data.operation_meta for data in ops.get(run_host, {}).values()]
+
+
+def connector_arguments(run_host: Host) -> dict[str, Any]:
+    """The running operation's connector arguments (``_sudo``, ``_sudo_user``, ...); only while it yields."""
+    arguments = run_host.current_op_global_arguments or {}
+    return {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
+
+
+def host_command(run_state: State, run_host: Host, command: str, drop: Iterable[str] = ()) -> str:
+    """The shell line pyinfra would run for ``command`` on this host (sudo & co. from the global arguments),
+    less the connector arguments named in ``drop``."""
+    arguments, _ = pop_global_arguments(run_state, run_host, {})
+    connector = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments and key not in drop}
+    return str(make_unix_command_for_host(run_state, run_host, StringCommand(command), **connector).get_raw_value())
+
+
+def state_host_step(function: StateHostFunction, *args: Any, **kwargs: Any) -> FunctionCommand:
+    """A ``FunctionCommand`` pyinfra calls as ``function(state, host, *args, **kwargs)``, its result the success."""
+    return FunctionCommand(function, args, kwargs)
+
+
+def on_host_disconnect(run_state: State, callback: Callable[[State, Host], None]) -> None:
+    """Call ``callback(state, host)`` when pyinfra disconnects a host: at the end of every run, however it ended."""
+
+    class _OnDisconnect(BaseStateCallback):
+        @staticmethod
+        def host_disconnect(state: State, host: Host) -> None:  # type: ignore[override]
+            callback(state, host)
+
+    run_state.add_callback_handler(_OnDisconnect())

@@ -1,0 +1,106 @@
+"""The pyinfra internals gpubox relies on (``operations/pyinfra_internals.py``), on the installed pyinfra.
+
+Each test names one internal; a pyinfra release that renames, moves or changes it fails here, not in
+a deploy. ``pyproject.toml`` pins the range these pass on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from pyinfra.api import Config, Inventory, State
+from pyinfra.api.host import Host
+from pyinfra.api.operation import OperationMeta
+from pyinfra.api.state import StateOperationHostData
+
+from operations.pyinfra_internals import (
+    connector_arguments,
+    host_command,
+    host_operations,
+    on_host_disconnect,
+    state_host_step,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def local() -> tuple[State, Host]:
+    inventory = Inventory((["@local"], {}))
+    run_state = State(inventory, Config())
+    return run_state, inventory.get_host("@local")
+
+
+def test_the_installed_pyinfra_is_in_the_pinned_range() -> None:
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    [pin] = [pin for pin in pins if pin.startswith("pyinfra")]
+    low, high = re.fullmatch(r"pyinfra>=([\d.]+),<([\d.]+)", pin.replace(" ", "")).groups()  # type: ignore[union-attr]
+
+    def key(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+    assert key(low) <= key(version("pyinfra")) < key(high)
+
+
+def test_host_operations_reads_the_states_ops(local: tuple[State, Host]) -> None:
+    run_state, host = local
+    assert host_operations(run_state, host) == []
+    meta = OperationMeta("hash1", is_change=True)
+    run_state.set_op_data_for_host(host, "hash1", StateOperationHostData(iter, {}, meta))  # type: ignore[arg-type]
+    assert host_operations(run_state, host) == [meta]
+    assert not meta.is_complete()  # what `changes_so_far` asks of each, with did_change()
+    assert callable(meta.did_change)
+
+
+def test_connector_arguments_are_the_running_operations(local: tuple[State, Host]) -> None:
+    _, host = local
+    host.current_op_global_arguments = None
+    assert connector_arguments(host) == {}
+    host.current_op_global_arguments = {"_sudo": True, "_sudo_user": "svc", "name": "x", "_if": []}  # type: ignore[typeddict-unknown-key]
+    assert connector_arguments(host) == {"_sudo": True, "_sudo_user": "svc"}
+
+
+def test_host_command_is_the_line_pyinfra_would_run(local: tuple[State, Host]) -> None:
+    run_state, host = local
+    line = host_command(run_state, host, "echo ab", drop=("_get_pty", "_timeout", "_stdin", "_success_exit_codes"))
+    assert line == "sh -c 'echo ab'"
+
+
+def test_a_state_host_step_is_called_with_both_and_its_result_is_the_success(local: tuple[State, Host]) -> None:
+    run_state, host = local
+    seen: list[tuple[State, Host, str]] = []
+
+    def step(state: State, host: Host, word: str) -> bool:
+        seen.append((state, host, word))
+        return False
+
+    assert state_host_step(step, "w").execute(run_state, host, {}) is False  # type: ignore[typeddict-item]
+    assert seen == [(run_state, host, "w")]
+
+
+def test_on_host_disconnect_runs_when_pyinfra_disconnects_a_host(local: tuple[State, Host]) -> None:
+    run_state, host = local
+    disconnected: list[str] = []
+    on_host_disconnect(run_state, lambda state, host: disconnected.append(host.name))
+    host.disconnect()
+    assert disconnected == ["@local"]
+
+
+def test_pyinfra_cli_patches_gevent_on_import_and_gpubox_imports_it_without() -> None:
+    import pyinfra_cli
+
+    assert "monkey.patch_all()" in inspect.getsource(pyinfra_cli)  # what gpubox/inventory.py stops
+    code = (
+        "from gpubox.inventory import import_pyinfra_cli_without_gevent_patching as load; load(); "
+        "import sys; from gevent import monkey; "
+        "print('pyinfra_cli' in sys.modules, monkey.is_module_patched('socket'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.split() == ["True", "False"]  # imported, and the stdlib left alone
