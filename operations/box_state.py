@@ -2,7 +2,9 @@
 
 A converged host's deploy is a series of checks, each a fact, each a round trip over SSH: with
 three services that was 32 of them. Each operation module says what it reads (`facts_read`), with
-the arguments it will read them with; `prefetch_box` loads them all in one command
+the arguments it will read them with: built by the very functions its operations read with
+(`host_facts.read`), one per read, so the list and the reads cannot drift
+(tests/operations/test_declared_reads.py); `prefetch_box` loads them all in one command
 (`facts.batch.Facts`), and the operations' `fact_once` answers from it. The services' unverified
 marks (`facts.unverified.UnverifiedServices`: a run cut between a restart and its smoke test) are
 among them: finding one costs a converged host no round trip.
@@ -10,11 +12,10 @@ among them: finding one costs a converged host no round trip.
 
 from __future__ import annotations
 
-from facts.models import VerifiedStamps
 from gpubox.box import Box
 from gpubox.piper_install import PiperFlavor
 
-from . import models, piper, service, source_build
+from . import models, piper, service, source_build, vram
 from .host_facts import FactRead, prefetch
 
 
@@ -30,8 +31,9 @@ def box_reads(box: Box) -> list[FactRead]:
     if box.piper is not None:
         reads += piper.facts_read(box.piper, piper_flavor(box))
     reads += [read for _, model in box.models() for read in models.facts_read(model)]
+    reads += vram.facts_read(box)
     reads += [read for server in box.services for read in service.facts_read(server, box.prefix_of(server))]
-    return [*reads, (VerifiedStamps, {})]
+    return [*reads, models.stamps_read()]
 
 
 def prefetch_box(box: Box) -> None:

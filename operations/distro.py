@@ -6,14 +6,14 @@ from typing import Literal
 
 from pyinfra.facts.server import LinuxDistribution
 
-from .host_facts import FactRead, fact_once
+from .host_facts import FactRead, read
 
 PackageManager = Literal["apt", "pacman"]
 
 
 def package_manager() -> PackageManager | None:
     """``apt`` on Debian and its kin, ``pacman`` on Arch, None elsewhere (the caller says what to do by hand)."""
-    distro = fact_once(LinuxDistribution)
+    distro = read(DISTRO_READ)
     meta = distro["release_meta"]
     ids = {(distro["name"] or "").lower(), (meta.get("ID") or "").lower(), *(meta.get("ID_LIKE") or "").lower().split()}
     if ids & {"debian", "ubuntu"}:
@@ -24,7 +24,7 @@ def package_manager() -> PackageManager | None:
 
 
 def distro_name() -> str:
-    return str(fact_once(LinuxDistribution)["name"])
+    return str(read(DISTRO_READ)["name"])
 
 
 DISTRO_READ: FactRead = (LinuxDistribution, {})

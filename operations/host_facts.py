@@ -72,7 +72,15 @@ def fact_name(fact: type[FactBase[Any]]) -> str:
 
 
 FactRead = tuple[type[FactBase[Any]], dict[str, Any]]
-"""A fact and the arguments an operation will read it with (through `fact_once`)."""
+"""A fact and the arguments an operation reads it with (`read`); each built by one function that the
+operation and its module's declared reads (`facts_read`, prefetched) both call."""
+
+
+def read(fact_read: FactRead) -> Any:
+    """`fact_once` of a declared read: the operation reads with the very `FactRead` its module's
+    prefetch list (`facts_read`) holds, built by one function per read, so the two cannot drift."""
+    fact, arguments = fact_read
+    return fact_once(fact, **arguments)
 
 
 def prefetch(reads: Sequence[FactRead]) -> None:
@@ -83,7 +91,7 @@ def prefetch(reads: Sequence[FactRead]) -> None:
     """
     loaded = _loaded()
     todo = list({_fact_key(fact, arguments): (fact, arguments) for fact, arguments in reads}.items())
-    todo = [(key, read) for key, read in todo if (host.name, key) not in loaded]
+    todo = [(key, fact_read) for key, fact_read in todo if (host.name, key) not in loaded]
     if not todo:
         return
     requests = tuple((fact_name(fact), tuple(sorted(arguments.items()))) for _, (fact, arguments) in todo)
@@ -92,6 +100,7 @@ def prefetch(reads: Sequence[FactRead]) -> None:
         loaded[(host.name, key)] = value
 
 
-def forget(fact: type[FactBase[Any]], **arguments: Any) -> None:
-    """Drop what `fact_once` loaded for these arguments: the next read goes to the host."""
+def forget(fact_read: FactRead) -> None:
+    """Drop what `read` (`fact_once`) loaded for this read: the next read goes to the host."""
+    fact, arguments = fact_read
     _loaded().pop((host.name, _fact_key(fact, arguments)), None)

@@ -35,7 +35,7 @@ from gpubox.verified import STAMP_DIR, stamp_path, stamp_text, stamped_sha256
 
 from .failures import python_step, refusals_fail_cleanly
 from .host_commands import connector_arguments
-from .host_facts import FactRead, fact_once, forget, once
+from .host_facts import FactRead, forget, once, read
 from .preflight import inventory_base
 
 # Read the head in growing steps: a small vocab fits in 4 MiB, Gemma's 262k-token vocab does not.
@@ -177,9 +177,24 @@ def host_sha256(path: str, info: FileInfo) -> str | None:
     return once(stat_key, lambda: host.get_fact(Sha256File, path=path))
 
 
+def file_read(model: ModelFile) -> FactRead:
+    """The model file's stat (`place`, `stamp`, and `vram.fits` for a non-GGUF model's size)."""
+    return File, {"path": model.path}
+
+
+def _stamp_read(model: ModelFile) -> FactRead:
+    return FileContents, {"path": stamp_path(model.path)}
+
+
+def stamps_read() -> FactRead:
+    """What `unused` reads: every stamp gpubox wrote, with its file's stat."""
+    return VerifiedStamps, {}
+
+
 def facts_read(model: ModelFile) -> list[FactRead]:
-    """What `place` and `stamp` read of a model on a host where it is placed (for `host_facts.prefetch`)."""
-    return [(File, {"path": model.path}), (FileContents, {"path": stamp_path(model.path)})]
+    """What `place` and `stamp` read of a model on a host where it is placed (for `host_facts.prefetch`):
+    each built by the function they read it with (`host_facts.read`)."""
+    return [file_read(model), _stamp_read(model)]
 
 
 def stamp_sha256(model: ModelFile, info: FileInfo) -> str | None:
@@ -187,7 +202,7 @@ def stamp_sha256(model: ModelFile, info: FileInfo) -> str | None:
     mtime, ctime) since it was verified, whether or not it is the spec's; None: no stamp to trust."""
     if not info:
         return None
-    stamp = fact_once(FileContents, path=stamp_path(model.path))
+    stamp = read(_stamp_read(model))
     return stamped_sha256(stamp, model.path, info["size"], info["mtime"], info["ctime"])
 
 
@@ -204,7 +219,7 @@ def known_sha256(model: ModelFile, info: FileInfo) -> str | None:
 
 def has_sha256(model: ModelFile) -> bool:
     """Whether the host file has the spec's sha256: the stamp's word where it still matches, else one hash per run."""
-    return known_sha256(model, fact_once(File, path=model.path)) == model.sha256
+    return known_sha256(model, read(file_read(model))) == model.sha256
 
 
 def log_transfer(model: ModelFile, found: str | None, source: Path | None, url: str | None) -> None:
@@ -300,7 +315,7 @@ def place(model: ModelFile, hub: HuggingFace | None = None):  # type: ignore[no-
             name="Model /srv/models/m.gguf", model=box.service("gemma4").model, hub=box.huggingface
         )
     """
-    info = fact_once(File, path=model.path)
+    info = read(file_read(model))
     if verified_by_stamp(model, info):
         host.noop(f"{model.path} is unchanged since its sha256 {model.sha256[:12]} was verified")
         return
@@ -321,7 +336,7 @@ def place(model: ModelFile, hub: HuggingFace | None = None):  # type: ignore[no-
     url = model.download_url(hub) if model.source_is_url else None
     token = hub_token(model, hub)
     log_transfer(model, found, source, url)
-    forget(File, path=model.path)  # replaced below: `stamp` must stat the new file
+    forget(file_read(model))  # replaced below: `stamp` must stat the new file
     yield f"mkdir -p {shell_word(directory)}"
     if url is not None:
         auth_dir = None
@@ -357,7 +372,7 @@ def stamp(model: ModelFile, placed: OperationMeta | None = None):  # type: ignor
 
         models.stamp(name="Model /srv/models/m.gguf verified", model=model, placed=placed)
     """
-    info = fact_once(File, path=model.path)
+    info = read(file_read(model))
     if not info or verified_by_stamp(model, info):
         host.noop(f"{model.path}: stamp up to date" if info else f"{model.path}: not placed yet")
         return
@@ -389,7 +404,7 @@ def unused(in_box: Sequence[str], remove: bool = False):  # type: ignore[no-unty
         models.unused(name="Models no longer in the box", in_box=[model.path for _, model in box.models()])
     """
     keep = set(in_box)
-    stamped = [StampedModel.model_validate(item) for item in fact_once(VerifiedStamps) or []]
+    stamped = [StampedModel.model_validate(item) for item in read(stamps_read()) or []]
     kept, removed = [], 0
     for item in stamped:
         if item.path in keep:

@@ -8,7 +8,7 @@ from pyinfra import host, state
 from pyinfra.api import OperationError, deploy, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
-from pyinfra.facts.files import Directory, File, FileContents, Sha1File
+from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.pacman import PacmanPackages
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
@@ -27,14 +27,24 @@ from gpubox.monitoring.fleet import CREDENTIALS_DIR, Fleet, FleetHost, Target, s
 from gpubox.quoting import shell_word
 from gpubox.vram import default_headers_dir
 
+from . import text_files
 from .distro import DISTRO_READ, PackageManager, distro_name, package_manager
 from .failures import refusals_fail_cleanly
-from .host_facts import FactRead, fact_once, prefetch
+from .host_facts import FactRead, prefetch, read
 from .preflight import inventory_base
 from .service import running_and_enabled, unit_state_reads
 from .text_files import text_file
 
 MANAGERS: tuple[PackageManager, ...] = ("apt", "pacman")
+
+
+def _packages_read(manager: PackageManager) -> FactRead:
+    return (DebPackages, {}) if manager == "apt" else (PacmanPackages, {})
+
+
+def package_reads() -> list[FactRead]:
+    """What `packages` reads, for either package manager."""
+    return [_packages_read(manager) for manager in MANAGERS]
 
 
 @operation()
@@ -52,7 +62,7 @@ def packages(names: list[str], manager: PackageManager):  # type: ignore[no-unty
 
         monitoring.packages(name="Monitoring packages", names=["prometheus"], manager="apt")
     """
-    installed = fact_once(DebPackages) if manager == "apt" else fact_once(PacmanPackages)
+    installed = read(_packages_read(manager))
     missing = [name for name in names if name not in (installed or {})]
     if not missing:
         host.noop(f"{', '.join(names)} installed")
@@ -83,7 +93,8 @@ def credentials(target: Target, key_made_by_this_run: bool = False):  # type: ig
         monitoring.credentials(name="Scrape key of gemma4", target=target)
     """
     assert target.credentials_file is not None and target.key_source is not None
-    source_sha = fact_once(Sha1File, path=target.key_source)
+    key_read, copy_read, copy_sha_read = credential_reads(target)
+    source_sha = read(key_read)
     if source_sha is None and not key_made_by_this_run:
         raise OperationError(
             f"{target.key_source} (the API key of {target.labels['service']}) is not on the host: "
@@ -94,9 +105,9 @@ def credentials(target: Target, key_made_by_this_run: bool = False):  # type: ig
             f"{target.key_source} (the API key of {target.labels['service']}) is not on the host: put the key "
             f'there, or set the service\'s api_key_file="generate" (gpubox makes one)'
         )
-    copy = fact_once(File, path=target.credentials_file)
+    copy = read(copy_read)
     owned = copy and (copy["user"], copy["group"], copy["mode"]) == ("root", PROMETHEUS_GROUP, fact_mode())
-    if source_sha is not None and owned and fact_once(Sha1File, path=target.credentials_file) == source_sha:
+    if source_sha is not None and owned and read(copy_sha_read) == source_sha:
         host.noop(f"{target.credentials_file} is the current key, readable by root and {PROMETHEUS_GROUP}")
         return
     source, copy_path = shell_word(target.key_source), shell_word(target.credentials_file)
@@ -111,15 +122,23 @@ def _credential_targets(fleet_host: FleetHost) -> list[Target]:
     return [target for target in scrape_targets(fleet_host) if target.credentials_file is not None]
 
 
+def credential_reads(target: Target) -> tuple[FactRead, FactRead, FactRead]:
+    """What `credentials` reads, in its order: the key's sha1, its copy's stat, the copy's sha1."""
+    assert target.credentials_file is not None and target.key_source is not None
+    copy = target.credentials_file
+    return (Sha1File, {"path": target.key_source}), (File, {"path": copy}), (Sha1File, {"path": copy})
+
+
 def _credential_reads(fleet_host: FleetHost) -> list[FactRead]:
-    reads: list[FactRead] = []
-    for target in _credential_targets(fleet_host):
-        reads += [
-            (Sha1File, {"path": target.key_source}),
-            (File, {"path": target.credentials_file}),
-            (Sha1File, {"path": target.credentials_file}),
-        ]
-    return reads
+    return [fact_read for target in _credential_targets(fleet_host) for fact_read in credential_reads(target)]
+
+
+def _grafana_read(fleet: Fleet) -> FactRead:
+    return Directory, {"path": fleet.monitoring.grafana_provisioning}
+
+
+def _prometheus_config_read() -> FactRead:
+    return text_files.contents_read(prometheus.PROMETHEUS_CONFIG)
 
 
 def facts_read(fleet: Fleet, fleet_host: FleetHost, files: list[HostFile], grafana: list[HostFile]) -> list[FactRead]:
@@ -127,17 +146,17 @@ def facts_read(fleet: Fleet, fleet_host: FleetHost, files: list[HostFile], grafa
     package manager (the distro is read in the same round trip; the other's reads come back empty).
     ``files``: the host's files as either manager's host renders them (only drop-in paths differ);
     ``grafana``: Grafana's files, on the monitor."""
-    reads: list[FactRead] = [DISTRO_READ, (DebPackages, {}), (PacmanPackages, {})]
+    reads: list[FactRead] = [DISTRO_READ, *package_reads()]
     daemons = prometheus.daemons(fleet, fleet_host)
     paths = [host_file.path for host_file in files]
     paths += [daemon.drop_in_path(manager) for manager in MANAGERS for daemon in daemons]
-    reads += [(FileContents, {"path": path}) for path in dict.fromkeys(paths)]
+    reads += [fact_read for path in dict.fromkeys(paths) for fact_read in text_files.facts_read(path)]
     reads += _credential_reads(fleet_host)
     if fleet.is_monitor(fleet_host.name):
-        reads.append((Directory, {"path": fleet.monitoring.grafana_provisioning}))
-        reads += [(FileContents, {"path": grafana_file.path}) for grafana_file in grafana]
+        reads.append(_grafana_read(fleet))
+        reads += [fact_read for grafana_file in grafana for fact_read in text_files.facts_read(grafana_file.path)]
     units = dict.fromkeys(daemon.unit(manager) for manager in MANAGERS for daemon in daemons)
-    return reads + [read for unit in (textfile.TIMER_UNIT, *units) for read in unit_state_reads(unit)]
+    return reads + [fact_read for unit in (textfile.TIMER_UNIT, *units) for fact_read in unit_state_reads(unit)]
 
 
 def _write(host_file: HostFile) -> OperationMeta:
@@ -190,7 +209,7 @@ def observe(fleet: Fleet, host_name: str) -> None:
         for target in _credential_targets(fleet_host)
     ]
     written = {host_file.path: _write(host_file) for host_file in files}
-    if fleet.is_monitor(host_name) and fact_once(Directory, path=fleet.monitoring.grafana_provisioning):
+    if fleet.is_monitor(host_name) and read(_grafana_read(fleet)):
         for grafana_file in grafana:
             _write(grafana_file)
 
@@ -220,7 +239,7 @@ def scrape_key_reads(fleet: Fleet | None, host_name: str) -> list[FactRead]:
     round trip): the host's Prometheus config, then each keyed service's key and its copy."""
     if fleet is None or host_name not in {fleet_host.name for fleet_host in fleet.hosts}:
         return []
-    return [(FileContents, {"path": prometheus.PROMETHEUS_CONFIG}), *_credential_reads(fleet.host(host_name))]
+    return [_prometheus_config_read(), *_credential_reads(fleet.host(host_name))]
 
 
 @deploy("Scrape keys")
@@ -242,7 +261,7 @@ def scrape_keys(fleet: Fleet, host_name: str) -> None:
 
         monitoring.scrape_keys(fleet, host.name)  # after the services' keys and units
     """
-    if fact_once(FileContents, path=prometheus.PROMETHEUS_CONFIG) is None:
+    if read(_prometheus_config_read()) is None:
         return  # no monitoring here yet: observability.py copies the keys when it deploys it
     fleet_host = fleet.host(host_name)
     keys = [

@@ -14,18 +14,22 @@ from gpubox.quoting import shell_word
 from gpubox.spec import PiperInstall
 
 from .distro import package_manager
-from .host_facts import FactRead, fact_once
+from .host_facts import FactRead, read
+
+
+def _installed_read(install: PiperInstall, flavor: plan.PiperFlavor) -> FactRead:
+    return InstalledBuild, {"stamp": plan.stamp_path(install, flavor), "current": plan.current_link(install)}
 
 
 def facts_read(install: PiperInstall, flavor: plan.PiperFlavor) -> list[FactRead]:
     """What `piper(...)` reads on a host where piper is installed (for `host_facts.prefetch`)."""
-    return [(InstalledBuild, {"stamp": plan.stamp_path(install, flavor), "current": plan.current_link(install)})]
+    return [_installed_read(install, flavor)]
 
 
 def _installed(install: PiperInstall, flavor: plan.PiperFlavor) -> tuple[bool, bool]:
     """Whether this version and flavor is installed (its stamp says so), and `current` points at it."""
-    ((fact, arguments),) = facts_read(install, flavor)
-    return plan.is_installed(switch.InstalledBuild.model_validate(fact_once(fact, **arguments)), install, flavor)
+    found = switch.InstalledBuild.model_validate(read(_installed_read(install, flavor)))
+    return plan.is_installed(found, install, flavor)
 
 
 def _wheels(install: PiperInstall) -> list[Path]:

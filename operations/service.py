@@ -33,7 +33,7 @@ from gpubox.unverified import Mark, mark_command
 
 from . import deploy_lock
 from .failures import refusals_fail_cleanly
-from .host_facts import FactRead, fact_once
+from .host_facts import FactRead, read
 from .text_files import is_current, log_diff, write_commands
 
 UNIT_DIR = "/etc/systemd/system"
@@ -77,8 +77,7 @@ def flags_supported(server: AnyService, prefix: str | None):  # type: ignore[no-
     if prefix is None:
         host.noop(f"{server.unit_name} runs {binary}, from no install: no pinned --help to check its flags in")
         return
-    fact, arguments = _flags_read(server, prefix)
-    flags = fact_once(fact, **arguments)
+    flags = read(_flags_read(server, prefix))
     if flags is None:
         if state.is_executing:
             raise OperationError(f"no {server.PROGRAM} at {binary}: its install must run first")
@@ -122,31 +121,60 @@ def _stale_read(server: Service, prefix: str | None) -> FactRead:
     }
 
 
+def _status_read(unit_name: str) -> FactRead:
+    return SystemdStatus, {"services": (unit_name,)}
+
+
+def _enabled_read(unit_name: str) -> FactRead:
+    return SystemdEnabled, {"services": (unit_name,)}
+
+
+def _user_read(server: Service) -> FactRead:
+    return ExistingUsers, {"names": (server.user,)}
+
+
+def _unit_file_read(server: Service) -> FactRead:
+    return FileContents, {"path": unit_path(server)}
+
+
+def _key_file_read(key_file: str) -> FactRead:
+    return File, {"path": key_file}
+
+
+def _gpus_read() -> FactRead:
+    return NvidiaGpus, {}
+
+
+def _unverified_read() -> FactRead:
+    return UnverifiedServices, {}
+
+
 def unit_state_reads(unit_name: str) -> list[FactRead]:
     """The facts `running_and_enabled` reads for a unit (prefetched with the run's others)."""
-    arguments = {"services": (unit_name,)}
-    return [(SystemdStatus, arguments), (SystemdEnabled, arguments)]
+    return [_status_read(unit_name), _enabled_read(unit_name)]
 
 
 def facts_read(server: Service, prefix: str | None) -> list[FactRead]:
-    """The facts `server(...)` reads on a host where the service exists (`host_facts.prefetch` loads them)."""
+    """The facts `server(...)` reads on a host where the service exists (`host_facts.prefetch` loads
+    them): each built by the function its operation reads it with (`host_facts.read`)."""
     flag_reads = [_flags_read(server, prefix)] if prefix is not None else []
     key_file = server.generated_key_file
-    key_reads: list[FactRead] = [(File, {"path": key_file})] if key_file else []
+    key_reads = [_key_file_read(key_file)] if key_file else []
     return [
-        (ExistingUsers, {"names": (server.user,)}),
+        _user_read(server),
         *flag_reads,
-        (FileContents, {"path": unit_path(server)}),
+        *([_gpus_read()] if server.gpus else []),
+        _unit_file_read(server),
         *key_reads,
         _stale_read(server, prefix),
         *unit_state_reads(server.unit_name),
-        (UnverifiedServices, {}),
+        _unverified_read(),
     ]
 
 
 def unverified(server: Service) -> Mark | None:
     """The service's mark: an earlier run put it live and never saw its smoke test pass (it was cut)."""
-    return next((mark for mark in fact_once(UnverifiedServices) if mark.unit == server.unit_name), None)
+    return next((mark for mark in read(_unverified_read()) if mark.unit == server.unit_name), None)
 
 
 def _mark(unit_name: str, install: Sequence[OperationMeta] = ()) -> str:
@@ -189,7 +217,7 @@ def unit(server: AnyService, prefix: str | None):  # type: ignore[no-untyped-def
     """
     path = unit_path(server)
     # The unit allows exactly the service's GPUs' device nodes and pins them by UUID: from the host's records.
-    host_gpus = gpus_from_fact(fact_once(NvidiaGpus)) if server.gpus else []
+    host_gpus = gpus_from_fact(read(_gpus_read())) if server.gpus else []
     try:
         service_gpus(server, host_gpus)
     except ValueError:
@@ -198,7 +226,7 @@ def unit(server: AnyService, prefix: str | None):  # type: ignore[no-untyped-def
         except ValueError as error:
             raise OperationError(f"{server.unit_name}: {error}") from error
     text = render_unit(server, server.binary(prefix), host_gpus)
-    old_lines = fact_once(FileContents, path=path)
+    old_lines = read(_unit_file_read(server))
     if is_current(old_lines, text):
         host.noop(f"{path} is up to date")
         return
@@ -243,7 +271,7 @@ def api_key(server: AnyService):  # type: ignore[no-untyped-def]
     """
     key_file = server.generated_key_file
     assert key_file is not None, f"{server.unit_name}: the deploy makes no key for it"
-    info = fact_once(File, path=key_file)
+    info = read(_key_file_read(key_file))
     owned = info and (info["user"], info["group"], info["mode"]) == ("root", server.user, fact_mode())
     if owned and info["size"] > 0:
         host.noop(f"{key_file} holds a key, readable by root and {server.user} only")
@@ -266,8 +294,7 @@ def running_current(server: AnyService, prefix: str | None):  # type: ignore[no-
 
         service.running_current(name="gemma4.service runs what is on disk", server=server, prefix="/opt/llama.cpp")
     """
-    fact, arguments = _stale_read(server, prefix)
-    reasons = fact_once(fact, **arguments)
+    reasons = read(_stale_read(server, prefix))
     if not reasons:
         host.noop(f"{server.unit_name} runs what is on disk (or is not running)")
         return
@@ -313,9 +340,8 @@ def running_and_enabled(unit_name: str, mark: bool = False):  # type: ignore[no-
 
         service.running_and_enabled(name="gemma4.service running and enabled at boot", unit_name="gemma4.service")
     """
-    status_read, enabled_read = unit_state_reads(unit_name)
-    running = (fact_once(status_read[0], **status_read[1]) or {}).get(unit_name)
-    enabled = (fact_once(enabled_read[0], **enabled_read[1]) or {}).get(unit_name)
+    running = (read(_status_read(unit_name)) or {}).get(unit_name)
+    enabled = (read(_enabled_read(unit_name)) or {}).get(unit_name)
     if running and enabled:
         host.noop(f"{unit_name} is running and enabled")
         return
@@ -378,7 +404,7 @@ def server(  # type: ignore[no-untyped-def]
         smoke.smoke_test(box.service("gemma4"), restarted)
     """
     # pyinfra's user operation reads three facts (users, groups, OS); a user that exists needs none of it.
-    if ensure_user and server.user not in fact_once(ExistingUsers, names=(server.user,)):
+    if ensure_user and server.user not in read(_user_read(server)):
         from pyinfra.operations import server as server_ops  # here: only a missing user pays its import
 
         server_ops.user(
@@ -408,8 +434,7 @@ def server(  # type: ignore[no-untyped-def]
             name=f"Restart {server.unit_name}", server=server, install=install, _if=any_changed(*restart_on)
         )
     smoked = server.smoke_tested
-    status_read = unit_state_reads(server.unit_name)[0]
-    running = (fact_once(status_read[0], **status_read[1]) or {}).get(server.unit_name)
+    running = (read(_status_read(server.unit_name)) or {}).get(server.unit_name)
     start_meta = running_and_enabled(
         name=f"{server.unit_name} running and enabled at boot", unit_name=server.unit_name, mark=smoked
     )

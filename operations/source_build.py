@@ -21,7 +21,7 @@ from gpubox.spec import AnySourceBuild, SourceBuild
 from .distro import distro_name, package_manager
 from .failures import python_step
 from .host_commands import connector_arguments, run
-from .host_facts import FactRead, fact_once
+from .host_facts import FactRead, read
 
 DEBIAN_PACKAGES = ["git", "cmake", "ninja-build", "build-essential", "ccache", "libssl-dev"]
 ARCH_PACKAGES = ["git", "cmake", "ninja", "base-devel", "ccache", "openssl"]
@@ -84,28 +84,38 @@ def source(build: AnySourceBuild):  # type: ignore[no-untyped-def]
 
 def _flavor(build: SourceBuild) -> tuple[plan.Flavor, list[str]]:
     """The build's flavor and CUDA architectures on this host, from its GPU and CUDA facts."""
-    gpus = fact_once(NvidiaGpus)
+    gpus = read(_gpus_read())
     try:
-        flavor = plan.resolve_flavor(build, gpus, fact_once(CudaToolkit))
+        flavor = plan.resolve_flavor(build, gpus, read(_toolkit_read()))
         return flavor, plan.resolve_architectures(build, gpus) if flavor == "cuda" else []
     except plan.BuildRefused as error:
         raise OperationError(str(error)) from error
 
 
+def _gpus_read() -> FactRead:
+    return NvidiaGpus, {}
+
+
+def _toolkit_read() -> FactRead:
+    return CudaToolkit, {}
+
+
+def _installed_read(build: SourceBuild, flavor: plan.Flavor) -> FactRead:
+    return InstalledBuild, {"stamp": plan.stamp_path(build, flavor), "current": plan.current_link(build)}
+
+
 def facts_read(build: SourceBuild) -> list[FactRead]:
     """What `build(...)` reads on a host where the build is installed (for `host_facts.prefetch`):
-    the GPUs, the toolkit and the stamp of either flavor (which one is the host's depends on the first two)."""
-    stamps: list[FactRead] = [
-        (InstalledBuild, {"stamp": plan.stamp_path(build, flavor), "current": plan.current_link(build)})
-        for flavor in ("cpu", "cuda")
-    ]
-    return [(NvidiaGpus, {}), (CudaToolkit, {}), *stamps]
+    the GPUs, the toolkit and the stamp of either flavor (which one is the host's depends on the first two).
+    Each is built by the function its operation reads it with (`host_facts.read`)."""
+    flavors: tuple[plan.Flavor, ...] = ("cpu", "cuda")
+    return [_gpus_read(), _toolkit_read(), *(_installed_read(build, flavor) for flavor in flavors)]
 
 
 def _installed(build: SourceBuild, flavor: plan.Flavor) -> tuple[bool, bool]:
     """Whether the pinned build is installed (its stamp records this project, commit, flavor and
     targets), and `current` points at it: one fact, no binary run."""
-    fact = fact_once(InstalledBuild, stamp=plan.stamp_path(build, flavor), current=plan.current_link(build))
+    fact = read(_installed_read(build, flavor))
     found = switch.InstalledBuild.model_validate(fact)
     return plan.is_installed(found, build, flavor)
 
@@ -137,7 +147,7 @@ def install(build: AnySourceBuild):  # type: ignore[no-untyped-def]
         yield plan.switch_script(build, flavor)
         return
     ccache = host.get_fact(Which, command="ccache") is not None
-    toolkit = fact_once(CudaToolkit)
+    toolkit = read(_toolkit_read())
     nvcc = toolkit.nvcc_path if (flavor == "cuda" and toolkit is not None) else None
     arch_note = f", CUDA architectures {';'.join(architectures)}" if architectures else ""
     host.log(

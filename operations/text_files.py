@@ -17,7 +17,7 @@ from pyinfra.operations.util.files import generate_color_diff
 
 from gpubox.quoting import shell_join, shell_word
 
-from .host_facts import FactRead, fact_once
+from .host_facts import FactRead, read
 
 STAGED_SUFFIX = ".gpubox-new"
 
@@ -65,8 +65,13 @@ def write_commands(
     yield " && ".join(steps)
 
 
+def contents_read(path: str) -> FactRead:
+    return FileContents, {"path": path}
+
+
 def facts_read(path: str) -> list[FactRead]:
-    return [(FileContents, {"path": path})]
+    """What `text_file` reads of `path` (for `host_facts.prefetch`)."""
+    return [contents_read(path)]
 
 
 @operation()
@@ -98,7 +103,7 @@ def text_file(  # type: ignore[no-untyped-def]
             check=["promtool", "check", "rules", "{}"],
         )
     """
-    old_lines = fact_once(FileContents, path=path)
+    old_lines = read(contents_read(path))
     if is_current(old_lines, text):
         host.noop(f"{path} is up to date")
         return

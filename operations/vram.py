@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pyinfra import host, state
 from pyinfra.api import OperationError, operation
-from pyinfra.facts.files import File
 from rich.console import Console
 
 from facts.gpu import NvidiaGpus
@@ -16,8 +15,17 @@ from gpubox.inventory import HostBox
 from gpubox.tables import gpu_table, print_refusal, problems_table
 from gpubox.vram import load_model_header, moves, plan_box
 
-from .host_facts import fact_once
-from .models import local_source, remote_header
+from .host_facts import FactRead, read
+from .models import file_read, local_source, remote_header
+
+
+def _gpus_read() -> FactRead:
+    return NvidiaGpus, {}
+
+
+def facts_read(box: Box) -> list[FactRead]:
+    """What `fits` reads on the host (for `host_facts.prefetch`): its GPUs, the stat of each non-GGUF model."""
+    return [_gpus_read(), *(file_read(model) for _, model in box.models() if model.format != "gguf")]
 
 
 def _headers(box: Box) -> dict[str, GgufFile]:
@@ -37,7 +45,7 @@ def _model_sizes(box: Box) -> dict[str, int]:
     """The sizes of the box's non-GGUF models on the host (whisper, piper): the placement stat them already."""
     sizes: dict[str, int] = {}
     for _, model in box.models():
-        info = fact_once(File, path=model.path) if model.format != "gguf" else None
+        info = read(file_read(model)) if model.format != "gguf" else None
         if info:
             sizes[model.path] = int(info["size"])
     return sizes
@@ -58,7 +66,7 @@ def fits(box: Box):  # type: ignore[no-untyped-def]
 
         vram.fits(name="The services fit their GPUs' memory", box=box)
     """
-    gpus = gpus_from_fact(fact_once(NvidiaGpus))
+    gpus = gpus_from_fact(read(_gpus_read()))
     headers = _headers(box)
     plan = plan_box(
         box, headers, [(gpu.index, gpu.memory_total_mib or 0) for gpu in gpus], model_sizes=_model_sizes(box)
