@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,8 +36,8 @@ from tests.e2e.test_deploy import (
     plain,
     smoke_numbers,
 )
-from tests.e2e.test_interrupted import cut, finish, spawn
-from tests.testbed import TestHost, sha256_file
+from tests.e2e.test_interrupted import changed_model, cut, finish, spawn  # noqa: F401 (a fixture)
+from tests.testbed import TestHost
 
 pytestmark = pytest.mark.e2e
 
@@ -54,17 +53,6 @@ TOOK_OVER = re.compile(
 @pytest.fixture(scope="module")
 def deployer(test_host: TestHost, tmp_path_factory: pytest.TempPathFactory) -> Deployer:
     return make_deployer(test_host, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def changed_model(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Another SmolLM2 file for the model's path (a byte appended: another sha256); the drafter stays."""
-    copy = tmp_path_factory.mktemp("changed") / "SmolLM2-changed.gguf"
-    copy.write_bytes(smollm2.read_bytes() + b"\0")
-    return {
-        "model_source": str(copy), "model_sha256": sha256_file(copy),
-        "drafter_source": str(smollm2), "drafter_sha256": sha256_file(smollm2),
-    }  # fmt: skip
 
 
 def starts(operation: str) -> str:
@@ -247,7 +235,9 @@ def test_two_deploys_changing_the_unit_at_once(deployer: Deployer) -> None:
     print(f"two deploys changing the unit: {elapsed:.1f} s")
 
 
-def test_two_deploys_placing_a_new_model_at_once(deployer: Deployer, changed_model: dict[str, str]) -> None:
+def test_two_deploys_placing_a_new_model_at_once(
+    deployer: Deployer, changed_model: dict[str, str]  # noqa: F811 (the fixture imported above)
+) -> None:
     """Before, the second took the first's upload in progress for a leftover `.part`, restarted it, and
     the service restarted twice."""
     starts_before = deployer.starts()

@@ -92,7 +92,9 @@ def test_the_whole_box_converges_and_speaks_and_listens(deployer: Deployer) -> N
     assert piper and piper["verdict"] == "passed" and float(piper["audio"]) > 1.0
     round_trip = ROUND_TRIP_LINE.search(output)
     assert round_trip and round_trip["verdict"] == "passed", output[-3000:]
-    assert "quick brown fox" in round_trip["heard"].lower()
+    # piper's voice varies from run to run and tiny.en once heard "The Quit Brown Fox ..." (WER 0.11): the
+    # round trip's own threshold (WER <= 0.2) judges it; the sentence must still be recognisably the one said
+    assert float(round_trip["wer"]) <= 0.2 and "brown fox jumps over the lazy dog" in round_trip["heard"].lower()
     # one build operation, two projects, each with its stamp
     assert "whisper.cpp build" in output and "llama.cpp build" in output
     stamp = deployer.sh("cat /opt/whisper.cpp/current/gpubox-build.json")
