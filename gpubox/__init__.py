@@ -6,6 +6,7 @@ from gpubox.servers.base import Flag, Scrape, Service
 from gpubox.servers.llama import LlamaServer
 from gpubox.servers.piper import PiperServer, SpeechSmoke
 from gpubox.servers.registry import register_server_type
+from gpubox.servers.rpc import RpcRef, RpcServer
 from gpubox.servers.whisper import TranscriptionSmoke, WhisperServer
 from gpubox.spec import (
     ExpectedGpu,
@@ -30,6 +31,8 @@ __all__ = [
     "Monitoring",
     "PiperInstall",
     "PiperServer",
+    "RpcRef",
+    "RpcServer",
     "Scrape",
     "Service",
     "SmokeThresholds",

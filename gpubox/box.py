@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING, Annotated, Self
 
-from pydantic import Field, SerializeAsAny, WrapValidator, model_validator
+from pydantic import Field, SerializeAsAny, WrapValidator, field_validator, model_validator
 
 import gpubox.servers  # noqa: F401 (the product's server types register themselves)
 from gpubox.servers.base import Service
@@ -58,6 +59,13 @@ class Box(Spec):
         "service pinned to another GPU is refused, and so is GPU work pinned to none. None: nothing to budget "
         "against.",
     )
+    address: str | None = Field(
+        default=None,
+        description="The host's IP address on the network it shares with its peers: what a llama-server's `--rpc` "
+        "dials for an RPC server here that listens on every interface, and what an RPC server's `allow_from` is "
+        "matched against for a client here. Required on both ends of an `rpc` reference (hosts that share one "
+        "network namespace, as the test hosts do, share one address).",
+    )
     monitoring: HostMonitoring = Field(
         default=HostMonitoring(),
         description="What the host runs to be watched: the ports of its node-exporter and Prometheus agent "
@@ -68,6 +76,19 @@ class Box(Spec):
         description="The hub `hf://` model sources come from and the token for gated ones; None: huggingface.co, "
         "with `$HF_TOKEN_FILE`'s token if it is set.",
     )
+
+    @field_validator("address")
+    @classmethod
+    def _ip_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(
+                f"address is the host's IP address on the network it shares with its peers (e.g. '192.168.1.20'), "
+                f"got {value!r}"
+            ) from None
 
     @model_validator(mode="after")
     def _box_rules(self) -> Self:
@@ -114,11 +135,21 @@ class Box(Spec):
                 ))
         return problems
 
+    def _install(self, field: str) -> Install | None:
+        """The install at ``field`` as the box builds it: with the options its services need (``rpc``)."""
+        install: Install | None = getattr(self, field)
+        if not isinstance(install, SourceBuild):
+            return install
+        users = [service for service in self.services if field == service.INSTALL]
+        options = {option for service in users for option in service.build_options()}
+        return install.with_options(tuple(sorted(options)))
+
     def install_of(self, service: Service) -> Install | None:
-        """The build or install ``service`` runs from (the rules made sure there is one); None: none."""
+        """The build or install ``service`` runs from (the rules made sure there is one), with the options the
+        box's services need; None: none."""
         if service.INSTALL is None:
             return None
-        install: Install | None = getattr(self, service.INSTALL)
+        install = self._install(service.INSTALL)
         assert install is not None, f"{service.name}: no {service.INSTALL}"
         return install
 
@@ -128,12 +159,13 @@ class Box(Spec):
         return install.prefix if install is not None else None
 
     def install_users(self, install: Install) -> list[Service]:
-        """The services that run from ``install``, in box order."""
-        return [service for service in self.services if self.install_of(service) is install]
+        """The services that run from ``install`` (its prefix: one install per prefix), in box order."""
+        return [service for service in self.services if self.prefix_of(service) == install.prefix]
 
     def builds(self) -> list[SourceBuild]:
-        """The source builds the services need, llama.cpp first."""
-        return [build for build in (self.llama_cpp, self.whisper_cpp) if build is not None]
+        """The source builds the services need, llama.cpp first, each with the options its services need."""
+        builds = [self._install("llama_cpp"), self._install("whisper_cpp")]
+        return [build for build in builds if isinstance(build, SourceBuild)]
 
     def chat_servers(self) -> list[LlamaServer]:
         """The services ``gpubox smoke`` and ``gpubox bench`` reach (the OpenAI chat API), in box order."""

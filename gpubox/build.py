@@ -17,6 +17,7 @@ deploy); a switch prunes all but `keep_builds`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Literal
@@ -39,8 +40,24 @@ def src_dir(build: SourceBuild) -> str:
     return f"{build.prefix}/src"
 
 
+def options_fingerprint(build: SourceBuild) -> str | None:
+    """A short hash of the CPU and CMake options a spec sets beyond the defaults (``native``, ``cpu_features``,
+    ``extra_cmake_args``); None when it sets none. Part of the build's name: a changed option is a new build,
+    never a silent reuse of one built without it."""
+    defaults = {name: type(build).model_fields[name].default for name in ("native", "cpu_features", "extra_cmake_args")}
+    chosen = {name: getattr(build, name) for name in defaults}
+    if chosen == defaults:
+        return None
+    record = json.dumps({name: list(value) if isinstance(value, tuple) else value for name, value in chosen.items()},
+                        sort_keys=True)
+    return hashlib.sha256(record.encode()).hexdigest()[:8]
+
+
 def build_name(build: SourceBuild, flavor: Flavor) -> str:
-    return f"{build.commit}-{flavor}"
+    """``{commit}-{flavor}``, then the project's options (``-rpc``) and the others' fingerprint (``-o1a2b3c4d``)."""
+    fingerprint = options_fingerprint(build)
+    suffix = "".join(f"-{option}" for option in build.variant) + (f"-o{fingerprint}" if fingerprint else "")
+    return f"{build.commit}-{flavor}{suffix}"
 
 
 def install_dir(build: SourceBuild, flavor: Flavor) -> str:
@@ -68,7 +85,14 @@ def stamp_path(build: SourceBuild, flavor: Flavor) -> str:
 
 def stamp_text(build: SourceBuild, flavor: Flavor) -> str:
     """What a build is, recorded beside it: the install check compares it (no binary runs)."""
-    record = {"project": build.PROJECT.name, "commit": build.commit, "flavor": flavor, "targets": list(build.targets)}
+    record: dict[str, object] = {
+        "project": build.PROJECT.name, "commit": build.commit, "flavor": flavor, "targets": list(build.targets),
+    }  # fmt: skip
+    if build.variant:
+        record["options"] = list(build.variant)
+    if options_fingerprint(build) is not None:
+        record["extra_cmake_args"] = list(build.extra_cmake_args)
+        record["cpu"] = "native" if build.native else list(build.cpu_features)
     return json.dumps(record, sort_keys=True)
 
 
@@ -243,18 +267,22 @@ def _describe_lines(build: SourceBuild, staging_dir: str) -> list[str]:
     so a help text without a single option line fails the build as well.
     """
     server = build.PROJECT.server
-    binary = shell_word(f"{staging_dir}/{server}")
-    help_file = shell_word(f"{staging_dir}/{server}{HELP_CACHE_SUFFIX}")
     lines = []
     if build.PROJECT.version_flag is not None:
+        binary = shell_word(f"{staging_dir}/{server}")
         lines.append(
             f"{binary} {build.PROJECT.version_flag} > {shell_word(f'{staging_dir}/{server}{VERSION_CACHE_SUFFIX}')} "
             f"2>&1 || fail {shell_word(f'the built {server} does not run')}"
         )
-    lines += [
-        f"{binary} --help > {help_file} 2>&1 || fail {shell_word(f'the built {server} --help failed')}",
-        f"grep -q -- '^ *--\\?[a-z]' {help_file} || fail {shell_word(f'the built {server} --help lists no options')}",
-    ]
+    for program in build.programs:  # ggml-rpc-server, like whisper-server, exits 0 on any flag
+        binary = shell_word(f"{staging_dir}/{program}")
+        help_file = shell_word(f"{staging_dir}/{program}{HELP_CACHE_SUFFIX}")
+        lines += [
+            f"{binary} --help > {help_file} 2>&1 "
+            f"|| fail {shell_word(f'the built {program} --help failed')}",
+            f"grep -q -- '^ *--\\?[a-z]' {help_file} "
+            f"|| fail {shell_word(f'the built {program} --help lists no options')}",
+        ]
     return lines
 
 

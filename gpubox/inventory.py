@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from gpubox.box import Box
 from gpubox.models import missing_source_problem, missing_sources
+from gpubox.peers import has_peers, resolve_peers
 from gpubox.spec import Problem, problems_from
 
 BOX_KEY = "box"
@@ -210,8 +211,25 @@ def box_from_host_data(value: object, host_name: str) -> Box:
 
 
 def inventory_boxes(path: str | Path) -> list[HostBox]:
-    """Every gpubox host of an inventory, each with its Box or its problems."""
+    """Every gpubox host of an inventory, each with its Box (what it uses on other hosts resolved: ``gpubox.peers``)
+    or its problems."""
     boxes = [box for box in (box_of(host) for host in load_inventory(path)) if box is not None]
     if not boxes:
         raise InventoryError(f"{path}: no host carries a `{BOX_KEY}` in its data")
-    return boxes
+    return with_peers(boxes)
+
+
+def with_peers(host_boxes: list[HostBox]) -> list[HostBox]:
+    """The hosts' Boxes with their references to other hosts resolved, and what refuses those references."""
+    valid = {host_box.host: host_box.box for host_box in host_boxes if host_box.box is not None}
+    if not any(has_peers(box) for box in valid.values()):
+        return host_boxes
+    resolved, problems = resolve_peers(valid)
+    return [
+        HostBox(
+            host=host_box.host, box=resolved[host_box.host], problems=[*host_box.problems, *problems[host_box.host]]
+        )
+        if host_box.box is not None
+        else host_box
+        for host_box in host_boxes
+    ]

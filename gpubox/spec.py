@@ -151,6 +151,9 @@ class Project(BaseModel):
     version_flag: str | None = None
 
 
+RPC_SERVER_TARGET = "ggml-rpc-server"
+"""llama.cpp's RPC server program (target and binary), built with GGML_RPC."""
+
 LLAMA_CPP = Project(
     name="llama.cpp",
     server="llama-server",
@@ -283,6 +286,20 @@ class SourceBuild(Spec):
         """Half of the build directory's name; `cuda` is resolved against facts by the operation."""
         return "cuda" if self.cuda == "on" else "cpu"
 
+    @property
+    def variant(self) -> tuple[str, ...]:
+        """The project options that make another build of the same commit and flavor (llama.cpp's ``rpc``)."""
+        return ()
+
+    @property
+    def programs(self) -> tuple[str, ...]:
+        """The programs the services run from it, whose ``--help`` the build saves."""
+        return (self.PROJECT.server,)
+
+    def with_options(self, options: tuple[str, ...]) -> SourceBuild:
+        """This build with the options its box's services need; a project without any is itself."""
+        return self
+
     def project_cmake_options(self) -> list[str]:
         """The project's own CMake options (tests, examples, the web UI)."""
         return list(self.PROJECT.cmake_options)
@@ -312,9 +329,31 @@ class LlamaCppBuild(SourceBuild):
         description="LLAMA_USE_PREBUILT_UI: the build downloads llama-server's prebuilt web UI; off, it "
         "downloads nothing.",
     )
+    rpc: bool = Field(
+        default=False,
+        description="GGML_RPC (RDMA pinned off): llama-server's `--rpc` and the `ggml-rpc-server` program. The box "
+        "turns it on when it runs an RPC server or a llama-server with `rpc`; True builds them anyway. A build with "
+        "it is another build (its own directory, `-rpc`), switched and rolled back as any other.",
+    )
 
     def project_cmake_options(self) -> list[str]:
-        return [*self.PROJECT.cmake_options, f"-DLLAMA_USE_PREBUILT_UI={'ON' if self.prebuilt_ui else 'OFF'}"]
+        options = [*self.PROJECT.cmake_options, f"-DLLAMA_USE_PREBUILT_UI={'ON' if self.prebuilt_ui else 'OFF'}"]
+        return options + (["-DGGML_RPC=ON", "-DGGML_RPC_RDMA=OFF"] if self.rpc else [])
+
+    @property
+    def variant(self) -> tuple[str, ...]:
+        return ("rpc",) if self.rpc else ()
+
+    @property
+    def programs(self) -> tuple[str, ...]:
+        return (self.PROJECT.server, RPC_SERVER_TARGET) if self.rpc else (self.PROJECT.server,)
+
+    def with_options(self, options: tuple[str, ...]) -> LlamaCppBuild:
+        """This build with the options its box's services need (``rpc``: GGML_RPC and ``ggml-rpc-server``)."""
+        if "rpc" not in options or (self.rpc and RPC_SERVER_TARGET in self.targets):
+            return self
+        targets = self.targets if RPC_SERVER_TARGET in self.targets else (*self.targets, RPC_SERVER_TARGET)
+        return self.model_copy(update={"rpc": True, "targets": targets})
 
 
 class WhisperCppBuild(SourceBuild):

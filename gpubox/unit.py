@@ -83,7 +83,8 @@ def service_gpus(service: Service, gpus: Sequence[Gpu], field: str = "gpus") -> 
 
 
 def server_environment(service: Service, gpus: Sequence[Gpu] = ()) -> dict[str, str]:
-    """The service's environment: which GPUs it sees (none when it has no GPUs).
+    """The service's environment: which GPUs it sees (none when it has no GPUs), then what its type adds
+    (``Service.environment``: an RPC server's cache directory).
 
     With the host's GPU records (what the unit gets) each GPU is named by its UUID: inside the unit
     only its GPUs' device nodes exist, so CUDA numbers what it sees from 0 and an nvidia-smi index
@@ -95,7 +96,7 @@ def server_environment(service: Service, gpus: Sequence[Gpu] = ()) -> dict[str, 
         visible = ",".join(gpu.uuid for gpu in service_gpus(service, gpus))
     else:
         visible = ",".join(str(gpu) for gpu in service.placement)
-    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible}
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible, **service.environment()}
 
 
 def read_only_paths(service: Service) -> list[str]:
@@ -124,11 +125,15 @@ def ip_address_allow(service: Service) -> list[str]:
     """Who may talk to the service (`IPAddressAllow=`; everything else is `IPAddressDeny=any`).
 
     Always this machine (`localhost`: 127.0.0.0/8 and ::1, where the smoke test and a local proxy
-    connect from); beyond loopback, the service's `allow_from` networks (required there by its rule).
+    connect from); beyond loopback, the service's `allow_from` networks (required there by its rule); and
+    the addresses it dials itself (a llama-server's RPC servers: the deny holds outgoing traffic too, so
+    those hosts may also reach it).
     """
     allowed = ["localhost"]
     if not is_loopback(service.host):
         allowed += [unit_safe(network, "allow_from") for network in service.allow_from]
+    peers = [address for address in service.peer_addresses() if address not in allowed]
+    allowed += [unit_safe(address, "a peer's address") for address in peers]
     return allowed
 
 
@@ -214,6 +219,8 @@ def hardening(service: Service, gpus: Sequence[Gpu]) -> list[str]:
         "IPAddressDeny=any",
         f"IPAddressAllow={' '.join(ip_address_allow(service))}",
     ]
+    if service.cache_directory is not None:  # writable under ProtectSystem=strict, owned by the unit's user
+        lines.append(f"CacheDirectory={unit_safe(service.cache_directory, 'a cache directory')}")
     return lines
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
@@ -29,6 +29,7 @@ from gpubox.binaries import HELP_CACHE_SUFFIX
 from gpubox.spec import ModelFile, SmokeThresholds, Spec, Violation, is_loopback, refuse
 
 if TYPE_CHECKING:
+    from gpubox.box import Box
     from gpubox.gguf_header import GgufFile
     from gpubox.vram import ServiceVram, VramInputs
 
@@ -181,6 +182,16 @@ class Service(Spec):
     """Words between the program and the flags (piper: ``-m piper.http_server``)."""
     AUTHENTICATES: ClassVar[bool] = False
     """Whether the server checks an API key; a server that does not may listen on loopback only."""
+    ADMITS_BY_ADDRESS: ClassVar[bool] = False
+    """The one exception to "no authentication stays on loopback": a server (ggml-rpc-server) that may listen
+    beyond it with ``allow_from`` naming exactly its clients' networks (``'any'`` refused by its type)."""
+    SERVES_PEERS: ClassVar[bool] = False
+    """Whether services on other hosts use it (an RPC server): the deploy converges and checks it before any
+    service that does, and a restart of it restarts them."""
+    PEER_CLIENTS_MAX: ClassVar[int | None] = None
+    """How many services of the inventory may use it at once (an RPC server serves one client); None: any."""
+    BUILD_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    """Options its install must be built with (``rpc``: llama.cpp's GGML_RPC), turned on by the box."""
     FLAGS: ClassVar[tuple[Flag, ...]] = ()
     RULES: ClassVar[tuple[Callable[[Any], Iterable[Violation]], ...]] = ()
 
@@ -290,6 +301,32 @@ class Service(Spec):
 
     def vram_changes(self, headers: dict[str, GgufFile], over_bytes: int) -> list[str]:
         """Changes to its own fields that would save ``over_bytes`` of VRAM (none it knows of)."""
+        return []
+
+    def build_options(self) -> tuple[str, ...]:
+        """Options of its install's build this service needs (``BUILD_OPTIONS``; a llama-server with ``rpc``)."""
+        return self.BUILD_OPTIONS
+
+    @property
+    def cache_directory(self) -> str | None:
+        """Its unit's ``CacheDirectory=`` (under /var/cache, owned by its user); None: none."""
+        return None
+
+    def environment(self) -> dict[str, str]:
+        """What its unit's environment holds besides the GPUs it sees."""
+        return {}
+
+    def peer_refs(self) -> tuple[tuple[str, str], ...]:
+        """The services on other hosts it uses, as (host, service) (a llama-server's ``rpc``)."""
+        return ()
+
+    def with_peers(self, host: str, boxes: Mapping[str, Box]) -> tuple[Self, list[Violation]]:
+        """This service with what it uses on other hosts resolved from the inventory's ``boxes`` (``host`` is its
+        own host's name), and what refuses those references, each at its field."""
+        return self, []
+
+    def peer_addresses(self) -> list[str]:
+        """Addresses beyond loopback its unit must reach (``IPAddressDeny=any`` holds outgoing traffic too)."""
         return []
 
     def summary(self) -> str:
@@ -436,7 +473,7 @@ def typed_flags(service_type: type[Service]) -> dict[str, str]:
 
 def unauthenticated_stays_on_loopback(service: Service) -> Iterable[Violation]:
     """A server without authentication (no API key) must not listen beyond this machine."""
-    if not service.AUTHENTICATES and not is_loopback(service.host):
+    if not service.AUTHENTICATES and not service.ADMITS_BY_ADDRESS and not is_loopback(service.host):
         yield (
             ("host",),
             f"{service.server_name} has no authentication, so anyone who reaches host={service.host!r} can use it: "

@@ -8,9 +8,9 @@ the README's rule table, one function each, named after the rule.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
@@ -19,7 +19,11 @@ from gpubox.gguf_header import GgufFile
 from gpubox.gpu import gpu_list
 from gpubox.servers.base import Flag, Scrape, Service, model_path
 from gpubox.servers.registry import register_server_type
+from gpubox.servers.rpc import RpcRef, endpoint_address, resolve_refs
 from gpubox.spec import ModelFile, SmokeThresholds, Violation, absolute_path, is_loopback
+
+if TYPE_CHECKING:
+    from gpubox.box import Box
 
 # Values the pinned llama.cpp (0c1e57098) accepts, read from its `llama-server --help`.
 SpecType = Literal[
@@ -66,6 +70,8 @@ LLAMA_SERVER_FLAGS: tuple[Flag, ...] = (
     Flag("cont_batching", "--cont-batching", ("-cb", "-nocb"), style="toggle", negative="--no-cont-batching"),
     Flag("jinja", "--jinja", style="toggle", negative="--no-jinja"),
     Flag("fit", "--fit", ("-fit",)),
+    Flag("tensor_split", "--tensor-split", ("-ts",), render=lambda shares: ",".join(f"{share:g}" for share in shares)),
+    Flag("rpc", "--rpc", render=lambda refs: ",".join(rpc_endpoints(refs)), omit=()),
     Flag("host", "--host"),
     Flag("port", "--port"),
     Flag("metrics", "--metrics", style="switch"),
@@ -181,6 +187,19 @@ class LlamaServer(Service):
         description="Whether llama-server adjusts the arguments left unset to fit in device memory; None leaves "
         "it to llama-server.",
     )
+    tensor_split: tuple[Annotated[float, Field(ge=0)], ...] | None = Field(
+        default=None,
+        description="The share of the model's layers on each device (`--tensor-split`): the `rpc` endpoints "
+        "first, in their order, then the local `gpus` (llama-server puts RPC devices first). Required with `rpc` "
+        "(else llama.cpp splits by each device's free memory at load); one share per device.",
+    )
+    rpc: tuple[RpcRef, ...] = Field(
+        default=(),
+        description="RPC servers on other hosts of the inventory whose devices hold layers (`--rpc`), each "
+        "`RpcRef(host=..., service=...)`: it must exist, admit this host, serve no other llama-server and run "
+        "this host's llama.cpp commit. Needs `tensor_split` and `fit`; llama-server aborts when one is down "
+        "(its unit restarts it).",
+    )
     metrics: bool = Field(
         default=True,
         description="The Prometheus `/metrics` endpoint: the monitoring scrapes it (without it nothing watches "
@@ -250,6 +269,34 @@ class LlamaServer(Service):
 
     def read_only_files(self) -> list[str]:
         return super().read_only_files() + ([self.api_key_file] if self.api_key_file is not None else [])
+
+    def build_options(self) -> tuple[str, ...]:
+        """``rpc``: llama.cpp built with GGML_RPC (``--rpc`` fails at parse without it)."""
+        return ("rpc",) if self.rpc else ()
+
+    def peer_refs(self) -> tuple[tuple[str, str], ...]:
+        return tuple((ref.host, ref.service) for ref in self.rpc)
+
+    def with_peers(self, host: str, boxes: Mapping[str, Box]) -> tuple[Self, list[Violation]]:
+        """Its ``rpc`` references with their endpoints, from the RPC servers' hosts in ``boxes``."""
+        if not self.rpc:
+            return self, []
+        own = boxes.get(host)
+        commit = own.llama_cpp.commit if own is not None and own.llama_cpp is not None else None
+        resolved, problems = resolve_refs(self.rpc, host, boxes, commit)
+        if problems:
+            return self, problems
+        return self.model_copy(update={"rpc": resolved}), []
+
+    def peer_addresses(self) -> list[str]:
+        """Its RPC servers' addresses beyond loopback: its unit must let it reach them."""
+        addresses = [endpoint_address(endpoint) for endpoint in rpc_endpoints(self.rpc)]
+        return [address for address in addresses if not is_loopback(address)]
+
+    @property
+    def devices(self) -> int:
+        """The devices its layers are split over: its RPC endpoints, then its GPUs."""
+        return len(self.rpc) + len(self.placement)
 
     @property
     def gpu_work(self) -> bool:
@@ -483,6 +530,60 @@ def one_checksum_per_file(server: LlamaServer) -> Iterator[Violation]:
         )
 
 
+def rpc_needs_an_explicit_split(server: LlamaServer) -> Iterator[Violation]:
+    """With RPC devices the split and the fit are the spec's: llama.cpp would split by free memory at load and
+    ``--fit`` could move layers, so the planner's figures would not be what runs."""
+    if not server.rpc:
+        if server.tensor_split is not None and len(server.tensor_split) != len(server.placement):
+            yield (
+                ("tensor_split",),
+                f"tensor_split has {len(server.tensor_split)} shares for {len(server.placement)} GPUs "
+                f"{list(server.placement)}: give one share per GPU",
+                list(server.tensor_split),
+            )
+        return
+    if server.tensor_split is None:
+        yield (
+            ("tensor_split",),
+            f"rpc lends {len(server.rpc)} remote device(s): set tensor_split, one share per device, the rpc "
+            f"endpoints first then the gpus {list(server.placement)} (e.g. {tuple([1.0] * server.devices)!r}); "
+            f"without it llama.cpp splits by free memory at load and the plan is not what runs",
+            None,
+        )
+    elif len(server.tensor_split) != server.devices:
+        yield (
+            ("tensor_split",),
+            f"tensor_split has {len(server.tensor_split)} shares for {server.devices} devices ({len(server.rpc)} "
+            f"rpc, then gpus {list(server.placement)}): give one share per device",
+            list(server.tensor_split),
+        )
+    elif not any(server.tensor_split[: len(server.rpc)]):
+        yield (
+            ("tensor_split",),
+            "every rpc device's share is 0, so no layer goes there: give them a share, or remove rpc",
+            list(server.tensor_split),
+        )
+    if server.fit is None:
+        yield (
+            ("fit",),
+            "with rpc, set fit='off' (or 'on' knowingly): --fit is on by default and moves layers off the split "
+            "the plan prices",
+            None,
+        )
+    if server.n_gpu_layers == 0:
+        yield (
+            ("n_gpu_layers",),
+            "n_gpu_layers=0 keeps every layer on this host's CPU, so the rpc devices hold nothing: set "
+            "n_gpu_layers='all' (or a number), or remove rpc",
+            0,
+        )
+    hosts = [(ref.host, ref.service) for ref in server.rpc]
+    for index, key in enumerate(hosts):
+        if key in hosts[:index]:
+            ref = server.rpc[index]
+            yield (("rpc", index), f"{ref} is listed twice: list each RPC server once", str(ref))
+
+
 LlamaServer.RULES = (
     parallel_trap,
     draft_type_needs_drafter,
@@ -495,6 +596,18 @@ LlamaServer.RULES = (
     mtp_on_gemma4_needs_assistant,
     draft_settings_need_drafting,
     one_checksum_per_file,
+    rpc_needs_an_explicit_split,
 )
+
+def rpc_endpoints(refs: tuple[RpcRef, ...]) -> list[str]:
+    """What ``--rpc`` renders: each reference's endpoint, filled in from the inventory."""
+    missing = [str(ref) for ref in refs if ref.endpoint is None]
+    if missing:
+        raise ValueError(
+            f"rpc {', '.join(missing)}: the endpoint is filled in from the whole inventory (gpubox.peers), and "
+            f"this spec was read without it"
+        )
+    return [str(ref.endpoint) for ref in refs]
+
 
 register_server_type(LlamaServer)
