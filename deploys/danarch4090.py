@@ -9,6 +9,9 @@ operation, piper is installed in a venv; each service restarts only when its uni
 its install changed, and is smoke tested after a restart or a start (speech round trip when the box
 has both).
 
+Services other hosts use (RPC servers) converge first, on every host, and pass their check before any
+service that uses them restarts; a restart of one restarts its clients (`operations.peers`).
+
 One deploy at a time per host: the run takes the host's deploy lock before it reads the host, and
 refuses at once, naming the holder, when another run has it (`operations.deploy_lock`). A service a
 cut run restarted and never saw pass its smoke test is smoke-tested by the next run (and rolled back
@@ -17,7 +20,8 @@ on a miss).
 
 from pyinfra import host
 
-from operations import box_state, deploy_lock, models, monitoring, piper, service, smoke, source_build, vram
+from gpubox.servers.base import Service
+from operations import box_state, deploy_lock, models, monitoring, peers, piper, service, smoke, source_build, vram
 from operations.deploy_inputs import data_flag, host_box, watched_fleet
 from operations.host_facts import prefetch
 
@@ -43,12 +47,26 @@ for user, model in box.models():
 vram.fits(name="The services fit their GPUs' memory", box=box)
 
 restarts = {}
-for server in box.services:
+
+
+def converge(server: Service) -> None:
+    """Its user, flag check, unit and restart (when its unit, models, install or peers changed), its smoke test."""
     prefix = box.prefix_of(server)  # None: the server runs from no install (its program is the host's)
     install_changed = install_metas[prefix] if prefix is not None else []
     changed = [*install_changed, *(placed_by_path[model.path] for model in server.models())]
+    changed += peers.peer_changes(server)  # its RPC servers on other hosts restarted: restart with them
     restarts[server.name] = service.server(server, prefix, changed=changed, install=install_changed)
+    if server.SERVES_PEERS:
+        peers.serving(server, restarts[server.name])
     smoke.smoke_test(server, restarts[server.name], box.install_of(server), install_changed, box=box)
+
+
+# What other hosts use (RPC servers) first, in a loop of its own: pyinfra runs every host's operations of
+# this loop, smoke tests included, before any operation of the next, which restarts their clients.
+for server in [server for server in box.services if server.SERVES_PEERS]:
+    converge(server)
+for server in [server for server in box.services if not server.SERVES_PEERS]:
+    converge(server)
 
 # The speech round trip, when a restart could have changed either end: piper speaks, whisper hears.
 smoke.round_trip_test(box, restarts, install_metas)

@@ -20,9 +20,19 @@ from rich.console import Console
 from gpubox.box import Box
 from gpubox.gguf_header import GgufFile
 from gpubox.inventory import HostBox, InventoryError, inventory_boxes, inventory_dir, with_missing_sources
+from gpubox.peers import has_peers
 from gpubox.spec import Problem
 from gpubox.tables import explain_terms, gpu_table, mib, print_refusal, problems_table
-from gpubox.vram import HEADERS_DIR_NAME, BoxPlan, default_headers_dir, headers_for_box, plan_box
+from gpubox.vram import (
+    HEADERS_DIR_NAME,
+    BoxPlan,
+    GpuShare,
+    VramInputs,
+    default_headers_dir,
+    headers_for_box,
+    lent_shares,
+    plan_box,
+)
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
@@ -69,6 +79,42 @@ def plan_json(host: str, plan: BoxPlan | None, problems: list[dict[str, str | No
     return {"host": host, "fits": fits, "gpus": gpus, "problems": problems}
 
 
+def _valid_boxes(boxes: list[HostBox]) -> dict[str, Box]:
+    return {host_box.host: host_box.box for host_box in boxes if host_box.box is not None and not host_box.problems}
+
+
+def _lent(boxes: list[HostBox], headers: Path, base: Path) -> dict[str, list[tuple[int, GpuShare]]]:
+    """What each host's GPUs hold for llama-servers on other hosts (through its RPC servers)."""
+    valid = _valid_boxes(boxes)
+    inputs = {name: VramInputs(headers=headers_for_box(box, headers, base)[0]) for name, box in valid.items()
+              if has_peers(box)}  # fmt: skip
+    return lent_shares(valid, inputs) if inputs else {}
+
+
+def _remote_devices(host: str, box: Box, boxes: list[HostBox], headers: Path, base: Path) -> list[dict[str, Any]]:
+    """The devices other hosts lend ``host``'s llama-servers: the RPC server, where it runs (a GPU, or the CPU),
+    the terms (bytes) the client puts there (``plan --json``'s ``remote_devices``)."""
+    if not has_peers(box):
+        return []
+    valid = _valid_boxes(boxes)
+    inputs = VramInputs(headers=headers_for_box(box, headers, base)[0])
+    devices: list[dict[str, Any]] = []
+    for position, server in enumerate(box.services):
+        priced = server.vram(inputs, f"services.{position}") if server.peer_refs() else None
+        for remote in priced.remote if priced is not None else ():
+            lender = valid.get(remote.host)
+            served = [s for s in lender.services if s.name == remote.service] if lender is not None else []
+            placement = served[0].placement if served else ()
+            devices.append({
+                "service": server.name,
+                "rpc": f"{remote.service}@{remote.host}",
+                "device": f"GPU {placement[0]}" if placement else "CPU",
+                "terms_bytes": {_term_key(name): value for name, value in remote.terms.items()},
+                "total_bytes": remote.total,
+            })  # fmt: skip
+    return devices
+
+
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     """Print each host's GPU budget; refuse (exit 2) when a box is refused, a GPU is over budget or a
     header is missing. With ``--json``, print one JSON document and nothing else on stdout."""
@@ -97,24 +143,37 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
             plan_json(host_box.host, None, [_problem_json(problem) for problem in host_box.problems])
             for host_box in refused_boxes
         ]
+    lent = _lent(boxes, headers_dir(args), base)
     for host_box in boxes:
         box = host_box.box
         if box is None or host_box.problems:
             continue
+        remote = _remote_devices(host_box.host, box, boxes, headers_dir(args), base)
+        if remote and not as_json:
+            for device in remote:
+                console.print(
+                    f"{host_box.host}: {device['service']} puts {mib(device['total_bytes'])} MiB on "
+                    f"{device['rpc']} ({device['device']})",
+                    highlight=False,
+                )
         if not box.expected_gpus:
             if not as_json:
                 console.print(f"{host_box.host}: no expected_gpus: nothing to budget against", highlight=False)
-            hosts.append(plan_json(host_box.host, None, []) | {"fits": True})
+            hosts.append(plan_json(host_box.host, None, []) | {"fits": True, "remote_devices": remote})
             continue
         headers, missing = headers_for_box(box, headers_dir(args), base)
-        plan = plan_box(box, headers, [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus])
+        gpus = [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus]
+        plan = plan_box(box, headers, gpus, lent=lent.get(host_box.host, []))
         if missing or not plan.fits:
             code = EXIT_REFUSED
         if as_json:
             problems: list[dict[str, str | None]] = [
                 {"field": None, "message": text} for text in (*missing, *plan.problems)
             ]
-            hosts.append(plan_json(host_box.host, plan, problems + [_problem_json(p) for p in plan.refused]))
+            hosts.append(
+                plan_json(host_box.host, plan, problems + [_problem_json(p) for p in plan.refused])
+                | {"remote_devices": remote}
+            )
             continue
         print_plan(console, host_box.host, box, plan, headers, missing)
     if as_json:

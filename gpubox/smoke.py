@@ -26,7 +26,7 @@ from rich.table import Table
 
 from gpubox.gpu import ComputeApp
 from gpubox.keys import authorization_header_command
-from gpubox.quoting import shell_join
+from gpubox.quoting import shell_join, shell_word
 from gpubox.spec import SmokeThresholds
 
 METRIC_DRAFT_TOKENS = "llamacpp:spec_decode_num_draft_tokens_total"
@@ -603,3 +603,19 @@ def smoke_table(result: SmokeResult) -> Table:
             _verdict(not result.gpu_failures),
         )
     return table
+
+
+def listening_command(port: int, timeout_s: float) -> str:
+    """A shell command that waits until a TCP socket listens on ``port`` (``/proc/net/tcp``, ``tcp6``), up to
+    ``timeout_s`` seconds; exit 0 once it does, 1 if it never did.
+
+    It reads the kernel's table rather than connecting: a server that admits only other hosts
+    (``IPAddressDeny=any``, an RPC server on a LAN address) would refuse a connection from its own host,
+    and an RPC server serves one client at a time.
+    """
+    pattern = f":{port:04X} [0-9A-F]+:0000 0A "
+    return (
+        f"for _ in $(seq 1 {max(1, int(timeout_s))}); do "
+        f"if grep -qE {shell_word(pattern)} /proc/net/tcp /proc/net/tcp6 2>/dev/null; then exit 0; fi; sleep 1; "
+        f"done; exit 1"
+    )

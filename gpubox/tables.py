@@ -141,7 +141,10 @@ def print_refusal(console: Console, host: str, box: Box, plan: BoxPlan, headers:
             f"any one of these fits:",
             highlight=False,
         )
+        own = {service.name for service in box.services}
         for share in gpu.shares:
+            if share.service not in own:  # lent through an RPC server: `moves` names the client's split
+                continue
             for suggestion in box.service(share.service).vram_changes(headers, over):
                 console.print(f"  {share.service}: {suggestion}", highlight=False)
     for move in moves(box, plan):

@@ -27,8 +27,11 @@ its source (paths relative to the llama.cpp tree):
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -299,6 +302,39 @@ def weight_split(header: GgufFile, n_gpu_layers: GpuLayers | None) -> WeightSpli
     )
 
 
+def layer_devices(n_layer: int, n_gpu_layers: GpuLayers | None, tensor_split: Sequence[float]) -> list[int | None]:
+    """The device (an index into ``tensor_split``'s devices) of each layer ``0..n_layer``, the last being the
+    output head; None: the CPU. As ``llama_model::load_tensors`` assigns them: the offloaded layers are the
+    last ones, and layer ``il`` goes to the first device whose cumulative share exceeds its position."""
+    offloaded = gpu_layer_count(n_gpu_layers, n_layer)
+    first = max(n_layer + 1 - offloaded, 0)
+    total = sum(tensor_split)
+    cumulative = list(itertools.accumulate(share / total for share in tensor_split))
+    return [
+        None if il < first else min(bisect.bisect_right(cumulative, (il - first) / offloaded), len(cumulative) - 1)
+        for il in range(n_layer + 1)
+    ]
+
+
+def weights_by_device(header: GgufFile, devices: list[int | None]) -> dict[int | None, int]:
+    """Weight bytes on each device (None: the CPU) for a layer-to-device map from :func:`layer_devices`."""
+    n_layer = len(devices) - 1
+    placed: dict[int | None, int] = {}
+    for tensor in header.tensors:
+        match = _BLOCK_TENSOR.match(tensor.name)
+        if tensor.name in INPUT_TENSORS:
+            device = None
+        elif match is not None:
+            device = devices[min(int(match.group(1)), n_layer)]
+        else:
+            device = devices[n_layer]
+        placed[device] = placed.get(device, 0) + (tensor.n_bytes or 0)
+    embd = header.tensor("token_embd.weight")
+    if header.tensor("output.weight") is None and embd is not None and devices[n_layer] is not None:
+        placed[devices[n_layer]] = placed.get(devices[n_layer], 0) + (embd.n_bytes or 0)  # the head's copy
+    return placed
+
+
 # --------------------------------------------------------------------------- KV cache
 
 
@@ -359,24 +395,33 @@ def kv_cache_split(
     """KV bytes per device. Without flash attention V is stored transposed, padded to the widest layer."""
     if shares_target_cache:
         return KvSplit(gpu_bytes=0, cpu_bytes=0, cells=cells, layers_with_cache=0)
-    bytes_k = CACHE_TYPE_BYTES[cache_type_k]
-    bytes_v = CACHE_TYPE_BYTES[cache_type_v]
-    widest_v = max((layer.n_embd_v for layer in shape.layers), default=0)
     first_gpu_layer = shape.n_layer - gpu_layers
     gpu = cpu = 0.0
-    count = 0
-    for layer in shape.layers:
-        if not layer.owns_cache or layer.n_embd_k == 0:
-            continue
-        count += 1
-        n_cells = cells.swa if layer.is_swa else cells.full
-        n_embd_v = layer.n_embd_v if flash_attn else widest_v
-        size = n_cells * (layer.n_embd_k * bytes_k + n_embd_v * bytes_v)
-        if layer.index >= first_gpu_layer:
+    layers = kv_layer_bytes(shape, cells, cache_type_k, cache_type_v, flash_attn=flash_attn)
+    for index, size in layers:
+        if index >= first_gpu_layer:
             gpu += size
         else:
             cpu += size
-    return KvSplit(gpu_bytes=int(gpu), cpu_bytes=int(cpu), cells=cells, layers_with_cache=count)
+    return KvSplit(gpu_bytes=int(gpu), cpu_bytes=int(cpu), cells=cells, layers_with_cache=len(layers))
+
+
+def kv_layer_bytes(
+    shape: ModelShape, cells: KvCells, cache_type_k: str, cache_type_v: str, *, flash_attn: bool
+) -> list[tuple[int, float]]:
+    """Each layer with a cache of its own, and its KV bytes. Without flash attention V is stored transposed,
+    padded to the widest layer."""
+    bytes_k = CACHE_TYPE_BYTES[cache_type_k]
+    bytes_v = CACHE_TYPE_BYTES[cache_type_v]
+    widest_v = max((layer.n_embd_v for layer in shape.layers), default=0)
+    sizes = []
+    for layer in shape.layers:
+        if not layer.owns_cache or layer.n_embd_k == 0:
+            continue
+        n_cells = cells.swa if layer.is_swa else cells.full
+        n_embd_v = layer.n_embd_v if flash_attn else widest_v
+        sizes.append((layer.index, n_cells * (layer.n_embd_k * bytes_k + n_embd_v * bytes_v)))
+    return sizes
 
 
 # --------------------------------------------------------------------------- batch sizes, trained context
@@ -669,6 +714,44 @@ def plan_service(
     )
 
 
+def device_terms(
+    server: LlamaServer, target_header: GgufFile, *, calibration: ComputeCalibration = DEFAULT_COMPUTE
+) -> list[dict[str, int]]:
+    """What a llama-server with a ``tensor_split`` puts on each of its devices (its ``rpc`` endpoints, then its
+    GPUs): the weights and KV of the layers :func:`layer_devices` gives each, the output head on the last
+    device that holds layers, a whole compute buffer on every device that holds layers (an upper bound for
+    all but the head's), and the CUDA context on each local GPU (an RPC server's own is its host's term).
+    A drafter is refused beside ``rpc`` (its placement is not planned)."""
+    assert server.tensor_split is not None, f"{server.name}: no tensor_split"
+    shape = model_shape(target_header)
+    devices = layer_devices(shape.n_layer, server.n_gpu_layers, server.tensor_split)
+    n_ubatch = effective_n_ubatch(server)
+    flash_attn = server.flash_attn != "off"
+    cells = kv_cells(
+        server.ctx_size, server.parallel, shape.n_swa, n_ubatch=n_ubatch, kv_unified=_uses_kv_unified(server),
+        swa_full="--swa-full" in server.extra_args,
+    )  # fmt: skip
+    weights = weights_by_device(target_header, devices)
+    kv: dict[int | None, float] = {}
+    for index, size in kv_layer_bytes(shape, cells, server.cache_type_k, server.cache_type_v, flash_attn=flash_attn):
+        kv[devices[index]] = kv.get(devices[index], 0) + size
+    n_outputs = server.parallel * (1 + (server.setting("spec_draft_n_max") if server.drafts else 0))
+    compute = compute_buffer_bytes(
+        shape, cells.full, flash_attn=flash_attn, n_ubatch=n_ubatch, n_outputs=n_outputs, calibration=calibration
+    )
+    local_from = len(server.rpc)
+    terms = []
+    for device in range(len(server.tensor_split)):
+        holds = device in devices
+        terms.append({
+            "weights": weights.get(device, 0),
+            "KV cache": int(kv.get(device, 0)),
+            "compute": compute if holds else 0,
+            "headroom": CUDA_CONTEXT_MIB * MIB if device >= local_from else 0,
+        })  # fmt: skip
+    return terms
+
+
 @dataclass(frozen=True)
 class GpuShare:
     """A service's share of one GPU: its terms divided evenly over the GPUs it is pinned to."""
@@ -771,6 +854,19 @@ class VramInputs:
 
 
 @dataclass(frozen=True)
+class RemoteShare:
+    """What a llama-server puts on a device another host lends it (an RPC server)."""
+
+    host: str
+    service: str
+    terms: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+
+@dataclass(frozen=True)
 class ServiceVram:
     """What one service puts on each GPU its memory lands on (``Service.vram_gpus``), or why it can't be said.
 
@@ -784,6 +880,10 @@ class ServiceVram:
     plan: ServicePlan | None = None
     problems: tuple[str, ...] = ()
     refused: tuple[Problem, ...] = ()
+    by_gpu: dict[int, dict[str, int]] | None = None
+    """Terms per GPU when they differ by GPU (a ``tensor_split``); None: ``per_gpu`` on each."""
+    remote: tuple[RemoteShare, ...] = ()
+    """What it puts on devices other hosts lend it (``rpc``), in ``--rpc`` order."""
 
 
 def speech_terms(service: Service, model_bytes: int | None = None) -> dict[str, int]:
@@ -800,6 +900,7 @@ def plan_box(
     *,
     calibration: ComputeCalibration = DEFAULT_COMPUTE,
     model_sizes: dict[str, int] | None = None,
+    lent: Sequence[tuple[int, GpuShare]] = (),
 ) -> BoxPlan:
     """Plan every service of ``box`` against ``gpus`` (``(index, total MiB)``): one budget per GPU.
 
@@ -808,7 +909,8 @@ def plan_box(
     memory lands on (``Service.vram_gpus``, from its ``placement``): a llama-server pinned to several
     splits its terms evenly, which is how ``--split-mode layer`` spreads layers over GPUs of equal size;
     a whisper-server or piper service loads on one. A service pinned to no GPU runs on the CPU and is
-    priced on none.
+    priced on none. ``lent``: what llama-servers on other hosts put on this box's GPUs through its RPC
+    servers (:func:`lent_shares`), by GPU index.
     """
     problems: list[str] = []
     refused: list[Problem] = []
@@ -830,7 +932,11 @@ def plan_box(
             if index not in shares:
                 problems.append(f"{server.name}: pinned to GPU {index}, which the box does not have")
                 continue
-            shares[index].append(GpuShare(service=server.name, terms=dict(priced.per_gpu)))
+            terms = priced.by_gpu[index] if priced.by_gpu is not None else priced.per_gpu
+            shares[index].append(GpuShare(service=server.name, terms=dict(terms)))
+    for index, share in lent:
+        if index in shares:
+            shares[index].append(share)
     reserves = {gpu.index: gpu.reserve_mib * MIB for gpu in box.expected_gpus or ()}
     budgets = tuple(
         GpuBudget(
@@ -839,6 +945,29 @@ def plan_box(
         for index, total_mib in gpus
     )
     return BoxPlan(services=tuple(plans), gpus=budgets, problems=tuple(problems), refused=tuple(refused))
+
+
+def lent_shares(
+    boxes: Mapping[str, Box], inputs: Mapping[str, VramInputs]
+) -> dict[str, list[tuple[int, GpuShare]]]:
+    """What llama-servers put on other hosts' GPUs through their RPC servers, by the lending host: (GPU index,
+    share named ``client@host via rpc``), the RPC server's own CUDA context included. An RPC server on the
+    CPU lends no GPU: nothing is budgeted there. ``inputs``: each client host's headers."""
+    lent: dict[str, list[tuple[int, GpuShare]]] = {name: [] for name in boxes}
+    for client_host, box in boxes.items():
+        for position, server in enumerate(box.services):
+            if not server.peer_refs() or client_host not in inputs:
+                continue
+            priced = server.vram(inputs[client_host], f"services.{position}")
+            for remote in priced.remote if priced is not None else ():
+                lender = boxes.get(remote.host)
+                served = [s for s in lender.services if s.name == remote.service] if lender is not None else []
+                if not served or not served[0].placement:
+                    continue
+                terms = {**remote.terms, "headroom": CUDA_CONTEXT_MIB * MIB}
+                name = f"{server.name}@{client_host} via {remote.service}"
+                lent[remote.host].append((served[0].placement[0], GpuShare(service=name, terms=terms)))
+    return lent
 
 
 def moves(box: Box, plan: BoxPlan) -> list[Problem]:
@@ -853,6 +982,16 @@ def moves(box: Box, plan: BoxPlan) -> list[Problem]:
         if gpu.fits:
             continue
         for share in gpu.shares:
+            if share.service not in positions:  # lent through an RPC server: the client's split decides it
+                client, rpc = share.service.split(" via ", 1)
+                suggestions.append(Problem(
+                    field=f"services.{positions.get(rpc, 0)}",
+                    message=f"GPU {gpu.index} is over budget by {-gpu.free_bytes / MIB:,.0f} MiB, "
+                    f"{share.total / MIB:,.0f} MiB of it {client}'s through {rpc}: lower {rpc}'s share in "
+                    f"{client}'s tensor_split, or lend "
+                    f"another GPU (a second RPC server)",
+                ))  # fmt: skip
+                continue
             for other in plan.gpus:
                 if other.index != gpu.index and other.free_bytes >= share.total:
                     suggestions.append(Problem(
@@ -953,7 +1092,7 @@ def header_path_for(model: ModelFile, headers_dir: Path, base: Path) -> Path | N
 # --------------------------------------------------------------------------- llama-server's own numbers
 
 _BUFFER_LINE = re.compile(
-    r"(?P<device>[A-Za-z0-9_]+(?:_Mapped|_Host|_REPACK)?)\s+"
+    r"(?P<device>(?:RPC\d+\[[^\]\s]+\]|[A-Za-z0-9_]+)(?:_Mapped|_Host|_REPACK)?)\s+"
     r"(?P<kind>model|KV|compute|output|RS)\s+buffer size\s*=\s*(?P<mib>[0-9.]+)\s*MiB"
 )
 

@@ -7,20 +7,62 @@ traceback, so these raise ``DeployError`` with the message gpubox's own refusals
 
 from __future__ import annotations
 
-from pyinfra import host, inventory, logger
+from pyinfra import host, inventory, logger, state
 from pyinfra.api.exceptions import DeployError
 
 from gpubox.box import Box
 from gpubox.inventory import BOX_KEY, InventoryError, box_from_host_data, no_box_message, refusal_text
 from gpubox.monitoring.fleet import MONITORING_KEY, Fleet, FleetError, build_fleet
+from gpubox.peers import has_peers, peer_hosts, resolve_peers
 
 
 def host_box() -> Box:
-    """The Box of the host being deployed; no ``box`` (a wrong inventory path?) or a refused one: DeployError."""
+    """The Box of the host being deployed; no ``box`` (a wrong inventory path?) or a refused one: DeployError.
+
+    A box whose services use services on other hosts (a llama-server's RPC servers) gets them resolved from
+    every host's box (``gpubox.peers``), refused by field as ``gpubox check`` refuses them, and only with
+    those hosts in the run (see ``_peers_in_run``)."""
     try:
-        return box_from_host_data(host.data.get(BOX_KEY), host.name)
+        box = box_from_host_data(host.data.get(BOX_KEY), host.name)
     except InventoryError as error:
         raise DeployError(refusal_text(error)) from None
+    return _with_peers(box) if has_peers(box) else box
+
+
+def _with_peers(box: Box) -> Box:
+    boxes: dict[str, Box] = {}
+    for other in inventory:
+        data = other.data.get(BOX_KEY)
+        if data is None:
+            continue
+        try:
+            boxes[other.name] = box if other.name == host.name else box_from_host_data(data, other.name)
+        except InventoryError as error:
+            raise DeployError(f"{host.name} uses services on {other.name}, whose box is refused: "
+                              f"{refusal_text(error)}") from None
+    resolved, problems = resolve_peers(boxes)
+    if problems[host.name]:
+        lines = [f"{host.name}: what it uses on other hosts is refused:"]
+        lines += [f"    {problem.field}: {problem.message}" for problem in problems[host.name]]
+        raise DeployError("\n".join(lines))
+    _peers_in_run(box)
+    return resolved[host.name]
+
+
+def _peers_in_run(box: Box) -> None:
+    """Refuse a run (``--limit``) that leaves out a host whose services this one's use.
+
+    Its llama-server would restart against an RPC server this run neither converges nor checks: built from
+    another llama.cpp commit (the HELLO check aborts the connection) or not listening (llama-server aborts at
+    start), and the restart would leave the service crash-looping. Deploying both is the safe run."""
+    outside = [name for name in peer_hosts(box) if not state.is_host_in_limit(inventory.get_host(name))]
+    if outside:
+        names = " ".join(f"--limit {name}" for name in (host.name, *outside))
+        raise DeployError(
+            f"{host.name} uses services on {', '.join(outside)}, which this run leaves out: its llama-server would "
+            f"restart against RPC servers the run neither converges nor checks (another llama.cpp commit aborts the "
+            f"connection, one not listening aborts llama-server). Deploy them together: {names}"
+        )
 
 
 def data_flag(key: str, default: bool = False) -> bool:

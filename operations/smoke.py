@@ -4,7 +4,8 @@ One operation does all of it, so a healthy deploy lists only "Smoke test <unit>"
 host (no restart) lists nothing at all: the rollback steps run, and are reported, only on a miss.
 Which test a service gets is its type's ``SMOKE_KIND``: ``chat`` is measured in tok/s and acceptance
 (llama-server), ``transcribe`` transcribes a WAV (whisper-server), ``speak`` speaks a sentence (piper),
-and any other type waits for its ``READY_PATH`` to say it has loaded (``ready``); a box with a speaker
+``listening`` waits for its port (an RPC server, no HTTP), and any other type waits for its ``READY_PATH``
+to say it has loaded (``ready``); a box with a speaker
 and a listener speaks and hears it back (the round trip).
 """
 
@@ -31,6 +32,7 @@ from gpubox.smoke import (
     GpuProcesses,
     SmokeResult,
     command_transport,
+    listening_command,
     run_smoke,
     smoke_table,
     wait_until_healthy,
@@ -132,6 +134,15 @@ def _measure_ready(server: Service, outcome: SmokeOutcome, arguments: Mapping[st
     if not_ready:
         outcome.failures.append(not_ready)
     host.log(f"smoke {server.unit_name}: GET {server.READY_PATH}: {'FAILED' if not_ready else 'passed'}")
+
+
+def _measure_listening(server: Service, outcome: SmokeOutcome, arguments: Mapping[str, Any]) -> None:
+    """The ``listening`` smoke test (a server without HTTP: an RPC server): its port listens within
+    ``READY_TIMEOUT_S``. Its clients' own smoke tests then prove what it serves."""
+    _, status = run_status(f"( {listening_command(server.port, READY_TIMEOUT_S)} )", arguments)
+    if status != 0:
+        outcome.failures.append(f"nothing listens on port {server.port} after {READY_TIMEOUT_S:.0f} s")
+    host.log(f"smoke {server.unit_name}: listening on port {server.port}: {'passed' if status == 0 else 'FAILED'}")
 
 
 def transcribe(
@@ -340,6 +351,8 @@ def _measurement(server: Service, audio: str | None, arguments: Mapping[str, Any
         return lambda outcome: _measure_whisper(cast("WhisperServer", server), audio, outcome, arguments)
     if server.SMOKE_KIND == "speak":
         return lambda outcome: _measure_piper(cast("PiperServer", server), outcome, arguments)
+    if server.SMOKE_KIND == "listening":
+        return lambda outcome: _measure_listening(server, outcome, arguments)
     return lambda outcome: _measure_ready(server, outcome, arguments)
 
 

@@ -316,6 +316,14 @@ class LlamaServer(Service):
                 problems=(f"{self.name}: no GGUF header for {', '.join(missing)}",), refused=tuple(refused)
             )
         plan = planner.plan_service(self, target, draft, calibration=inputs.calibration)
+        if self.tensor_split is not None:  # its split, device by device: the rpc endpoints, then its GPUs
+            per_device = planner.device_terms(self, target, calibration=inputs.calibration)
+            remote = tuple(
+                planner.RemoteShare(host=ref.host, service=ref.service, terms=per_device[position])
+                for position, ref in enumerate(self.rpc)
+            )
+            by_gpu = {gpu: per_device[len(self.rpc) + position] for position, gpu in enumerate(self.placement)}
+            return planner.ServiceVram(plan=plan, refused=tuple(refused), by_gpu=by_gpu, remote=remote)
         share = max(1, len(self.vram_gpus()))
         terms = {name: value // share for name, value in plan.terms().items()}
         terms["headroom"] = planner.CUDA_CONTEXT_MIB * planner.MIB if plan.headroom else 0
@@ -576,6 +584,13 @@ def rpc_needs_an_explicit_split(server: LlamaServer) -> Iterator[Violation]:
             "n_gpu_layers=0 keeps every layer on this host's CPU, so the rpc devices hold nothing: set "
             "n_gpu_layers='all' (or a number), or remove rpc",
             0,
+        )
+    if server.model_draft is not None:
+        yield (
+            ("model_draft",),
+            "a drafter beside rpc devices is not planned by gpubox (where llama.cpp puts its layers is not "
+            "priced): remove model_draft, or draft from n-grams (spec_type='ngram-mod')",
+            server.model_draft.path,
         )
     hosts = [(ref.host, ref.service) for ref in server.rpc]
     for index, key in enumerate(hosts):
