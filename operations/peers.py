@@ -41,7 +41,10 @@ def _slot(host_name: str, service_name: str) -> _Registration:
 def serving(server: Service, restarted: Restarted) -> None:
     """Register what may put a new process of ``server`` (served to other hosts) live in this run."""
     slot = _slot(host.name, server.name)
-    slot.metas = [meta for meta in (restarted.restart, restarted.start) if meta is not None]
+    metas = [meta for meta in (restarted.restart, restarted.start) if meta is not None]
+    # Whether each will change is decided here, on this host: pyinfra answers it from the current host's
+    # operations, and the client asks it from its own host's file.
+    slot.metas = [meta for meta in metas if meta.will_change]
     slot.ready.set()
 
 
