@@ -20,6 +20,7 @@ on a miss).
 
 from pyinfra import host
 
+from gpubox.peers import has_peers
 from gpubox.servers.base import Service
 from operations import box_state, deploy_lock, models, monitoring, peers, piper, service, smoke, source_build, vram
 from operations.deploy_inputs import data_flag, host_box, watched_fleet
@@ -61,10 +62,12 @@ def converge(server: Service) -> None:
     smoke.smoke_test(server, restarts[server.name], box.install_of(server), install_changed, box=box)
 
 
-# What other hosts use (RPC servers) first, in a loop of its own: pyinfra runs every host's operations of
-# this loop, smoke tests included, before any operation of the next, which restarts their clients.
+# What other hosts use (RPC servers) first; then every host of an RPC pair passes one operation, which
+# orders the serving hosts' operations (smoke tests included) before their clients' (operations.peers).
 for server in [server for server in box.services if server.SERVES_PEERS]:
     converge(server)
+if has_peers(box) or any(server.SERVES_PEERS for server in box.services):
+    peers.converged(name="Services other hosts use are converged and checked")
 for server in [server for server in box.services if not server.SERVES_PEERS]:
     converge(server)
 

@@ -1,9 +1,11 @@
 """Services one host serves to others (RPC servers), and the services elsewhere that restart with them.
 
-pyinfra loads a deploy file for every host at once (one greenlet per host) and then runs each operation
-on every host before the next operation. The box deploy converges the services others use first, in a
-loop of its own (``SERVES_PEERS``): their operations, smoke tests included, run before any operation of
-the loop that restarts their clients. Each host registers what may restart such a service here; a client
+pyinfra loads a deploy file for every host at once (one greenlet per host), then orders the operations
+as a graph of each host's own sequence: two hosts' operations are ordered against each other only
+through an operation both call (the same line). The box deploy converges the services others use first,
+in a loop of its own (``SERVES_PEERS``), then every host of an RPC pair passes ``converged``, one
+operation at one line: the serving host's operations, smoke tests included, come before it, the client's
+restart after it. Each host registers what may restart such a service here; a client
 host's file waits for the registration (the files load concurrently, so it comes) and restarts its own
 service when the peer's restart or start runs (``a changed RPC server restarts its clients``).
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 import gevent.event
 from pyinfra import host, state
+from pyinfra.api import operation
 from pyinfra.api.exceptions import DeployError
 from pyinfra.api.operation import OperationMeta
 
@@ -63,3 +66,19 @@ def peer_changes(server: Service) -> list[OperationMeta]:
             host.log(f"{server.unit_name} restarts if {peer_service}@{peer_host} restarts or starts in this run")
         metas += slot.metas
     return metas
+
+
+@operation(is_idempotent=True)
+def converged():  # type: ignore[no-untyped-def]
+    """
+    A point every host of an RPC pair passes in one operation: what a host serves to others (and its smoke
+    test) comes before it, the services that use them after it. It runs nothing.
+
+    **Example:**
+
+    .. code:: python
+
+        peers.converged(name="Services other hosts use are converged and checked")
+    """
+    host.noop("the services other hosts use are converged and checked")
+    yield from ()

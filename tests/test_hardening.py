@@ -21,7 +21,7 @@ from pyinfra.api import OperationError
 from pyinfra.context import ctx_host, ctx_state
 from pyinfra_testing.util import FakeState
 
-from gpubox import LlamaServer, ModelFile, PiperServer, WhisperServer
+from gpubox import LlamaServer, ModelFile, PiperServer, RpcServer, WhisperServer
 from gpubox.gpu import Gpu
 from gpubox.inventory import inventory_boxes
 from gpubox.servers.base import Service
@@ -71,6 +71,8 @@ UNIT_TYPES: dict[str, Callable[[], Service]] = {
     "whisper-cpu": lambda: WhisperServer(name="whisper-cpu", model=WHISPER_MODEL, no_gpu=True, convert=True),
     "piper-gpu": lambda: PiperServer(name="piper", voice=VOICE, voice_config=VOICE_CONFIG, gpus=(1,)),
     "piper-cpu": lambda: PiperServer(name="piper-cpu", voice=VOICE, voice_config=VOICE_CONFIG),
+    "rpc-cpu": lambda: RpcServer(name="rpc-cpu"),
+    "rpc-gpu-lan": lambda: RpcServer(name="rpc-gpu", gpus=(1,), host="192.168.1.21", allow_from=("192.168.1.20/32",)),
 }
 
 
