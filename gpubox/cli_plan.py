@@ -3,7 +3,9 @@
 A model's header is read from its ``source`` when that is a file on the controller, otherwise from
 ``--headers DIR/<basename of the model's path>`` (by default ``gguf-headers/`` next to the inventory
 file; a relative ``source`` is taken from the inventory file's directory too) (a header-only GGUF, see
-``scripts/make-gemma4-headers``). GPUs are the box's ``expected_gpus``.
+``scripts/make-gemma4-headers``). A ggml whisper model's header is read from its controller ``source``
+when there is one (its declared size is refused when the header says another). GPUs are the box's
+``expected_gpus``.
 
 ``--json`` prints one JSON document instead of the tables (see :func:`plan_json`), for scripts.
 """
@@ -22,7 +24,14 @@ from gpubox.gguf_header import GgufFile
 from gpubox.inventory import HostBox, InventoryError, inventory_boxes, inventory_dir, with_missing_sources
 from gpubox.spec import Problem
 from gpubox.tables import explain_terms, gpu_table, mib, print_refusal, problems_table
-from gpubox.vram import HEADERS_DIR_NAME, BoxPlan, default_headers_dir, headers_for_box, plan_box
+from gpubox.vram import (
+    HEADERS_DIR_NAME,
+    BoxPlan,
+    default_headers_dir,
+    headers_for_box,
+    plan_box,
+    whisper_headers_for_box,
+)
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
@@ -107,7 +116,10 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
             hosts.append(plan_json(host_box.host, None, []) | {"fits": True})
             continue
         headers, missing = headers_for_box(box, headers_dir(args), base)
-        plan = plan_box(box, headers, [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus])
+        whisper_headers, unreadable = whisper_headers_for_box(box, base)
+        missing += unreadable
+        gpus = [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus]
+        plan = plan_box(box, headers, gpus, whisper_headers=whisper_headers)
         if missing or not plan.fits:
             code = EXIT_REFUSED
         if as_json:
