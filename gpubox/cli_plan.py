@@ -3,7 +3,9 @@
 A model's header is read from its ``source`` when that is a file on the controller, otherwise from
 ``--headers DIR/<basename of the model's path>`` (by default ``gguf-headers/`` next to the inventory
 file; a relative ``source`` is taken from the inventory file's directory too) (a header-only GGUF, see
-``scripts/make-gemma4-headers``). GPUs are the box's ``expected_gpus``.
+``scripts/make-gemma4-headers``). A ggml whisper model's header is read from its controller ``source``
+when there is one (its declared size is refused when the header says another). GPUs are the box's
+``expected_gpus``.
 
 ``--json`` prints one JSON document instead of the tables (see :func:`plan_json`), for scripts.
 """
@@ -32,6 +34,7 @@ from gpubox.vram import (
     headers_for_box,
     lent_shares,
     plan_box,
+    whisper_headers_for_box,
 )
 
 EXIT_OK = 0
@@ -115,6 +118,11 @@ def _remote_devices(host: str, box: Box, boxes: list[HostBox], headers: Path, ba
     return devices
 
 
+def _remote_json(remote: list[dict[str, Any]]) -> dict[str, Any]:
+    """``remote_devices``, on a host whose llama-servers use other hosts' devices only."""
+    return {"remote_devices": remote} if remote else {}
+
+
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     """Print each host's GPU budget; refuse (exit 2) when a box is refused, a GPU is over budget or a
     header is missing. With ``--json``, print one JSON document and nothing else on stdout."""
@@ -159,11 +167,13 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         if not box.expected_gpus:
             if not as_json:
                 console.print(f"{host_box.host}: no expected_gpus: nothing to budget against", highlight=False)
-            hosts.append(plan_json(host_box.host, None, []) | {"fits": True, "remote_devices": remote})
+            hosts.append(plan_json(host_box.host, None, []) | {"fits": True} | _remote_json(remote))
             continue
         headers, missing = headers_for_box(box, headers_dir(args), base)
+        whisper_headers, unreadable = whisper_headers_for_box(box, base)
+        missing += unreadable
         gpus = [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus]
-        plan = plan_box(box, headers, gpus, lent=lent.get(host_box.host, []))
+        plan = plan_box(box, headers, gpus, whisper_headers=whisper_headers, lent=lent.get(host_box.host, []))
         if missing or not plan.fits:
             code = EXIT_REFUSED
         if as_json:
@@ -172,7 +182,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
             ]
             hosts.append(
                 plan_json(host_box.host, plan, problems + [_problem_json(p) for p in plan.refused])
-                | {"remote_devices": remote}
+                | _remote_json(remote)
             )
             continue
         print_plan(console, host_box.host, box, plan, headers, missing)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from gpubox import ggml_whisper
 from gpubox.quoting import shell_word
 from gpubox.records import Record
-from gpubox.spec import ModelFile, ModelFormat, Problem, WhisperSize
+from gpubox.spec import WHISPER_SIZES, ModelFile, ModelFormat, Problem, WhisperSize
 from gpubox.verified import STAMP_DIR
 
 if TYPE_CHECKING:
@@ -165,17 +165,37 @@ def check_head(model_format: ModelFormat, architecture: str | None, head: bytes,
             header = ggml_whisper.parse_header(head)
         except ggml_whisper.WhisperHeaderError as error:
             raise ModelFormatError(f"{where} is not a ggml whisper model: {error}") from None
-        found = WhisperSize(header.model_type, header.english_only)
-        if architecture is not None and found != WhisperSize.parse(architecture):
-            raise ModelFormatError(
-                f"{where} is a whisper {found} model, not {architecture}: point path at a "
-                f"{architecture} model, or set architecture={str(found)!r}"
-            )
+        mismatch = whisper_size_mismatch(architecture, header, where) if architecture is not None else None
+        if mismatch is not None:
+            raise ModelFormatError(mismatch)
     elif model_format == "onnx" and head[:1] != b"\x08":
         # An ONNX ModelProto starts with field 1 (ir_version), a varint: the byte 0x08.
         raise ModelFormatError(f"{where} is not an ONNX model (it does not start with ir_version)")
     elif model_format == "json" and head.lstrip()[:1] != b"{":
         raise ModelFormatError(f"{where} is not a JSON object (a piper voice config starts with '{{')")
+
+
+def whisper_size_of(header: ggml_whisper.WhisperModelHeader) -> WhisperSize | None:
+    """The size a ggml whisper header says (by its shape; ``.en`` by its vocabulary); None for a shape of no
+    size gpubox knows."""
+    return WhisperSize(header.size, header.english_only) if header.size in WHISPER_SIZES else None
+
+
+def whisper_size_mismatch(architecture: str, header: ggml_whisper.WhisperModelHeader, where: str) -> str | None:
+    """Why a ggml whisper model whose header is `header` (`where`: the file) is not the declared `architecture`,
+    with the fix; None when its header says that size (:func:`whisper_size_of`)."""
+    found = whisper_size_of(header)
+    if found == WhisperSize.parse(architecture):
+        return None
+    if found is None:
+        return (
+            f"{where} is a whisper model of no size gpubox knows ({header.shape}), not {architecture}: use a "
+            f"{architecture} model"
+        )
+    return (
+        f"{where} is a whisper {found} model ({header.shape}), not {architecture}: use a {architecture} model, "
+        f"or set architecture={str(found)!r}"
+    )
 
 
 def head_command(path: str, head_bytes: int = FORMAT_HEAD_BYTES) -> str:

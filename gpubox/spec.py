@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from gpubox.ggml_whisper import WHISPER_SHAPES
 from gpubox.hf import DEFAULT_ENDPOINT, HF_SCHEME, HfReference, parse_reference
 
 SHA1_HEX = re.compile(r"^[0-9a-f]{40}$")
@@ -24,15 +25,15 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 CUDA_ARCH = re.compile(r"^[0-9]{2,3}[a-z]?(-real|-virtual)?$")
 # A build prefix is handed to cmake, ninja, the compilers and ccache: plain path characters only.
 BUILD_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*$")
-# whisper.cpp's model sizes, by their encoder depth (whisper_model_load).
-WHISPER_SIZES = ("tiny", "base", "small", "medium", "large")
+# The ggml whisper model sizes gpubox knows, by their shape (gpubox.ggml_whisper.WHISPER_SHAPES).
+WHISPER_SIZES = tuple(WHISPER_SHAPES.values())
 ENGLISH_ONLY = ".en"
 
 
 @dataclass(frozen=True)
 class WhisperSize:
     """A ggml whisper model's size, parsed once from ``ModelFile.architecture``: ``tiny.en`` is tiny and
-    English-only, ``large`` is large and multilingual."""
+    English-only, ``large`` is large and multilingual, ``large-v3-turbo`` is large-v3 with 4 decoder layers."""
 
     size: str
     english_only: bool = False
@@ -452,8 +453,8 @@ class ModelFile(Spec):
     architecture: str | None = Field(
         default=None,
         description="A GGUF's `general.architecture` (`gemma4`, `llama`), required for a GGUF; a ggml whisper "
-        "model's size (`tiny`, `base`, `small`, `medium`, `large`, with `.en` for an English-only model); "
-        "refused for ONNX and JSON.",
+        "model's size (`tiny`, `base`, `small`, `medium`, `large`, `large-v3-turbo`, with `.en` for an "
+        "English-only model), checked against the file's header where gpubox reads it; refused for ONNX and JSON.",
     )
 
     @model_validator(mode="after")

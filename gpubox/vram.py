@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpubox.ggml_whisper import WhisperHeaderError, WhisperModelHeader, read_header
 from gpubox.gguf_header import (
     ArraySummary,
     GgufError,
@@ -801,13 +802,17 @@ class BoxPlan:
 
 # whisper.cpp's ggml models by size, MiB, measured on an H100 with CUDA 13 (docs/gpu-validation.md,
 # "whisper-server at every size"): each size a random-weight f16 model with the real hyperparameters
-# (large: large-v3's), served by whisper-server from its unit and sent jfk.wav twice. Weights: whisper.cpp's
-# logged `model size`. State: what whisper_init_state logs (KV self + cross + pad, the conv/encode/cross/decode
-# compute buffers) plus what a temperature fallback adds (2 decoders, whisper-server's best_of: the
-# self-attention KV cache re-created 4 x as big), rounded up. large-v3-turbo, declared `large`, is planned as
-# large-v3 (its measured 2488 MiB is 1.9 GiB under this plan: only the header's decoder depth tells them apart).
-WHISPER_WEIGHTS_MIB: dict[str, int] = {"tiny": 74, "base": 141, "small": 465, "medium": 1463, "large": 2952}
-WHISPER_STATE_MIB: dict[str, int] = {"tiny": 149, "base": 181, "small": 285, "medium": 515, "large": 761}
+# (large: large-v3's; large-v3-turbo: large-v3's encoder, 4 decoder layers), served by whisper-server from its
+# unit and sent jfk.wav twice. Weights: whisper.cpp's logged `model size`, rounded up. State: what
+# whisper_init_state logs (KV self + cross + pad, the conv/encode/cross/decode compute buffers) plus what a
+# temperature fallback adds (2 decoders, whisper-server's best_of: the self-attention KV cache re-created 4 x as
+# big), rounded up (large-v3-turbo: 240.5 logged + 30 = 271).
+WHISPER_WEIGHTS_MIB: dict[str, int] = {
+    "tiny": 74, "base": 141, "small": 465, "medium": 1463, "large": 2952, "large-v3-turbo": 1549,
+}  # fmt: skip
+WHISPER_STATE_MIB: dict[str, int] = {
+    "tiny": 149, "base": 181, "small": 285, "medium": 515, "large": 761, "large-v3-turbo": 271,
+}  # fmt: skip
 WHISPER_CUDA_CONTEXT_MIB = 669
 """whisper-server's memory beyond its logged buffers (CUDA context, cuBLAS, the pool): nvidia-smi's process
 memory minus the logged buffers after a greedy transcription, 657.8 (tiny.en) to 668.8 MiB (large-v3) on an
@@ -846,11 +851,14 @@ def piper_terms(model_bytes: int | None = None) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class VramInputs:
-    """What the planner knows of a box's model files: GGUF headers and other files' sizes, by host path."""
+    """What the planner knows of a box's model files, by host path: GGUF headers, other files' sizes, ggml
+    whisper headers."""
 
     headers: dict[str, GgufFile] = field(default_factory=dict)
     model_sizes: dict[str, int] = field(default_factory=dict)
     calibration: ComputeCalibration = DEFAULT_COMPUTE
+    whisper_headers: dict[str, WhisperModelHeader] = field(default_factory=dict)
+    """ggml whisper headers read from the models' controller sources (:func:`whisper_headers_for_box`)."""
 
 
 @dataclass(frozen=True)
@@ -900,23 +908,27 @@ def plan_box(
     *,
     calibration: ComputeCalibration = DEFAULT_COMPUTE,
     model_sizes: dict[str, int] | None = None,
+    whisper_headers: dict[str, WhisperModelHeader] | None = None,
     lent: Sequence[tuple[int, GpuShare]] = (),
 ) -> BoxPlan:
     """Plan every service of ``box`` against ``gpus`` (``(index, total MiB)``): one budget per GPU.
 
     ``headers`` maps a GGUF's path on the host to its header; ``model_sizes`` other model files'
-    sizes (whisper, piper), when known. Each service prices itself (``Service.vram``) on the GPUs its
-    memory lands on (``Service.vram_gpus``, from its ``placement``): a llama-server pinned to several
-    splits its terms evenly, which is how ``--split-mode layer`` spreads layers over GPUs of equal size;
-    a whisper-server or piper service loads on one. A service pinned to no GPU runs on the CPU and is
-    priced on none. ``lent``: what llama-servers on other hosts put on this box's GPUs through its RPC
-    servers (:func:`lent_shares`), by GPU index.
+    sizes (whisper, piper), when known; ``whisper_headers`` ggml whisper headers, when read (a
+    whisper-server refuses a declared size its header contradicts). Each service prices itself
+    (``Service.vram``) on the GPUs its memory lands on (``Service.vram_gpus``, from its ``placement``): a
+    llama-server pinned to several splits its terms evenly, which is how ``--split-mode layer`` spreads
+    layers over GPUs of equal size; a whisper-server or piper service loads on one. A service pinned to no
+    GPU runs on the CPU and is priced on none. ``lent``: what llama-servers on other hosts put on this
+    box's GPUs through its RPC servers (:func:`lent_shares`), by GPU index.
     """
     problems: list[str] = []
     refused: list[Problem] = []
     plans: list[ServicePlan] = []
     shares: dict[int, list[GpuShare]] = {index: [] for index, _ in gpus}
-    inputs = VramInputs(headers=headers, model_sizes=model_sizes or {}, calibration=calibration)
+    inputs = VramInputs(
+        headers=headers, model_sizes=model_sizes or {}, calibration=calibration, whisper_headers=whisper_headers or {}
+    )
 
     for position, server in enumerate(box.services):
         priced = server.vram(inputs, f"services.{position}")
@@ -1142,3 +1154,20 @@ def headers_for_box(box: Box, headers_dir: Path, base: Path) -> tuple[dict[str, 
         except (OSError, GgufError) as error:
             missing.append(f"{service.name}: {path}: {error}")
     return headers, missing
+
+
+def whisper_headers_for_box(box: Box, base: Path) -> tuple[dict[str, WhisperModelHeader], list[str]]:
+    """Read the header of each ggml whisper model whose ``source`` is a file on the controller (a relative one
+    taken from ``base``, the inventory file's directory), its first bytes only; return them by host path, and
+    the sources that are no ggml whisper model. A model without such a source is planned by its declared size."""
+    headers: dict[str, WhisperModelHeader] = {}
+    unreadable: list[str] = []
+    for service, model in box.models():
+        source = controller_source(model, base) if model.format == "ggml-whisper" else None
+        if source is None or not source.is_file():
+            continue
+        try:
+            headers[model.path] = read_header(source)
+        except (OSError, WhisperHeaderError) as error:
+            unreadable.append(f"{service.name}: {source}: {error}")
+    return headers, unreadable

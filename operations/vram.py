@@ -13,10 +13,11 @@ from gpubox.gguf_header import GgufFile
 from gpubox.gpu import gpus_from_fact
 from gpubox.inventory import HostBox
 from gpubox.tables import gpu_table, print_refusal, problems_table
-from gpubox.vram import load_model_header, moves, plan_box
+from gpubox.vram import load_model_header, moves, plan_box, whisper_headers_for_box
 
 from .host_facts import FactRead, read
 from .models import file_read, local_source, remote_header
+from .preflight import inventory_base
 
 
 def _gpus_read() -> FactRead:
@@ -58,7 +59,8 @@ def fits(box: Box):  # type: ignore[no-untyped-def]
     compute, headroom) against the host's GPUs and print the table. On any host, GPUs or not,
     refuse a field the models' headers refuse (``services.N.ctx_size`` above the trained context).
 
-    + box: the host's ``Box``; the models' headers come from controller files, else the host's files
+    + box: the host's ``Box``; the models' headers come from controller files, else the host's files (a ggml
+      whisper model's from its controller file only)
 
     **Example:**
 
@@ -68,8 +70,14 @@ def fits(box: Box):  # type: ignore[no-untyped-def]
     """
     gpus = gpus_from_fact(read(_gpus_read()))
     headers = _headers(box)
+    # a controller source that is no ggml whisper model was refused when it was placed (check_local_source)
+    whisper_headers, _ = whisper_headers_for_box(box, inventory_base())
     plan = plan_box(
-        box, headers, [(gpu.index, gpu.memory_total_mib or 0) for gpu in gpus], model_sizes=_model_sizes(box)
+        box,
+        headers,
+        [(gpu.index, gpu.memory_total_mib or 0) for gpu in gpus],
+        model_sizes=_model_sizes(box),
+        whisper_headers=whisper_headers,
     )
     console = Console(width=120, record=True, stderr=True)
     if plan.refused:

@@ -1,8 +1,12 @@
+from __future__ import annotations
+
+import io
 import struct
 from pathlib import Path
 
 import pytest
 
+from gpubox import ggml_whisper
 from gpubox.ggml_whisper import (
     GGML_MAGIC,
     HEADER_SIZE,
@@ -10,7 +14,9 @@ from gpubox.ggml_whisper import (
     WhisperModelHeader,
     looks_like_ggml_whisper,
     parse_header,
+    read_header,
 )
+from tests.testbed.random_whisper import WHISPER_DIMS, header_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whisper"
 # The first 64 bytes of tests/testbed/whisper_assets.whisper_tiny_en_ggml() (converted from CTranslate2)
@@ -95,3 +101,49 @@ def test_error_is_a_value_error() -> None:
     assert issubclass(WhisperHeaderError, ValueError)
     with pytest.raises(ValueError):
         parse_header(b"")
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "size"),
+    [("tiny.en", "tiny"), ("tiny", "tiny"), ("base", "base"), ("small", "small"), ("medium", "medium"),
+     ("large-v2", "large"), ("large-v3", "large"), ("large-v3-turbo", "large-v3-turbo")],
+)  # fmt: skip
+def test_each_checkpoint_is_its_size_by_its_shape(checkpoint: str, size: str) -> None:
+    """openai-whisper's real dimensions: large-v3-turbo is told from large-v3 by its 4 decoder layers alone."""
+    header = parse_header(header_bytes(WHISPER_DIMS[checkpoint]))
+    assert header.size == size
+    assert header.model_type == size.removesuffix("-v3-turbo")  # whisper.cpp calls the turbo `large`
+
+
+def test_a_shape_of_no_known_checkpoint_is_named_as_whisper_cpp_names_it() -> None:
+    distil = parse_header(_header(n_audio_layer=32, n_text_layer=2, n_text_state=1280))  # distil-large-v3's
+    assert distil.size == "large" and distil.shape == "32 encoder layers, 2 decoder layers of width 1280"
+    assert parse_header(_header(n_audio_layer=5)).size == "unknown"
+
+
+def test_read_header_reads_only_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ggml-tiny.en.bin"
+    path.write_bytes(CONVERTED_TINY_EN + bytes(1 << 20))  # the header, then a MiB standing for the rest
+    sizes: list[int] = []
+    real_open = open
+
+    class Spy:
+        def __init__(self, stream: io.BufferedReader) -> None:
+            self.stream = stream
+
+        def __enter__(self) -> Spy:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.stream.close()
+
+        def read(self, size: int = -1) -> bytes:
+            sizes.append(size)
+            return self.stream.read(size)
+
+    monkeypatch.setattr(ggml_whisper, "open", lambda *a, **k: Spy(real_open(*a, **k)), raising=False)
+    assert read_header(path) == TINY_EN
+    assert sizes == [HEADER_SIZE]
+    with pytest.raises(WhisperHeaderError, match="truncated"):
+        (tmp_path / "short.bin").write_bytes(CONVERTED_TINY_EN[:20])
+        read_header(tmp_path / "short.bin")

@@ -980,8 +980,8 @@ def test_random_whisper_models_have_the_real_tensors_and_load_as_their_size(tmp_
     turbo = rw.WHISPER_DIMS["large-v3-turbo"]
     assert (turbo.n_audio_layer, turbo.n_text_layer, turbo.n_mels, turbo.n_vocab) == (32, 4, 128, 51866)
     assert sum(1 for name, _ in rw.tensor_shapes(turbo) if name.startswith("decoder.blocks.")) == 4 * 24
-    assert [rw.planner_size(n) for n in ("tiny.en", "base", "large-v3", "large-v3-turbo")] == [
-        "tiny", "base", "large", "large"]
+    assert [rw.planner_size(n) for n in ("tiny.en", "base", "large-v2", "large-v3", "large-v3-turbo")] == [
+        "tiny", "base", "large", "large", "large-v3-turbo"]
 
 
 def piper_state() -> dict[str, Any]:

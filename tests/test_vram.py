@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ from gpubox.box import Box
 from gpubox.cli import main
 from gpubox.gguf_header import GgufFile, TruncatedGgufError, read_gguf_header
 from gpubox.servers.llama import LlamaServer
-from gpubox.spec import ExpectedGpu, LlamaCppBuild, ModelFile
+from gpubox.spec import ExpectedGpu, LlamaCppBuild, ModelFile, WhisperCppBuild
 from gpubox.vram import (
     CUDA_CONTEXT_MIB,
     MIB,
@@ -50,6 +51,7 @@ DRAFTER = HEADERS / "gemma-4-12B-it-qat-assistant-MTP-Q8_0.gguf"
 LOGS = Path(__file__).resolve().parent / "fixtures" / "llama-server-logs"
 VOCAB_ONLY = Path(__file__).resolve().parent / "fixtures" / "gguf" / "ggml-vocab-llama-spm.gguf"
 SHA = "a" * 64
+WHISPER_BUILD = WhisperCppBuild(commit="f24588a272ae8e23280d9c220536437164e6ed28")
 
 
 def _smollm2_path() -> Path:
@@ -549,6 +551,102 @@ def test_plan_json_shape_on_the_seed_box(capsys: pytest.CaptureFixture[str]) -> 
     assert speech_gpu["index"] == 1 and [s["service"] for s in speech_gpu["services"]] == ["whisper", "piper"]
 
 
+def _gpu1(inventory: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """GPU 1 of the one host's `gpubox plan --json`."""
+    import json
+
+    main(["plan", inventory, "--headers", str(HEADERS), "--json"])
+    (host,) = json.loads(capsys.readouterr().out)["hosts"]
+    gpu: dict[str, Any] = host["gpus"][1]
+    return gpu
+
+
+def test_the_seed_box_plans_its_turbo_whisper_from_the_turbo_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The seed's ggml-large-v3-turbo.bin, declared large-v3-turbo: 1549 + 271 + 669 MiB (measured 2488 on an
+    H100), not large-v3's 4382: GPU 1 has 1893 MiB more free than when it was declared `large`."""
+    turbo = _gpu1(str(ROOT / "inventory" / "home.py"), capsys)
+    whisper = next(s for s in turbo["services"] if s["service"] == "whisper")
+    assert whisper["total_bytes"] == 2489 * MIB
+    assert turbo["used_bytes"] == sum(s["total_bytes"] for s in turbo["services"])
+    assert round(turbo["used_bytes"] / MIB) == 3513  # with piper's 1,024: `gpubox plan` reads 3,513 used (was 5,406)
+    declared_large = HOME_TEXT.replace('architecture="large-v3-turbo",', 'architecture="large",')
+    assert declared_large != HOME_TEXT
+    large = _gpu1(_write(tmp_path, declared_large), capsys)
+    assert large["used_bytes"] - turbo["used_bytes"] == 1893 * MIB
+
+
+def _seed_with_whisper_source(tmp_path: Path, architecture: str, header: bytes) -> str:
+    """The seed inventory, its whisper model uploaded from a controller file that holds only `header`."""
+    (tmp_path / "ggml-large-v3-turbo.bin").write_bytes(header)
+    text = HOME_TEXT.replace(
+        'format="ggml-whisper",\n        architecture="large-v3-turbo",',
+        f'format="ggml-whisper",\n        source="ggml-large-v3-turbo.bin",\n        architecture="{architecture}",',
+    )
+    assert text != HOME_TEXT
+    return _write(tmp_path, text, f"home-{architecture}.py")
+
+
+def test_plan_refuses_a_whisper_size_its_header_contradicts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A turbo file declared `large` (as the seed once did) is refused at the field, naming the size to set."""
+    import json
+
+    from tests.testbed.random_whisper import WHISPER_DIMS, header_bytes
+
+    turbo = header_bytes(WHISPER_DIMS["large-v3-turbo"])
+    inventory = _seed_with_whisper_source(tmp_path, "large", turbo)
+    assert main(["check", inventory]) == 0  # only the header tells a turbo from large-v3
+    capsys.readouterr()
+    assert main(["plan", inventory, "--headers", str(HEADERS), "--json"]) == 2
+    (host,) = json.loads(capsys.readouterr().out)["hosts"]
+    (problem,) = host["problems"]
+    assert problem["field"] == "services.1.model.architecture"
+    assert "is a whisper large-v3-turbo model (32 encoder layers, 4 decoder layers of width 1280), not large" in (
+        problem["message"]
+    )
+    assert problem["message"].endswith("or set architecture='large-v3-turbo'")
+    assert main(["plan", inventory, "--headers", str(HEADERS)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "│ danarch4090 │ services.1.model.architecture │ model source ggml-large-v3-turbo.bin is a whisper" in out
+    assert main(["plan", _seed_with_whisper_source(tmp_path, "large-v3-turbo", turbo), "--headers", str(HEADERS)]) == 0
+
+
+def test_plan_refuses_a_whisper_source_that_is_no_whisper_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inventory = _seed_with_whisper_source(tmp_path, "large-v3-turbo", b"GGUF" + bytes(60))
+    assert main(["plan", inventory, "--headers", str(HEADERS)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "refused: danarch4090: whisper:" in out and "not a ggml whisper model" in out
+
+
+def test_a_real_whisper_header_sizes_the_plan_by_field() -> None:
+    """The real tiny.en head (tests/fixtures/whisper): declared tiny.en it plans; declared base.en it is refused
+    at services.0.model.architecture; undeclared, the problem names the size to declare."""
+    from gpubox.ggml_whisper import read_header
+    from gpubox.servers.whisper import WhisperServer
+
+    header = read_header(ROOT / "tests" / "fixtures" / "whisper" / "ggml-tiny.en.head.bin")
+
+    def plan(architecture: str | None) -> Any:
+        model = ModelFile(path="/srv/w.bin", sha256=SHA, format="ggml-whisper", architecture=architecture,
+                          source="/controller/ggml-tiny.en.bin")  # fmt: skip
+        box = Box(services=(WhisperServer(name="w", gpus=(0,), model=model),), whisper_cpp=WHISPER_BUILD)
+        return plan_box(box, {}, [(0, 8192)], whisper_headers={"/srv/w.bin": header})
+
+    assert plan("tiny.en").fits and not plan("tiny.en").refused
+    refused = plan("base.en")
+    assert not refused.fits
+    (problem,) = refused.refused
+    assert problem.field == "services.0.model.architecture"
+    assert problem.message.startswith("model source /controller/ggml-tiny.en.bin is a whisper tiny.en model")
+    assert "set architecture='tiny.en'" in problem.message
+    assert plan(None).problems == ("w: set model.architecture='tiny.en', its header's size, to plan its VRAM",)
+
+
 def _smol_inventory(tmp_path: Path, ctx_size: int) -> str:
     model = _smollm2_path()
     return _write(
@@ -599,7 +697,9 @@ def test_an_unset_draft_n_max_is_planned_at_llama_server_s_default(target: GgufF
 # nvidia-smi's memory of whisper-server per size (random-weight f16 models, the real hyperparameters) after a
 # sampled transcription (2 decoders: the most whisper-server's defaults allocate), and of piper --cuda with the
 # joe medium voice (63,201,294 bytes) after its syntheses.
-MEASURED_WHISPER_MIB = {"tiny": 880, "base": 982, "small": 1412, "medium": 2642, "large": 4380}
+MEASURED_WHISPER_MIB = {
+    "tiny": 880, "base": 982, "small": 1412, "medium": 2642, "large": 4380, "large-v3-turbo": 2488,
+}  # fmt: skip
 MEASURED_PIPER_MIB, JOE_MEDIUM_BYTES = 998, 63_201_294
 
 

@@ -240,12 +240,15 @@ def planned_gpu_bytes(box: Box, headers_dir: Path, base: Path) -> tuple[dict[int
     makes it; and why a GPU has no plan (a header missing). None expected: nothing."""
     # Imported here, not at the top: the planner brings gguf and numpy, which a deploy that never plans
     # (the observability no-op) should not pay to import.
-    from gpubox.vram import headers_for_box, plan_box
+    from gpubox.vram import headers_for_box, plan_box, whisper_headers_for_box
 
     if not box.expected_gpus:
         return {}, []
     headers, missing = headers_for_box(box, headers_dir, base)
-    plan = plan_box(box, headers, [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus])
+    whisper_headers, unreadable = whisper_headers_for_box(box, base)
+    missing += unreadable
+    gpus = [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus]
+    plan = plan_box(box, headers, gpus, whisper_headers=whisper_headers)
     if missing or plan.problems:
         return {}, [*missing, *plan.problems]
     return {gpu.index: gpu.used_bytes for gpu in plan.gpus}, []

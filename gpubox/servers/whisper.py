@@ -17,9 +17,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from gpubox import vram as planner
+from gpubox.models import whisper_size_mismatch, whisper_size_of
 from gpubox.servers.base import Flag, Service, model_path
 from gpubox.servers.registry import register_server_type
-from gpubox.spec import ModelFile, Spec, Violation
+from gpubox.spec import ModelFile, Problem, Spec, Violation
 
 PROGRAM = "whisper-server"
 # samples/jfk.wav of the whisper.cpp source tree: 11 s of JFK's inaugural address.
@@ -176,13 +177,22 @@ class WhisperServer(Service):
         return self.placement[self.device or 0 :][:1]
 
     def vram(self, inputs: planner.VramInputs, where: str) -> planner.ServiceVram:
-        """Its model (the file's size when known), whisper.cpp's state for its size, the CUDA context."""
+        """Its model (the file's size when known), whisper.cpp's state for its declared size, the CUDA context;
+        refused at ``model.architecture`` when the model's header (read from its source) says another size."""
+        header = inputs.whisper_headers.get(self.model.path)
         if self.model.architecture is None:
-            return planner.ServiceVram(
-                problems=(f"{self.name}: set model.architecture (tiny, base, ...) to plan its VRAM",)
-            )
+            found = whisper_size_of(header) if header is not None else None
+            value = f"={str(found)!r}, its header's size," if found is not None else " (tiny, base, ...)"
+            return planner.ServiceVram(problems=(f"{self.name}: set model.architecture{value} to plan its VRAM",))
+        mismatch = (
+            whisper_size_mismatch(self.model.architecture, header, f"model source {self.model.source}")
+            if header is not None
+            else None
+        )
+        field = f"{where}.model.architecture" if where else "model.architecture"
+        refused = (Problem(field=field, message=mismatch),) if mismatch is not None else ()
         size = inputs.model_sizes.get(self.model.path)
-        return planner.ServiceVram(per_gpu=planner.whisper_terms(self.model.whisper_size, size))
+        return planner.ServiceVram(per_gpu=planner.whisper_terms(self.model.whisper_size, size), refused=refused)
 
     def summary(self) -> str:
         where = f"device {self.device or 0}" if self.placement else "CPU"

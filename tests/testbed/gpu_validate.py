@@ -3002,8 +3002,8 @@ def planner_rows(state: Mapping[str, Any]) -> list[tuple[str, float, int | None]
     if w.get("held_mib") is not None:
         rows.append((f"whisper-server {WHISPER_MODEL_ARCHITECTURE}", whisper_planned_mib("tiny"),
                      (w.get("held_mib") or {}).get(w.get("uuid"))))  # fmt: skip
-    for r in (state.get("whispersizes") or {}).get("rows") or []:
-        rows.append((f"whisper-server {r['name']} (random weights)", whisper_planned_mib(r["size"]),
+    for r in (state.get("whispersizes") or {}).get("rows") or []:  # sized as the planner sizes them now
+        rows.append((f"whisper-server {r['name']} (random weights)", whisper_planned_mib(planner_size(r["name"])),
                      max_held((r.get("held_mib") or {}).values())))  # fmt: skip
     piper = state.get("piper") or {}
     hooked = next((c for c in piper.get("cases") or [] if c["case"] == "hook"), None)
@@ -3143,9 +3143,10 @@ def whispersizes_section(sizes: Mapping[str, Any]) -> str:
         extra = "-" if greedy is None or sampled is None else f"{sampled - greedy:g}"
         over = "-" if greedy is None else f"{greedy - logged:.1f}"
         times = "/".join(str((r.get("requests") or {}).get(k, {}).get("seconds")) for k in ("greedy", "sampled"))
+        planned = whisper_planned_mib(planner_size(r["name"]))  # sized as the planner sizes it now
         out.append(f"| {r['name']} | {r['file_bytes'] / MIB:.1f} | {r['logged_weights_mib']:g} | "
                    f"{r['logged_state_mib']:g} ({r['logged_kv_self_mib']:g}) | {mib(held.get('load'))} | "
-                   f"{mib(greedy)} | {mib(sampled)} | {over} | {extra} | {whisper_planned_mib(r['size']):.0f} | "
+                   f"{mib(greedy)} | {mib(sampled)} | {over} | {extra} | {planned:.0f} | "
                    f"{times} |\n")
     out.append("\n")
     out += failures_and_unit(sizes)

@@ -53,9 +53,10 @@ WHISPER_DIMS: dict[str, WhisperDims] = {
 
 
 def planner_size(name: str) -> str:
-    """The planner's size key (gpubox.vram.WHISPER_STATE_MIB) of a checkpoint name: tiny.en -> tiny,
-    large-v3-turbo -> large."""
-    return name.removesuffix(".en").split("-")[0]
+    """The planner's size key (gpubox.vram.WHISPER_STATE_MIB) of a checkpoint name, by its header's shape
+    (gpubox.ggml_whisper.WhisperModelHeader.size): tiny.en -> tiny, large-v3 -> large, large-v3-turbo ->
+    large-v3-turbo."""
+    return WHISPER_DIMS[name].size
 
 
 def _attention(prefix: str, n: int, bias_on_key: bool = False) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -120,6 +121,11 @@ def _values(name: str, shape: tuple[int, ...], block: np.ndarray) -> np.ndarray:
     return np.resize(block, count)
 
 
+def header_bytes(dims: WhisperDims) -> bytes:
+    """The file's first bytes: the magic and the 11 int32 hparams (what gpubox.ggml_whisper reads)."""
+    return struct.pack("<I11i", GGML_MAGIC, *astuple(dims))
+
+
 def write_random_whisper(dims: WhisperDims, out: Path, seed: int = 0) -> int:
     """Write a random-weight f16 ggml whisper model of `dims` to `out`; its size in bytes."""
     rng = np.random.default_rng(seed)
@@ -128,7 +134,7 @@ def write_random_whisper(dims: WhisperDims, out: Path, seed: int = 0) -> int:
     filters = np.abs(rng.standard_normal((dims.n_mels, N_FFT_BINS))).astype("<f4") * 0.01
     partial = out.with_name(out.name + ".partial")
     with open(partial, "wb") as fh:
-        fh.write(struct.pack("<I11i", GGML_MAGIC, *astuple(dims)))
+        fh.write(header_bytes(dims))
         fh.write(struct.pack("<2i", *filters.shape))
         fh.write(filters.tobytes())
         fh.write(struct.pack("<i", tokens))
