@@ -625,13 +625,24 @@ class HostMonitoring(Spec):
     gpu_metrics_interval_s: int = Field(
         default=15, ge=1, le=3600, description="How often (seconds) the timer writes the GPU and unit metrics file."
     )
+    blackbox_port: int = Field(
+        default=9115,
+        ge=1,
+        le=65535,
+        description="The port the blackbox exporter listens on (127.0.0.1), on a host whose llama-servers use RPC "
+        "servers on other hosts (it probes them from here); elsewhere unused. `node_exporter_port`, `agent_port` "
+        "or, on a host that runs it, a service's port is refused here.",
+    )
 
     @model_validator(mode="after")
     def _own_ports(self) -> Self:
-        if self.agent_port == self.node_exporter_port:
-            refuse(
-                type(self).__name__,
-                [(("agent_port",), f"port {self.agent_port} is node_exporter_port already: give each its own",
-                  self.agent_port)],
-            )
+        taken: dict[int, str] = {}
+        problems: list[Violation] = []
+        for field in ("node_exporter_port", "agent_port", "blackbox_port"):
+            port = getattr(self, field)
+            if port in taken:
+                problems.append(((field,), f"port {port} is {taken[port]} already: give each its own", port))
+            taken.setdefault(port, field)
+        if problems:
+            refuse(type(self).__name__, problems)
         return self

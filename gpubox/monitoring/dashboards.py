@@ -4,7 +4,8 @@
 variables (from ``label_values``) and a panel per concept: decode speed (the ratio of the two
 llama-server counters, as the alerts compute it, never the ``predicted_tokens_seconds`` gauge),
 draft acceptance, requests, VRAM used against the plan, GPU utilization / temperature / power,
-targets up, units active and restarting, and the GPU textfile's freshness. Every selector is
+targets up, units active and restarting, and the GPU textfile's freshness; where llama-servers use
+RPC servers on other hosts, their remote devices (reachable, and the raw TCP probes). Every selector is
 built by :func:`gpubox.monitoring.rules.selector`, the one path label values take into PromQL.
 
 :func:`provisioning_files` is what Grafana reads: a Prometheus datasource at the fleet's
@@ -27,7 +28,7 @@ from grafana_foundation_sdk.models import common as common_model
 from grafana_foundation_sdk.models import dashboard as dashboard_model
 
 from gpubox.monitoring import metrics
-from gpubox.monitoring.fleet import KIND_NODE, Fleet
+from gpubox.monitoring.fleet import KIND_NODE, KIND_RPC_PROBE, Fleet, probe_targets
 from gpubox.monitoring.rules import RESTARTS_WINDOW_S, duration, number, selector
 
 DATASOURCE_UID = "gpubox-prometheus"
@@ -51,6 +52,40 @@ HOSTS = {"host": "$host"}
 HOSTS_AND_SERVICES = {"host": "$host", "service": "$service"}
 LLAMA = {"kind": "llama-server"}  # the series of llama.cpp's own metrics (metrics.LLAMA_*)
 NODE = {"kind": KIND_NODE}
+RPC_PROBE = {"kind": KIND_RPC_PROBE}
+
+
+def rpc_reachable_expr(hosts_and_services: dict[str, str] = HOSTS_AND_SERVICES) -> str:
+    """Each remote device of the selected llama-servers: 1 when its TCP probe connects or its llama-server is up
+    (which holds the RPC server's one connection, so no probe gets in), 0 when neither."""
+    probes = selector(metrics.PROBE_SUCCESS, RPC_PROBE, hosts_and_services)
+    servers = selector("up", LLAMA, hosts_and_services)
+    return f"clamp_max({probes} + on(host, service) group_left max by (host, service) ({servers}), 1)"
+
+
+def rpc_panels() -> list[Any]:
+    """The remote devices of the selected llama-servers: reachable (stat), and the TCP probes over time."""
+    per_device = "{{service}}@{{host}} -> {{rpc}}"
+    return [
+        _up_or_down(
+            "RPC devices reachable",
+            "Each RPC server a llama-server puts layers on, from the llama-server's host: UP when the blackbox "
+            "exporter's TCP connect succeeds, or while the llama-server is up (it holds the RPC server's one "
+            "connection, and ggml-rpc-server's accept queue of 1 then lets no probe in); DOWN when neither. The "
+            "alert GpuboxRpcDeviceUnreachable fires after Monitoring.down_for_s of DOWN.",
+            rpc_reachable_expr(),
+            per_device,
+        ),
+        _series(
+            "RPC TCP probes",
+            "probe_success of each RPC endpoint's TCP probe (1 connected): 0 while its llama-server holds the "
+            "connection is expected.",
+            [(selector(metrics.PROBE_SUCCESS, RPC_PROBE, HOSTS_AND_SERVICES), f"{per_device} ({{{{endpoint}}}})")],
+            "short",
+            min_value=0,
+            max_value=1,
+        ),
+    ]
 
 
 def _query(expr: str, legend: str, ref: str = "A") -> prometheus.Dataquery:
@@ -271,6 +306,8 @@ def fleet_dashboard(fleet: Fleet) -> dict[str, Any]:
             min_value=0,
         ),
     ]
+    if any(probe_targets(host) for host in fleet.hosts):
+        panels += rpc_panels()
     builder = (
         dashboard_builder.Dashboard(DASHBOARD_TITLE)
         .uid(DASHBOARD_UID)

@@ -2,7 +2,8 @@
 writes them under a directory (``<out>/<host>/<path on the host>``) for a user who runs Prometheus already.
 
 Per host: each daemon's drop-in (its flags), the GPU metrics script and its two units, the Prometheus
-config (server on the monitor, agent elsewhere); on the monitor also the alert rules, Alertmanager's
+config (server on the monitor, agent elsewhere), the blackbox exporter's config where llama-servers use
+RPC servers (a change restarts the exporter: it is stateless); on the monitor also the alert rules, Alertmanager's
 config (with a webhook) and Grafana's provisioning files and dashboard. Each file says what its change
 sets off: a restart (new flags), a reload (new config) or a run of the GPU metrics timer.
 """
@@ -111,6 +112,17 @@ def host_files(
     if fleet.is_monitor(fleet_host.name):
         files.append(_config("Alert rules", prometheus.RULES_FILE, rules.rules_yaml(fleet, planned),
                              prometheus.validate_command("{}", fleet, fleet_host, "rules"), role))  # fmt: skip
+    if prometheus.BLACKBOX in prometheus.daemons(fleet, fleet_host):
+        # before the Prometheus config, whose probe jobs name its module
+        files.append(HostFile(
+            name="Blackbox exporter config",
+            path=prometheus.BLACKBOX_CONFIG,
+            text=prometheus.to_yaml(prometheus.blackbox_config()),
+            mode=chmod_mode(),
+            group=PROMETHEUS_GROUP,
+            check=tuple(prometheus.validate_command("{}", fleet, fleet_host, "blackbox")),
+            restarts=prometheus.BLACKBOX.role,
+        ))  # fmt: skip
     files.append(prometheus_config_file(fleet, fleet_host))
     if fleet.is_monitor(fleet_host.name) and fleet.monitoring.webhook_url is not None:
         files.append(_config(

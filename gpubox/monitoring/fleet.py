@@ -9,6 +9,12 @@ Every series carries ``host`` (the inventory name) and ``kind`` (the server type
 ``node``); a service's also ``service`` and what its type adds (``Service.scrape``): a llama-server's
 ``gpu`` (its pinned indices, ``cpu`` when none), ``model`` (the model file's name without ``.gguf``)
 and ``spec_type``.
+
+An RPC server (``ggml-rpc-server``) has no ``/metrics``: its unit's state is watched like every unit's,
+and each host whose llama-servers put layers on RPC servers elsewhere runs the distro's blackbox
+exporter on 127.0.0.1 and probes each endpoint with a TCP connect (``probe_targets``), from the host that
+needs to reach it. A probe's series carry ``host`` (the client host), ``kind="rpc-probe"``, ``service``
+(the llama-server), ``rpc`` (``<rpc service>@<rpc host>``) and ``endpoint`` (``address:port``).
 """
 
 from __future__ import annotations
@@ -22,11 +28,16 @@ from pydantic import ValidationError
 
 from gpubox.box import Box
 from gpubox.monitoring.spec import Monitoring
+from gpubox.peers import resolve_peers
 from gpubox.servers.base import Scrape, Service
 from gpubox.spec import Problem, is_loopback, problems_from
 
 MONITORING_KEY = "monitoring"
 KIND_NODE = "node"
+KIND_RPC_PROBE = "rpc-probe"
+"""The ``kind`` of a blackbox exporter's TCP probe of an RPC server, from a host whose llama-server uses it."""
+PROBE_MODULE = "tcp_connect"
+"""The blackbox exporter's module the RPC probes use (``prometheus.blackbox_config``)."""
 CREDENTIALS_DIR = "/etc/prometheus/gpubox"
 """Root-owned copies of the services' API keys, readable by the prometheus group."""
 
@@ -42,12 +53,37 @@ class FleetError(Exception):
 
 
 @dataclass(frozen=True)
+class RemoteDevice:
+    """A service on another host that a service of this host uses (a llama-server's RPC server), resolved.
+
+    + user: the service of this host that uses it; host, service: where it runs and its name
+    + endpoint: the ``address:port`` the user dials (what ``--rpc`` renders)
+    """
+
+    user: str
+    host: str
+    service: str
+    endpoint: str
+
+    @property
+    def name(self) -> str:
+        """``service@host``, as an ``RpcRef`` prints itself."""
+        return f"{self.service}@{self.host}"
+
+
+@dataclass(frozen=True)
 class FleetHost:
-    """A gpubox host as the fleet sees it: its inventory name, the address others reach it at, its box."""
+    """A gpubox host as the fleet sees it: its inventory name, the address others reach it at, its box, and
+    what its services use on other hosts."""
 
     name: str
     address: str
     box: Box
+    remote: tuple[RemoteDevice, ...] = ()
+
+    def remote_of(self, service: str) -> tuple[RemoteDevice, ...]:
+        """The remote devices ``service`` of this host uses, in its references' order."""
+        return tuple(device for device in self.remote if device.user == service)
 
 
 @dataclass(frozen=True)
@@ -63,6 +99,9 @@ class Target:
     """The service's own key file on the host, which the copy is made from."""
     path: str = "/metrics"
     """The endpoint scraped."""
+    probe: str | None = None
+    """A blackbox probe's target (``address:port``): ``port`` is then the blackbox exporter's, and ``path``
+    its ``/probe`` (``prometheus.scrape_config`` relabels as the blackbox exporter's docs say)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +153,63 @@ def credentials_path(service: str) -> str:
     return f"{CREDENTIALS_DIR}/{service}.key"
 
 
+def peer_endpoint(box: Box, service: Service) -> str | None:
+    """``address:port`` a client on another host dials for ``service`` of ``box``: its own listen address, or
+    (listening on every interface) its host's ``address``; IPv6 in brackets. None: that address is not set.
+    (What gpubox.peers fills a llama-server's ``rpc`` endpoints with; tests/test_monitoring_rpc.py holds them
+    equal.)"""
+    address = service.host
+    if address in ("0.0.0.0", "::"):
+        if box.address is None:
+            return None
+        address = box.address
+    return f"[{address}]:{service.port}" if ":" in address else f"{address}:{service.port}"
+
+
+def remote_devices(name: str, boxes: Mapping[str, Box]) -> tuple[RemoteDevice, ...]:
+    """What the services of host ``name`` use on other hosts (``Service.peer_refs``), with their endpoints."""
+    devices = []
+    for user in boxes[name].services:
+        for peer_host, peer_name in user.peer_refs():
+            box = boxes[peer_host]
+            peer = next(service for service in box.services if service.name == peer_name)
+            endpoint = peer_endpoint(box, peer)
+            if endpoint is not None:
+                devices.append(RemoteDevice(user=user.name, host=peer_host, service=peer_name, endpoint=endpoint))
+    return tuple(devices)
+
+
+def probe_job(host: str, device: RemoteDevice) -> str:
+    """The scrape job of ``device.user@host``'s probe of one remote device."""
+    return f"{KIND_RPC_PROBE}:{device.name}/{device.user}@{host}"
+
+
+def probe_targets(host: FleetHost) -> list[Target]:
+    """The TCP probes ``host``'s blackbox exporter runs: one per RPC server each of its llama-servers uses,
+    labelled with the client service, the RPC server (``rpc``: ``service@host``) and its endpoint."""
+    return [
+        Target(
+            job=probe_job(host.name, device),
+            port=host.box.monitoring.blackbox_port,
+            labels={
+                "host": host.name,
+                "kind": KIND_RPC_PROBE,
+                "service": device.user,
+                "rpc": device.name,
+                "endpoint": device.endpoint,
+            },
+            path="/probe",
+            probe=device.endpoint,
+        )
+        for device in host.remote
+    ]
+
+
+def runs_probes(host: FleetHost) -> bool:
+    """Whether ``host`` runs the blackbox exporter: its llama-servers use RPC servers elsewhere."""
+    return bool(probe_targets(host))
+
+
 def scrape_targets(host: FleetHost) -> list[Target]:
     """What ``host``'s own Prometheus (agent or server) scrapes: each service's endpoint (``Service.scrape``),
     then node-exporter."""
@@ -151,6 +247,8 @@ def fleet_problems(monitoring: Monitoring, hosts: tuple[FleetHost, ...]) -> list
     monitor = next(host for host in hosts if host.name == monitoring.monitor)
     taken = {service.port: f"service {service.name!r}" for service in monitor.box.services}
     taken[monitor.box.monitoring.node_exporter_port] = "node-exporter (box.monitoring.node_exporter_port)"
+    if runs_probes(monitor):
+        taken[monitor.box.monitoring.blackbox_port] = "the blackbox exporter (box.monitoring.blackbox_port)"
     own_ports = [("port", monitoring.port)]
     if monitoring.webhook_url is not None:
         own_ports.append(("alertmanager_port", monitoring.alertmanager_port))
@@ -167,7 +265,18 @@ def fleet_problems(monitoring: Monitoring, hosts: tuple[FleetHost, ...]) -> list
                 Problem(field=f"{fleet_host.name}.services.{position}.{field}", message=message)
                 for field, message in server.monitoring_problems()
             ]
-        for target in scrape_targets(fleet_host):
+        if runs_probes(fleet_host):
+            blackbox_port = fleet_host.box.monitoring.blackbox_port
+            problems += [
+                Problem(
+                    field=f"{fleet_host.name}.monitoring.blackbox_port",
+                    message=f"port {blackbox_port} is service {server.name!r}'s already, and this host runs the "
+                    f"blackbox exporter (its llama-servers use RPC servers): give it its own port",
+                )
+                for server in fleet_host.box.services
+                if server.port == blackbox_port
+            ]
+        for target in [*scrape_targets(fleet_host), *probe_targets(fleet_host)]:
             if target.job in jobs:
                 problems.append(Problem(
                     field=f"{fleet_host.name}.services",
@@ -220,11 +329,29 @@ def build_fleet(entries: Iterable[tuple[str, Mapping[str, Any]]]) -> Fleet:
             [Problem(field=f"{name}.monitoring", message=repr(spec)) for name, spec in specs.items()],
         )
     monitoring = next(iter(specs.values()))
-    fleet_hosts = tuple(hosts)
+    fleet_hosts = with_peers(hosts)
     refused = fleet_problems(monitoring, fleet_hosts)
     if refused:
         raise FleetError("the fleet's monitoring is refused", refused)
     return Fleet(monitoring=monitoring, hosts=fleet_hosts)
+
+
+def with_peers(hosts: list[FleetHost]) -> tuple[FleetHost, ...]:
+    """The hosts with what their services use on other hosts resolved (``gpubox.peers``: a llama-server's RPC
+    endpoints); refused with each problem at its host's field, as the rest of the fleet is."""
+    resolved, problems = resolve_peers({host.name: host.box for host in hosts})
+    refused = [
+        Problem(field=f"{name}.{problem.field}", message=problem.message)
+        for name, found in problems.items()
+        for problem in found
+    ]
+    if refused:
+        raise FleetError("the inventory's references across hosts are refused", refused)
+    return tuple(
+        FleetHost(name=host.name, address=host.address, box=resolved[host.name],
+                  remote=remote_devices(host.name, resolved))
+        for host in hosts
+    )  # fmt: skip
 
 
 def fleet_from_inventory(path: str | Path) -> Fleet:

@@ -20,6 +20,9 @@ collector publishes them under job ``node@<host>``):
 | ``gpubox_unit_active`` | gauge | service, unit | 1 when systemd says the unit is active |
 | ``gpubox_unit_restarts_total`` | counter | service, unit | systemd's NRestarts of the unit |
 | ``gpubox_textfile_updated_timestamp_seconds`` | gauge | | when the script last wrote the file |
+
+The blackbox exporter's ``probe_success`` (1 when the TCP connect succeeded) of each RPC probe, labelled
+``host`` (the client host), ``kind="rpc-probe"``, ``service`` (the llama-server), ``rpc`` and ``endpoint``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ NVIDIA_SMI_UP = "gpubox_nvidia_smi_up"
 UNIT_ACTIVE = "gpubox_unit_active"
 UNIT_RESTARTS = "gpubox_unit_restarts_total"
 TEXTFILE_UPDATED = "gpubox_textfile_updated_timestamp_seconds"
+
+# The blackbox exporter's (its TCP probes of RPC servers, under jobs ``rpc-probe:...``).
+PROBE_SUCCESS = "probe_success"
 
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 """Where Debian's prometheus-node-exporter reads ``*.prom`` files (its textfile collector's default)."""

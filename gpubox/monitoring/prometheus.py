@@ -5,7 +5,9 @@ The distro's packages are used as they ship, with one systemd drop-in per unit t
 layouts) and config files at gpubox's own paths (never a package's conffile, so an upgrade never
 asks). Each host's own Prometheus scrapes it on 127.0.0.1: the monitor's as a server (rules,
 Alertmanager, the remote-write receiver when there are agents), every other host's in agent mode
-remote-writing to the monitor.
+remote-writing to the monitor. A host whose llama-servers use RPC servers elsewhere also runs the
+distro's blackbox exporter on 127.0.0.1 (one ``tcp_connect`` module), and its Prometheus scrapes a probe
+job per RPC endpoint through it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from gpubox.monitoring.fleet import Fleet, FleetHost, Target, scrape_targets
+from gpubox.monitoring.fleet import PROBE_MODULE, Fleet, FleetHost, Target, probe_targets, runs_probes, scrape_targets
 from gpubox.monitoring.metrics import TEXTFILE_DIR
 from gpubox.quoting import exec_word, shell_join, shell_word
 
@@ -23,6 +25,9 @@ CONFIG_DIR = "/etc/prometheus"
 PROMETHEUS_CONFIG = f"{CONFIG_DIR}/gpubox.yml"
 RULES_FILE = f"{CONFIG_DIR}/gpubox-rules.yml"
 ALERTMANAGER_CONFIG = f"{CONFIG_DIR}/gpubox-alertmanager.yml"
+BLACKBOX_CONFIG = f"{CONFIG_DIR}/gpubox-blackbox.yml"
+"""gpubox's own path: the package's /etc/prometheus/blackbox.yml (a conffile) and its /etc/default ARGS are
+left as they ship, and the drop-in's ExecStart names this file."""
 SERVER_STORAGE = "/var/lib/prometheus/metrics2"
 AGENT_STORAGE = "/var/lib/prometheus/gpubox-agent"
 ALERTMANAGER_STORAGE = "/var/lib/prometheus/alertmanager"
@@ -66,13 +71,24 @@ ALERTMANAGER = Daemon(
     programs={"apt": "/usr/bin/prometheus-alertmanager", "pacman": "/usr/bin/alertmanager"},
 )
 
+# Debian 12's prometheus-blackbox-exporter 0.23 (its unit runs $ARGS from /etc/default as user prometheus, and
+# reloads on SIGHUP); Arch's package and binary name are from its package files, unrun here.
+BLACKBOX = Daemon(
+    role="blackbox-exporter",
+    packages={"apt": "prometheus-blackbox-exporter", "pacman": "prometheus-blackbox-exporter"},
+    units={"apt": "prometheus-blackbox-exporter.service", "pacman": "prometheus-blackbox-exporter.service"},
+    programs={"apt": "/usr/bin/prometheus-blackbox-exporter", "pacman": "/usr/bin/prometheus-blackbox-exporter"},
+)
+
 
 def daemons(fleet: Fleet, host: FleetHost) -> list[Daemon]:
     """What ``host`` runs for monitoring: node-exporter and Prometheus everywhere, Alertmanager on the
-    monitor when there is a webhook to send to."""
+    monitor when there is a webhook to send to, the blackbox exporter where llama-servers use RPC servers."""
     wanted = [NODE_EXPORTER, PROMETHEUS]
     if fleet.is_monitor(host.name) and fleet.monitoring.webhook_url is not None:
         wanted.append(ALERTMANAGER)
+    if runs_probes(host):
+        wanted.append(BLACKBOX)
     return wanted
 
 
@@ -80,8 +96,27 @@ def _seconds(value: int) -> str:
     return f"{value}s"
 
 
+def probe_config(target: Target) -> dict[str, Any]:
+    """One probe job, as the blackbox exporter's docs relabel it: the endpoint is the ``target`` parameter
+    and the ``instance`` label, and the address scraped is the blackbox exporter on 127.0.0.1."""
+    return {
+        "job_name": target.job,
+        "metrics_path": target.path,
+        "params": {"module": [PROBE_MODULE]},
+        "static_configs": [{"targets": [target.probe], "labels": dict(target.labels)}],
+        "relabel_configs": [
+            {"source_labels": ["__address__"], "target_label": "__param_target"},
+            {"source_labels": ["__param_target"], "target_label": "instance"},
+            {"target_label": "__address__", "replacement": f"127.0.0.1:{target.port}"},
+        ],
+    }
+
+
 def scrape_config(target: Target) -> dict[str, Any]:
-    """One job: the target on 127.0.0.1 with its labels; a bearer token read from a file when it has a key."""
+    """One job: the target on 127.0.0.1 with its labels; a bearer token read from a file when it has a key;
+    a blackbox probe's through the exporter (``probe_config``)."""
+    if target.probe is not None:
+        return probe_config(target)
     job: dict[str, Any] = {
         "job_name": target.job,
         "static_configs": [{"targets": [f"127.0.0.1:{target.port}"], "labels": dict(target.labels)}],
@@ -91,6 +126,16 @@ def scrape_config(target: Target) -> dict[str, Any]:
     if target.credentials_file is not None:
         job["authorization"] = {"type": "Bearer", "credentials_file": target.credentials_file}
     return job
+
+
+def host_jobs(host: FleetHost) -> list[dict[str, Any]]:
+    """Every job ``host``'s own Prometheus runs: its scrape targets, then its RPC probes."""
+    return [scrape_config(target) for target in [*scrape_targets(host), *probe_targets(host)]]
+
+
+def blackbox_config() -> dict[str, Any]:
+    """The blackbox exporter's modules: a TCP connect (its timeout: the scrape's, less the exporter's offset)."""
+    return {"modules": {PROBE_MODULE: {"prober": "tcp"}}}
 
 
 def has_agents(fleet: Fleet) -> bool:
@@ -111,7 +156,7 @@ def server_config(fleet: Fleet) -> dict[str, Any]:
         config["alerting"] = {
             "alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{monitoring.alertmanager_port}"]}]}]
         }
-    config["scrape_configs"] = [scrape_config(target) for target in scrape_targets(fleet.monitor)]
+    config["scrape_configs"] = host_jobs(fleet.monitor)
     return config
 
 
@@ -119,7 +164,7 @@ def agent_config(fleet: Fleet, host: FleetHost) -> dict[str, Any]:
     """A non-monitor host's agent config: its own targets, remote-written to the monitor."""
     return {
         "global": {"scrape_interval": _seconds(fleet.monitoring.scrape_interval_s)},
-        "scrape_configs": [scrape_config(target) for target in scrape_targets(host)],
+        "scrape_configs": host_jobs(host),
         "remote_write": [{"url": f"{fleet.prometheus_url}/api/v1/write"}],
     }
 
@@ -158,6 +203,11 @@ def arguments(daemon: Daemon, fleet: Fleet, host: FleetHost) -> list[str]:
         return [
             f"--web.listen-address=127.0.0.1:{host.box.monitoring.node_exporter_port}",
             f"--collector.textfile.directory={TEXTFILE_DIR}",
+        ]
+    if daemon is BLACKBOX:
+        return [
+            f"--config.file={BLACKBOX_CONFIG}",
+            f"--web.listen-address=127.0.0.1:{host.box.monitoring.blackbox_port}",
         ]
     if daemon is ALERTMANAGER:
         return [
@@ -198,7 +248,10 @@ def drop_in(daemon: Daemon, manager: str, fleet: Fleet, host: FleetHost) -> str:
 
 
 def validate_command(path: str, fleet: Fleet, host: FleetHost, kind: str) -> list[str]:
-    """The check a staged file must pass before it replaces the live one (``kind``: config, rules, alertmanager)."""
+    """The check a staged file must pass before it replaces the live one (``kind``: config, rules, alertmanager,
+    blackbox)."""
+    if kind == "blackbox":
+        return [BLACKBOX.programs["apt"], "--config.check", "--config.file", path]
     if kind == "rules":
         return ["promtool", "check", "rules", path]
     if kind == "alertmanager":

@@ -7,6 +7,11 @@ llama-server's counters' rates, ``rate(tokens_predicted_total) / rate(tokens_pre
 (its ``predicted_tokens_seconds`` gauge resets on every read: see :mod:`.metrics`); acceptance is
 ``rate(accepted) / rate(draft)``. Both ratios cancel rate()'s extrapolation, so a steady server reads
 its true figure.
+
+A llama-server's remote devices (its RPC servers) are up when their TCP probe connects, or while the
+llama-server itself is up: it holds the RPC server's one connection then, and a busy ggml-rpc-server's
+accept queue (backlog 1) lets no probe in (:mod:`.rules`). Down: the probe fails and the llama-server
+is not up.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from rich.table import Table
 
 from gpubox.gpu import gpu_list
 from gpubox.monitoring import metrics
-from gpubox.monitoring.fleet import KIND_NODE, Fleet, scrape_targets
+from gpubox.monitoring.fleet import KIND_NODE, KIND_RPC_PROBE, Fleet, scrape_targets
 
 GIB = 1024**3
 DEFAULT_TIMEOUT_S = 10.0
@@ -152,7 +157,8 @@ def acceptance_query(window: str, drafting_only: bool = False) -> str:
     return _ratio(metrics.LLAMA_ACCEPTED_TOKENS, metrics.LLAMA_DRAFT_TOKENS, window, selector)
 
 
-UP_QUERY = f'up{{kind!="{KIND_NODE}"}}'
+UP_QUERY = f'up{{kind!="{KIND_NODE}",kind!="{KIND_RPC_PROBE}"}}'
+PROBE_QUERY = f'max by (host, service, rpc) ({metrics.PROBE_SUCCESS}{{kind="{KIND_RPC_PROBE}"}})'
 UNIT_ACTIVE_QUERY = f"max by (host, service) ({metrics.UNIT_ACTIVE})"
 VRAM_USED_QUERY = f"max by (host, gpu) ({metrics.GPU_MEMORY_USED})"
 VRAM_PLANNED_QUERY = f"max by (host, gpu) ({metrics.GPU_PLANNED_MEMORY})"
@@ -175,6 +181,25 @@ class GpuMemory:
 
 
 @dataclass(frozen=True)
+class RemoteDeviceState:
+    """One RPC server a llama-server puts layers on, as its host's probe and the llama-server itself say.
+
+    + rpc: ``service@host`` of the RPC server; endpoint: the ``address:port`` the llama-server dials
+    + probe: the last TCP probe connected (None: no probe series)
+    + in_use: the probe failed while the llama-server is up: it holds the RPC server's one connection
+    """
+
+    rpc: str
+    endpoint: str
+    probe: bool | None
+    in_use: bool = False
+
+    @property
+    def up(self) -> bool | None:
+        return True if self.probe or self.in_use else self.probe
+
+
+@dataclass(frozen=True)
 class FleetRow:
     """One service of the fleet as Prometheus sees it now; None: no data (no series, idle, or down).
 
@@ -194,6 +219,8 @@ class FleetRow:
     alerts: tuple[str, ...]
     decodes: bool = False
     """Whether it reports a decode speed (a chat server Prometheus scrapes): idle when it has none."""
+    remote: tuple[RemoteDeviceState, ...] = ()
+    """The RPC servers on other hosts it puts layers on, in its ``rpc`` order."""
 
 
 def _finite(value: float | None) -> float | None:
@@ -218,9 +245,12 @@ def _alert_applies(alert: Alert, host: str, service: str, gpus: tuple[int, ...])
 
 
 def fleet_rows(fleet: Fleet, client: PrometheusClient) -> list[FleetRow]:
-    """One row per (host, service) of the fleet, every service type, in inventory order; seven requests."""
+    """One row per (host, service) of the fleet, every service type, in inventory order; seven requests (eight
+    when a llama-server uses RPC servers)."""
     window = _window(fleet)
     up = _by(client.query(UP_QUERY), "job")
+    uses_rpc = any(host.remote for host in fleet.hosts)
+    probes = _by(client.query(PROBE_QUERY), "host", "service", "rpc") if uses_rpc else {}
     active = _by(client.query(UNIT_ACTIVE_QUERY), "host", "service")
     speed = _by(client.query(tokens_per_second_query(window)), "host", "service")
     acceptance = _by(client.query(acceptance_query(window)), "host", "service")
@@ -242,6 +272,14 @@ def fleet_rows(fleet: Fleet, client: PrometheusClient) -> list[FleetRow]:
             is_up = None if value is None else value >= 1
             drafting = service.drafts
             serving = is_up is not False  # down: the rate window's tail is no speed
+            remote = []
+            for device in host.remote_of(service.name):
+                probe = probes.get((host.name, service.name, device.name))
+                connected = probe is not None and probe < 1 and is_up is True
+                remote.append(RemoteDeviceState(
+                    rpc=device.name, endpoint=device.endpoint, probe=None if probe is None else probe >= 1,
+                    in_use=connected,
+                ))  # fmt: skip
             rows.append(
                 FleetRow(
                     host=host.name,
@@ -264,6 +302,7 @@ def fleet_rows(fleet: Fleet, client: PrometheusClient) -> list[FleetRow]:
                         sorted({alert.name for alert in firing if _alert_applies(alert, host.name, service.name, gpus)})
                     ),
                     decodes=decodes,
+                    remote=tuple(remote),
                 )
             )
     return rows
@@ -287,8 +326,19 @@ def _up_cell(up: bool | None) -> str:
     return "[green]up[/]" if up else "[bold red]DOWN[/]"
 
 
+def _remote_cell(row: FleetRow) -> str:
+    lines = []
+    for device in row.remote:
+        state = _up_cell(device.up)
+        if device.in_use:
+            state = "[green]up[/] [dim](in use)[/]"
+        lines.append(f"{device.rpc} {state}")
+    return "\n".join(lines) or "-"
+
+
 def top_table(rows: Sequence[FleetRow], title: str = "gpubox fleet") -> Table:
-    """The fleet at a glance: a row per service, its GPUs' VRAM (used/planned) and its firing alerts."""
+    """The fleet at a glance: a row per service, its GPUs' VRAM (used/planned), its remote devices (when a
+    service of the fleet uses RPC servers) and its firing alerts."""
     table = Table(title=title)
     table.add_column("host")
     table.add_column("GPUs")
@@ -298,13 +348,16 @@ def top_table(rows: Sequence[FleetRow], title: str = "gpubox fleet") -> Table:
     table.add_column("tok/s", justify="right")
     table.add_column("accept", justify="right")
     table.add_column("VRAM used/planned", justify="right")
+    remote = any(row.remote for row in rows)
+    if remote:
+        table.add_column("remote devices")
     table.add_column("alerts", overflow="fold")
     for row in rows:
         speed = "-" if row.tokens_per_second is None else f"{row.tokens_per_second:.1f}"
         if row.decodes and row.tokens_per_second is None and row.up:
             speed = "[dim]idle[/]"
         acceptance = "-" if row.acceptance is None else f"{row.acceptance:.0%}"
-        table.add_row(
+        cells = [
             row.host,
             gpu_list(row.gpus),
             row.service,
@@ -313,8 +366,10 @@ def top_table(rows: Sequence[FleetRow], title: str = "gpubox fleet") -> Table:
             speed,
             acceptance,
             _vram_cell(row),
+            *([_remote_cell(row)] if remote else []),
             f"[bold red]{', '.join(row.alerts)}[/]" if row.alerts else "",
-        )
+        ]
+        table.add_row(*cells)
     return table
 
 

@@ -10,6 +10,7 @@ each threshold is the number its spec holds:
 | GpuboxServiceDown | llama-server target | ``up{job=...} == 0`` | ``down_for_s`` |
 | GpuboxUnitInactive | service (any type) | ``gpubox_unit_active == 0`` | ``down_for_s`` |
 | GpuboxHostSilent | host | no ``up{kind="node"} == 1`` | ``down_for_s`` |
+| GpuboxRpcDeviceUnreachable | RPC server in use | its TCP probe fails, its llama-server not up | ``down_for_s`` |
 | GpuboxSlowDecode | llama-server with smoke | tok/s < ``SmokeThresholds.min_tokens_per_second`` | ``slow_for_s`` |
 | GpuboxLowAcceptance | drafting llama-server | accepted/drafted < ``SmokeThresholds.min_acceptance`` | ``slow_for_s`` |
 | GpuboxGpuMemoryOverPlan | planned GPU | used > plan + ``vram_margin_mib`` | 2m |
@@ -26,7 +27,16 @@ server's rates are both 0, and 0/0 is NaN, which no comparison holds for: idle n
 A host is silent when its node-exporter target is absent or down (``absent(up{...} == 1)``): its
 agent stopped writing, or its exporter stopped answering, and either way the unit and GPU series
 the other alerts read are gone. whisper-server and piper have no ``/metrics``: their units are
-what is watched.
+what is watched. So is an RPC server's (``ggml-rpc-server`` has no HTTP at all).
+
+An RPC device is probed from the host of the llama-server that uses it (the blackbox exporter's TCP
+connect). ggml-rpc-server serves one connection at a time and listens with a backlog of 1
+(ggml-rpc's transport.cpp, ``listen(sockfd, 1)``): while its llama-server holds its connection, two
+probes fill the accept queue and every later one times out, though the device works. So a failed
+probe counts only while the llama-server depending on it is not up: then the device is free and must
+accept (or its loss is what keeps the llama-server down). An RPC server that dies under an idle
+llama-server is its own unit's alert on its host (``GpuboxUnitInactive``); the llama-server's next
+request aborts it, and then this alert fires if the device is still gone.
 
 Every label value reaches PromQL through :func:`label_matcher` (a PromQL string literal, escaped)
 and the alert's labels and annotations through :func:`template_text` (Prometheus expands Go
@@ -42,7 +52,7 @@ from typing import Any, Literal
 import yaml
 
 from gpubox.monitoring import metrics
-from gpubox.monitoring.fleet import KIND_NODE, Fleet, FleetHost, scrape_targets
+from gpubox.monitoring.fleet import KIND_NODE, Fleet, FleetHost, probe_targets, scrape_targets
 from gpubox.servers.base import Service
 
 MIB = 1024 * 1024
@@ -172,6 +182,52 @@ def counter_ratio(numerator: str, denominator: str, labels: Mapping[str, str], w
     return f"rate({selector(numerator, labels)}[{window}]) / rate({selector(denominator, labels)}[{window}])"
 
 
+def rpc_clients(fleet: Fleet) -> dict[str, list[str]]:
+    """Per RPC server (``service@host``), the llama-servers of the fleet that put layers on it (``service@host``)."""
+    clients: dict[str, list[str]] = {}
+    for host in fleet.hosts:
+        for device in host.remote:
+            clients.setdefault(device.name, []).append(f"{device.user}@{host.name}")
+    return clients
+
+
+def rpc_unreachable_expr(probe_job: str, client_job: str) -> str:
+    """The probe of ``probe_job`` failing while the llama-server of ``client_job`` (which holds the RPC
+    server's one connection while it is up) is not up."""
+    return (
+        f"({selector(metrics.PROBE_SUCCESS, {'job': probe_job})} == 0) "
+        f"unless on(host, service) ({selector('up', {'job': client_job})} == 1)"
+    )
+
+
+def rpc_rules(fleet: Fleet) -> list[dict[str, Any]]:
+    """An RPC device its llama-server's host can't reach, for ``Monitoring.down_for_s``: one rule per probe."""
+    down_for = fleet.monitoring.down_for_s
+    clients = rpc_clients(fleet)
+    rules: list[dict[str, Any]] = []
+    for host in fleet.hosts:
+        for target in probe_targets(host):
+            service, rpc, endpoint = target.labels["service"], target.labels["rpc"], target.labels["endpoint"]
+            rules.append(_rule(
+                "GpuboxRpcDeviceUnreachable",
+                rpc_unreachable_expr(target.job, f"{service}@{host.name}"),
+                down_for,
+                SEVERITY_CRITICAL,
+                {"host": host.name, "service": service, "rpc": rpc},
+                _text("RPC server {rpc} ({endpoint}) is unreachable from {host}: {clients} can't serve",
+                      rpc=rpc, endpoint=endpoint, host=host.name, clients=", ".join(clients[rpc])),
+                _text(
+                    "{host}'s blackbox exporter has not connected to RPC server {rpc} at {endpoint} for "
+                    "Monitoring.down_for_s = {down_for} while {service} is not up. The llama-servers that put "
+                    "layers on it: {clients}; they abort without it (no CPU fallback). Check {rpc}'s unit on "
+                    "its host, the network between the hosts, and its allow_from.",
+                    host=host.name, rpc=rpc, endpoint=endpoint, down_for=down_for, service=f"{service}@{host.name}",
+                    clients=", ".join(clients[rpc]),
+                ),
+            ))  # fmt: skip
+    return rules
+
+
 def availability_rules(fleet: Fleet) -> list[dict[str, Any]]:
     """Down targets, inactive units and silent hosts: each for ``Monitoring.down_for_s``."""
     down_for = fleet.monitoring.down_for_s
@@ -222,7 +278,7 @@ def availability_rules(fleet: Fleet) -> list[dict[str, Any]]:
                 host=host.name, down_for=down_for,
             ),
         ))
-    return rules
+    return rules + rpc_rules(fleet)
 
 
 def performance_rules(fleet: Fleet) -> list[dict[str, Any]]:
