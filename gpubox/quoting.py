@@ -22,6 +22,8 @@ tests/e2e/test_quoting_systemd.py starts a unit on a booted systemd and reads ba
 |                           |                          | whitespace, `'`, `"` or `\`       | name                      |
 | `Description=` text       | `unit_text`              | `%` -> `%%` (the rest as is: the  | NL, CR, NUL               |
 |                           |                          | whole line is the value)          |                           |
+| HAProxy config word       | `haproxy_word`           | nothing: plain characters only    | anything but letters,     |
+|                           |                          |                                   | digits and `._-/:@[]+`    |
 
 (1) inside the double quotes `\` is written `\\` and `"` is written `\"`.
 
@@ -139,3 +141,20 @@ def environment_assignment(key: str, value: str) -> str:
         )
     unit_safe(value, f"environment variable {key}")
     return _unit_quote(f"{key}={value}".replace("%", "%%"), _UNIT_NEEDS_QUOTES)
+
+
+HAPROXY_SAFE = re.compile(r"^[A-Za-z0-9._/:@\[\]+-]+$")
+
+
+def haproxy_word(value: str, field: str) -> str:
+    """A word of an HAProxy config line (an address, a path, a name): plain characters only, refused otherwise.
+
+    HAProxy's config parser splits on spaces, reads ``#`` as a comment, expands ``$VAR``/``${VAR}`` inside
+    double quotes and unescapes ``\\``; a value with none of them needs no quoting, and every value gpubox
+    writes there (addresses, absolute paths, group and service names) can do without."""
+    if not HAPROXY_SAFE.match(value):
+        raise ValueError(
+            f"{field} goes into HAProxy's config: use letters, digits and '.', '_', '/', ':', '@', '[', ']', '+', '-' "
+            f"only (no spaces, quotes, '#', '$' or '%'), got {value!r}"
+        )
+    return value

@@ -102,7 +102,7 @@ def flag_of(word: str) -> str | None:
     return None  # a negative number, e.g. `--seed -1`
 
 
-def _network(value: str) -> str:
+def network_entry(value: str) -> str:
     """One ``allow_from`` entry: ``any``, or an IP network (a bare address is its /32 or /128), canonical."""
     if value == "any":
         return value
@@ -212,7 +212,7 @@ class Service(Spec):
         "keys needs `api_key_file`, and one without authentication is refused.",
     )
     port: int = Field(ge=1, le=65535, description="The port it listens on; unique per box.")
-    allow_from: tuple[Annotated[str, AfterValidator(_network)], ...] = Field(
+    allow_from: tuple[Annotated[str, AfterValidator(network_entry)], ...] = Field(
         default=(),
         description="Who may connect to a listener beyond loopback: IP networks (a bare address is its /32 or "
         "/128), or `('any',)` alone; the unit allows them and localhost (`IPAddressAllow=`) and denies the rest. "
@@ -324,6 +324,30 @@ class Service(Spec):
         """This service with what it uses on other hosts resolved from the inventory's ``boxes`` (``host`` is its
         own host's name), and what refuses those references, each at its field."""
         return self, []
+
+    def endpoint_address(self, own_address: str | None) -> str | None:
+        """The address a client on another host dials: the one it listens on, or (listening on every interface)
+        its host's ``own_address``; None when that is needed and unknown."""
+        return own_address if self.host in ("0.0.0.0", "::") else self.host
+
+    def admits(self, client_address: str | None) -> bool:
+        """Whether ``allow_from`` lets a client at ``client_address`` in (``'any'`` lets everyone in)."""
+        if "any" in self.allow_from:
+            return True
+        if client_address is None:
+            return False
+        address = ipaddress.ip_address(client_address)
+        return any(address in ipaddress.ip_network(network) for network in self.allow_from)
+
+    @property
+    def key_file(self) -> str | None:
+        """The API key file its clients present (a llama-server's ``api_key_file``); None: no key."""
+        return None
+
+    @property
+    def slots(self) -> int:
+        """How many requests it serves at once (a llama-server's ``parallel``)."""
+        return 1
 
     def peer_addresses(self) -> list[str]:
         """Addresses beyond loopback its unit must reach (``IPAddressDeny=any`` holds outgoing traffic too)."""

@@ -270,6 +270,14 @@ class LlamaServer(Service):
     def read_only_files(self) -> list[str]:
         return super().read_only_files() + ([self.api_key_file] if self.api_key_file is not None else [])
 
+    @property
+    def key_file(self) -> str | None:
+        return self.api_key_file
+
+    @property
+    def slots(self) -> int:
+        return self.parallel
+
     def build_options(self) -> tuple[str, ...]:
         """``rpc``: llama.cpp built with GGML_RPC (``--rpc`` fails at parse without it)."""
         return ("rpc",) if self.rpc else ()

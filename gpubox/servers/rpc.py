@@ -22,7 +22,6 @@ runs two RPC servers, each on its own port, so every device is one reference and
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
@@ -172,13 +171,11 @@ class RpcRef(Spec):
 
 
 def rpc_endpoint(server_host_address: str | None, server: RpcServer) -> str | None:
-    """``address:port`` a client dials: the server's own listen address, or (listening on every interface)
-    its host's ``address``; IPv6 in brackets. None: the host's address is needed and not set."""
-    address = server.host
-    if address in ("0.0.0.0", "::"):
-        if server_host_address is None:
-            return None
-        address = server_host_address
+    """``address:port`` a client dials (``Service.endpoint_address``); IPv6 in brackets. None: the host's
+    address is needed and not set."""
+    address = server.endpoint_address(server_host_address)
+    if address is None:
+        return None
     return f"[{address}]:{server.port}" if ":" in address else f"{address}:{server.port}"
 
 
@@ -189,14 +186,10 @@ def endpoint_address(endpoint: str) -> str:
 
 def admits(server: RpcServer, server_host_address: str | None, client_address: str | None) -> bool:
     """Whether the RPC server lets the client host in: on loopback, a client on its own machine (the same
-    address: hosts that share one network namespace, as the test hosts do); beyond it, a client whose
-    address is in ``allow_from``."""
+    address: hosts that share one network namespace, as the test hosts do); beyond it, ``allow_from``."""
     if is_loopback(server.host):
         return client_address is not None and client_address == server_host_address
-    if client_address is None:
-        return False
-    address = ipaddress.ip_address(client_address)
-    return any(address in ipaddress.ip_network(network) for network in server.allow_from)
+    return server.admits(client_address)
 
 
 def resolve_refs(
