@@ -1,6 +1,7 @@
 """gpubox: typed, declarative pyinfra deploys for GPU boxes that serve LLMs with llama-server, and speech."""
 
 from gpubox.box import Box
+from gpubox.gateway import BackendRef, Gateway, GatewayTimeouts, ModelGroup
 from gpubox.monitoring.spec import Monitoring
 from gpubox.servers.base import Flag, Scrape, Service
 from gpubox.servers.llama import LlamaServer
@@ -20,14 +21,18 @@ from gpubox.spec import (
 )
 
 __all__ = [
+    "BackendRef",
     "Box",
     "ExpectedGpu",
     "Flag",
+    "Gateway",
+    "GatewayTimeouts",
     "HostMonitoring",
     "HuggingFace",
     "LlamaCppBuild",
     "LlamaServer",
     "ModelFile",
+    "ModelGroup",
     "Monitoring",
     "PiperInstall",
     "PiperServer",

@@ -257,7 +257,8 @@ def resolve_backends(
     """Each group's backends resolved against the inventory's ``boxes``, and what refuses them, each at its field
     (``gateway.groups.0.backends.1``): the backend exists and is a chat server (llama-server); the group runs one
     model file; the gateway reaches it (same host, or beyond loopback with ``allow_from`` admitting the gateway's
-    address); its port is not the gateway's on the gateway's own host."""
+    address; hosts that share one network namespace, as the test hosts do, share one address and loopback);
+    its port is not the gateway's on the gateway's own host."""
     resolved: dict[str, tuple[Backend, ...]] = {}
     problems: list[Problem] = []
     own_box = boxes.get(gateway_host)
@@ -286,13 +287,14 @@ def resolve_backends(
             box = boxes[ref.host]
             address = service.endpoint_address(box.address)
             same_host = ref.host == gateway_host
-            if not same_host and (address is None or is_loopback(service.host)):
+            shares_loopback = is_loopback(service.host) and box.address is not None and box.address == gateway_address
+            if not same_host and not shares_loopback and (address is None or is_loopback(service.host)):
                 problems.append(Problem(field=where, message=f"{ref} listens on {service.host}, which the gateway on "
                                         f"{gateway_host} cannot reach: listen beyond loopback (host='0.0.0.0' with "
                                         f"box.address set on {ref.host}, api_key_file and allow_from admitting "
                                         f"{gateway_address or 'the gateway'})"))  # fmt: skip
                 continue
-            if not same_host and not service.admits(gateway_address):
+            if not same_host and not shares_loopback and not service.admits(gateway_address):
                 shown = gateway_address or "(unset: set gateway.address)"
                 problems.append(Problem(field=where, message=f"{ref}'s allow_from {list(service.allow_from)} does not "
                                         f"admit the gateway's address {shown}: add {gateway_address or 'it'} to it"))

@@ -27,6 +27,7 @@ from gpubox.quoting import haproxy_word
 ADMIN_SOCKET = "/run/haproxy/gpubox-admin.sock"
 """The runtime API (``level admin``): drain and ready a backend, read its sessions (root only, mode 600)."""
 STATE_FILE = "/var/lib/haproxy/gpubox-server-state"
+"""In the unit's ``StateDirectory=``: HAProxy runs as ``haproxy`` and writes it itself on reload."""
 """Where a reload keeps each backend's state (a drained backend stays drained)."""
 CLIENT_KEYS_FILE = f"{GATEWAY_DIR}/client-keys.acl"
 """The clients' keys as HAProxy matches them: ``Bearer <key>`` a line (made from ``api_key_file``)."""
@@ -99,8 +100,6 @@ def haproxy_config(gateway: Gateway, backends: Mapping[str, tuple[Backend, ...]]
         "    stats timeout 30s",
         f"    server-state-file {STATE_FILE}",
         f"    tune.bufsize {gateway.buffer_bytes}",
-        "    user haproxy",
-        "    group haproxy",
         "",
         "defaults",
         "    mode http",

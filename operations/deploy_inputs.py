@@ -7,13 +7,20 @@ traceback, so these raise ``DeployError`` with the message gpubox's own refusals
 
 from __future__ import annotations
 
+from pydantic import ValidationError
 from pyinfra import host, inventory, logger, state
 from pyinfra.api.exceptions import DeployError
+from pyinfra.context import ctx_inventory
 
 from gpubox.box import Box
+from gpubox.gateway import GATEWAY_KEY, Gateway, resolve_backends
+from gpubox.gateway_keys import group_key
+from gpubox.haproxy import haproxy_config
 from gpubox.inventory import BOX_KEY, InventoryError, box_from_host_data, no_box_message, refusal_text
 from gpubox.monitoring.fleet import MONITORING_KEY, Fleet, FleetError, build_fleet
 from gpubox.peers import has_peers, peer_hosts, resolve_peers
+from gpubox.servers.base import Service
+from gpubox.spec import problems_from
 
 
 def host_box() -> Box:
@@ -103,3 +110,65 @@ def watched_fleet() -> Fleet | None:
             log_func=logger.warning,
         )
         return None
+
+
+def gateway_only() -> bool:
+    """Whether the host runs a gateway and no box (the box deploy has nothing else to do there)."""
+    return host.data.get(BOX_KEY) is None and host.data.get(GATEWAY_KEY) is not None
+
+
+def _inventory_boxes() -> dict[str, Box]:
+    boxes: dict[str, Box] = {}
+    for other in inventory:
+        data = other.data.get(BOX_KEY)
+        if data is not None:
+            try:
+                boxes[other.name] = box_from_host_data(data, other.name)
+            except InventoryError as error:
+                raise DeployError(refusal_text(error)) from None
+    return boxes
+
+
+def _gateway(data: object) -> Gateway:
+    try:
+        return data if isinstance(data, Gateway) else Gateway.model_validate(data)
+    except ValidationError as error:
+        lines = "; ".join(f"{problem.field}: {problem.message}" for problem in problems_from(error))
+        raise DeployError(f"{host.name}: its gateway is refused: {lines}") from None
+
+
+def host_gateway() -> tuple[Gateway, str, list[str]] | None:
+    """The host's gateway, its HAProxy config (its backends resolved from every box of the inventory) and each
+    group's backend key (from the controller's store); None when the host runs none. Refused: DeployError."""
+    data = host.data.get(GATEWAY_KEY)
+    if data is None:
+        return None
+    spec = _gateway(data)
+    backends, problems = resolve_backends(host.name, spec, _inventory_boxes())
+    if problems:
+        lines = [f"{host.name}: its gateway is refused:", *(f"    {p.field}: {p.message}" for p in problems)]
+        raise DeployError("\n".join(lines))
+    keyed = {name for name, group in backends.items() if any(backend.key_file for backend in group)}
+    keys = [group_key(host.name, group.name) for group in spec.groups]
+    return spec, haproxy_config(spec, backends, keyed_groups=keyed), keys
+
+
+def gateway_keys_for(box: Box) -> dict[str, list[str]]:
+    """Each service of this host that a gateway of the inventory routes to and that checks a key: the gateway's
+    key for its group (another line of its key file)."""
+    keys: dict[str, list[str]] = {}
+    if not ctx_inventory.isset():  # a deploy run outside an inventory (the operation tests): no gateway
+        return keys
+    for other in inventory:
+        data = other.data.get(GATEWAY_KEY)
+        if data is None:
+            continue
+        spec = _gateway(data)
+        for group in spec.groups:
+            for ref in group.backends:
+                if ref.host != host.name:
+                    continue
+                served: list[Service] = [service for service in box.services if service.name == ref.service]
+                if served and served[0].key_file is not None:
+                    keys.setdefault(ref.service, []).append(group_key(other.name, group.name))
+    return keys

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from io import StringIO
 
 from pyinfra import host, state
 from pyinfra.api import OperationError, deploy, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents
-from pyinfra.facts.server import Which
+from pyinfra.facts.server import Command, Which
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
@@ -23,6 +24,7 @@ from facts.unverified import UnverifiedServices
 from gpubox import binaries as records
 from gpubox.binaries import UnsupportedServerArgumentError, check_flags_supported, unsupported_flags
 from gpubox.box import AnyService
+from gpubox.gateway_keys import digest
 from gpubox.gpu import gpus_from_fact
 from gpubox.inventory import InventoryError, box_from_host_data
 from gpubox.keys import chmod_mode, fact_mode
@@ -32,8 +34,8 @@ from gpubox.unit import render_unit, service_gpus
 from gpubox.unverified import Mark, mark_command
 
 from . import deploy_lock
-from .failures import refusals_fail_cleanly
-from .host_facts import FactRead, read
+from .failures import python_step, refusals_fail_cleanly
+from .host_facts import FactRead, forget, read
 from .text_files import is_current, log_diff, write_commands
 
 UNIT_DIR = "/etc/systemd/system"
@@ -279,6 +281,54 @@ def api_key(server: AnyService):  # type: ignore[no-untyped-def]
     yield api_key_script(key_file, server.user)
 
 
+def _line_digests_read(key_file: str) -> FactRead:
+    """The sha256 of every line of a key file (the keys themselves never leave the host)."""
+    command = (
+        f"while IFS= read -r line; do printf '%s' \"$line\" | sha256sum | cut -c1-64; done < {shell_word(key_file)} "
+        "2>/dev/null | tr '\\n' ' '"
+    )
+    return Command, {"command": command}
+
+
+def _append_secret(key: str, key_file: str) -> None:
+    """Append ``key`` as a line of ``key_file`` (its owner and mode kept): uploaded, then appended on the host."""
+    staged = f"{key_file}.gateway"
+    if not host.put_file(StringIO(f"{key}\n"), staged, print_output=False, print_input=False):
+        raise OperationError(f"could not upload {staged}")
+    quoted, quoted_staged = shell_word(key_file), shell_word(staged)
+    succeeded, _ = host.run_shell_command(
+        f"sed -i -e '$a\\' {quoted} && cat {quoted_staged} >> {quoted}; rm -f {quoted_staged}",
+        print_output=False, print_input=False,
+    )  # fmt: skip
+    if not succeeded:
+        raise OperationError(f"could not add the gateway's key to {key_file}")
+
+
+@operation()
+def backend_key(server: Service, key: str):  # type: ignore[no-untyped-def]
+    """
+    The gateway's key for a backend llama-server: another line of its key file (llama-server reads every line
+    as a key; gpubox's own readers keep using the first), added by a step that prints nothing of it.
+
+    + server: the backend (its ``key_file``, which the box deploy made)
+    + key: the gateway's key for its group
+
+    **Example:**
+
+    .. code:: python
+
+        gateway.backend_key(name="Gateway key of gemma4.service", server=server, key=key)
+    """
+    key_file = server.key_file
+    assert key_file is not None, f"{server.name} checks no key"
+    lines = str(read(_line_digests_read(key_file)) or "").split()
+    if digest(key) in lines:
+        host.noop(f"{key_file} holds the gateway's key")
+        return
+    forget(_line_digests_read(key_file))
+    yield python_step(_append_secret, key, key_file)
+
+
 @operation()
 def running_current(server: AnyService, prefix: str | None):  # type: ignore[no-untyped-def]
     """
@@ -380,6 +430,7 @@ def server(  # type: ignore[no-untyped-def]
     changed: list | None = None,  # type: ignore[type-arg]
     ensure_user: bool = True,
     install: Sequence[OperationMeta] = (),
+    gateway_keys: Sequence[str] = (),
 ):
     """
     The service user, the flag check, the unit, and a restart only when the unit, a model or the
@@ -391,6 +442,8 @@ def server(  # type: ignore[no-untyped-def]
     + ensure_user: create the service's system user (the surgical deploy skips it)
     + install: the install's op metas (also in ``changed``): the unverified mark says whether this
       run switched it
+    + gateway_keys: the keys gateways send this backend (``gpubox.gateway_keys``): added to its key file,
+      a change restarts it
 
     Returns what can put a new process live (``Restarted``): the restart, the start of a stopped
     service, or a mark an earlier run left (it restarted the service and was cut before its smoke
@@ -421,6 +474,10 @@ def server(  # type: ignore[no-untyped-def]
         prefix=prefix,
     )
     key_metas = [api_key(name=f"API key of {server.unit_name}", server=server)] if server.generated_key_file else []
+    # a gateway's key for this backend: another line of its key file (operations.gateway)
+    key_metas += [
+        backend_key(name=f"Gateway key of {server.unit_name}", server=server, key=key) for key in gateway_keys
+    ]
     unit_meta = unit(name=f"Unit {unit_path(server)}", server=server, prefix=prefix)
     stale_meta = running_current(name=f"{server.unit_name} runs what is on disk", server=server, prefix=prefix)
     restart_on = [unit_meta, stale_meta, *key_metas, *(changed or [])]

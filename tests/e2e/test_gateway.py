@@ -1,0 +1,160 @@
+"""End to end: one endpoint in front of two test hosts that serve one model, through Debian's HAProxy.
+
+Three booted hosts: ``gw`` runs only the gateway, ``n1`` and ``n2`` a llama-server each (SmolLM2 on the CPU,
+a generated key). The inventory is tests/fixtures/inventories/gateway_fleet.py (``GPUBOX_GATEWAY_FLEET``).
+In file order, on the same hosts: one deploy converges the nodes and the gateway (HAProxy from the distro,
+its config checked, its unit hardened); a completion through the gateway with the gateway's key reaches a
+node, which got the gateway's key for its group (not the client's); both nodes serve; a request without the
+key is refused, an unknown model gets a 404; no key appears in the deploy's output; a rerun changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from gpubox.bench import free_port
+from gpubox.gateway_keys import STORE_ENV
+from tests.e2e.conftest import CCACHE_MOUNT, LLAMA_REPO_MOUNT
+from tests.e2e.test_deploy import FULL, PYINFRA, ROOT, ops_reporting, plain
+from tests.e2e.test_observability import APT_ARCHIVES
+from tests.testbed import TestHost, booted_host, cache_dir
+
+pytestmark = pytest.mark.e2e
+
+INVENTORY = "tests/fixtures/inventories/gateway_fleet.py"
+FLEET_KEY = "GPUBOX_GATEWAY_FLEET"
+
+
+@pytest.fixture(scope="module")
+def hosts(
+    can_boot_hosts: None, llama_repo: tuple[Path, str], shared_ccache: Path
+) -> Iterator[tuple[TestHost, TestHost, TestHost]]:
+    """(gateway, node1, node2): the nodes with the llama.cpp repo and ccache, the gateway with the apt cache."""
+    repo, _ = llama_repo
+    archives = cache_dir() / "apt-archives"
+    (archives / "partial").mkdir(parents=True, exist_ok=True)
+    nodes = {"binds_ro": [(repo, LLAMA_REPO_MOUNT)], "binds": [(shared_ccache, CCACHE_MOUNT)]}
+    with (
+        booted_host(binds=[(archives, APT_ARCHIVES)]) as gateway,
+        booted_host(**nodes) as node1,  # type: ignore[arg-type]
+        booted_host(**nodes) as node2,  # type: ignore[arg-type]
+    ):
+        yield gateway, node1, node2
+
+
+@pytest.fixture(scope="module")
+def environment(
+    hosts: tuple[TestHost, TestHost, TestHost], llama_repo: tuple[Path, str], smollm2: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, str]:  # fmt: skip
+    gateway, *nodes = hosts
+    fleet = {
+        "gateway": {"name": gateway.pyinfra_host_name(), "data": gateway.pyinfra_host_data()},
+        "nodes": [{"name": node.pyinfra_host_name(), "data": node.pyinfra_host_data()} for node in nodes],
+        "repo": LLAMA_REPO_MOUNT,
+        "commit": llama_repo[1],
+        "ccache_dir": CCACHE_MOUNT,
+        "model_source": str(smollm2),
+        "model_sha256": hashlib.sha256(smollm2.read_bytes()).hexdigest(),
+        "llama_ports": [free_port(), free_port()],
+        "port": free_port(),
+        "stats_port": free_port(),
+    }
+    store = tmp_path_factory.mktemp("key-store")
+    return {**os.environ, FLEET_KEY: json.dumps(fleet), STORE_ENV: str(store), "COLUMNS": "200"}
+
+
+def run(environment: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1800, check=False)
+    print(result.stdout, result.stderr, sep="\n")  # DEBUG
+    return result
+
+
+def url(environment: dict[str, str]) -> str:
+    return f"http://127.0.0.1:{json.loads(environment[FLEET_KEY])['port']}"
+
+
+def client_key(gateway: TestHost) -> str:
+    return gateway.run("head -n1 /etc/gpubox/gateway/client.key", check=True).stdout.strip()
+
+
+def group_key(environment: dict[str, str], gateway: TestHost) -> str:
+    return (Path(environment[STORE_ENV]) / gateway.pyinfra_host_name() / "smol.key").read_text().strip()
+
+
+DEPLOY_OUTPUT: list[str] = []
+
+
+def test_one_deploy_converges_the_nodes_and_the_gateway(
+    environment: dict[str, str], hosts: tuple[TestHost, TestHost, TestHost]
+) -> None:
+    gateway, node1, node2 = hosts
+    result = run(environment, PYINFRA, "-y", "-v", INVENTORY, FULL)
+    output = plain(result.stdout + result.stderr)
+    DEPLOY_OUTPUT.append(output)
+    assert result.returncode == 0, output[-5000:]
+    assert gateway.run("systemctl is-active haproxy.service").stdout.strip() == "active"
+    assert gateway.run("systemctl show -p User --value haproxy.service").stdout.strip() == "haproxy"
+    key = group_key(environment, gateway)
+    for node in (node1, node2):  # the gateway's key for the group is a line of each node's key file
+        lines = node.run("cat /etc/gpubox/keys/llama.key", check=True).stdout.split()
+        assert len(lines) == 2 and lines[1] == key and lines[0] != key
+
+
+def test_a_completion_through_the_gateway_reaches_both_nodes(
+    environment: dict[str, str], hosts: tuple[TestHost, TestHost, TestHost]
+) -> None:
+    gateway, *_ = hosts
+    headers = {"Authorization": f"Bearer {client_key(gateway)}"}
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+    answers = [requests.post(f"{url(environment)}/v1/chat/completions", json=body, headers=headers, timeout=120)
+               for _ in range(4)]  # fmt: skip
+    assert all(answer.status_code == 200 for answer in answers), [answer.text[:200] for answer in answers]
+    assert all(answer.json()["choices"][0]["message"]["content"] for answer in answers)
+    prefixed = requests.post(f"{url(environment)}/smol/v1/chat/completions", json=body, headers=headers, timeout=120)
+    assert prefixed.status_code == 200
+    stats = gateway.run(
+        "echo 'show stat' | socat stdio /run/haproxy/gpubox-admin.sock", check=True
+    ).stdout.splitlines()
+    header = stats[0].lstrip("# ").split(",")
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in stats[1:] if line.startswith("group_smol,")]
+    served = {row["svname"]: int(row["stot"]) for row in rows if row["svname"] not in ("BACKEND", "FRONTEND")}
+    print("requests per node:", served)
+    assert len(served) == 2 and all(count >= 1 for count in served.values()), served
+
+
+def test_the_gateway_refuses_what_it_should(environment: dict[str, str], hosts: tuple[TestHost, ...]) -> None:
+    gateway, *_ = hosts
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}]}
+    assert requests.post(f"{url(environment)}/v1/chat/completions", json=body, timeout=30).status_code == 401
+    headers = {"Authorization": f"Bearer {client_key(gateway)}"}
+    unknown = requests.post(f"{url(environment)}/v1/chat/completions", json={**body, "model": "x"}, headers=headers,
+                            timeout=30)  # fmt: skip
+    assert unknown.status_code == 404 and "smol" in unknown.json()["error"]["message"]
+    assert requests.get(f"{url(environment)}/smol/metrics", headers=headers, timeout=30).status_code == 403
+
+
+def test_no_key_appears_in_the_deploys_output(environment: dict[str, str], hosts: tuple[TestHost, ...]) -> None:
+    gateway, node1, _ = hosts
+    keys = [client_key(gateway), group_key(environment, gateway)]
+    keys.append(node1.run("head -n1 /etc/gpubox/keys/llama.key", check=True).stdout.strip())
+    assert DEPLOY_OUTPUT, "the deploy did not run"
+    for key in keys:
+        assert key not in DEPLOY_OUTPUT[0]
+    assert key not in gateway.run("cat /etc/gpubox/gateway/haproxy.cfg", check=True).stdout
+
+
+def test_a_rerun_changes_nothing(environment: dict[str, str]) -> None:
+    result = run(environment, PYINFRA, "-y", "-v", INVENTORY, FULL)
+    output = plain(result.stdout + result.stderr)
+    assert result.returncode == 0, output[-4000:]
+    changed = [(name, outcome) for name, outcome in ops_reporting(output) if outcome not in ("No changes", "Skipped")]
+    assert not changed, f"operations changed on converged hosts: {changed}"
