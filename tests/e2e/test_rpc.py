@@ -6,8 +6,10 @@ pointed at the two booted hosts by ``GPUBOX_RPC_PAIR``. In file order, on the sa
 ``--limit``ed to the client is refused with nothing changed; the deploy converges the RPC server first and
 checks it listens, then the client, whose log shows the RPC buffers and whose smoke test passes while the
 helper's process holds about the model; a rerun changes nothing; a changed RPC server restarts its client;
-with the RPC server stopped a request fails and the client's unit keeps restarting, and it serves again
-once the RPC server is back.
+the observability deploy (the client is the monitor, and its blackbox exporter probes the helper's RPC
+endpoint) finds everything up with no RPC alert; with the RPC server stopped a request fails, the client's
+unit keeps restarting and GpuboxRpcDeviceUnreachable fires naming the client's llama-server; once the RPC
+server is back the client serves again and the alert resolves.
 """
 
 from __future__ import annotations
@@ -19,28 +21,39 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 from gpubox.bench import free_port
 from gpubox.vram import parse_memory_breakdown
 from tests.e2e.conftest import CCACHE_MOUNT, LLAMA_REPO_MOUNT
-from tests.e2e.test_deploy import FULL, PYINFRA, ROOT, ops_reporting, plain
-from tests.testbed import TestHost, booted_host
+from tests.e2e.test_deploy import FULL, PYINFRA, ROOT, ops_reporting, plain, record
+from tests.e2e.test_observability import APT_ARCHIVES, OBSERVE, wait_for
+from tests.testbed import TestHost, booted_host, cache_dir
 
 pytestmark = pytest.mark.e2e
 
 INVENTORY = "tests/fixtures/inventories/rpc_pair.py"
 PAIR_KEY = "GPUBOX_RPC_PAIR"
+ALERT = "GpuboxRpcDeviceUnreachable"
+DOWN_FOR_S = 4
 
 
 @pytest.fixture(scope="module")
 def pair(
     can_boot_hosts: None, llama_repo: tuple[Path, str], shared_ccache: Path
 ) -> Iterator[tuple[TestHost, TestHost]]:
-    """Two booted hosts (client, helper), each with the llama.cpp repo and the shared ccache."""
+    """Two booted hosts (client, helper), each with the llama.cpp repo, the shared ccache and the shared apt
+    archive cache (Prometheus' packages download once)."""
     repo, _ = llama_repo
-    binds = {"binds_ro": [(repo, LLAMA_REPO_MOUNT)], "binds": [(shared_ccache, CCACHE_MOUNT)]}
+    archives = cache_dir() / "apt-archives"
+    (archives / "partial").mkdir(parents=True, exist_ok=True)
+    binds = {
+        "binds_ro": [(repo, LLAMA_REPO_MOUNT)],
+        "binds": [(shared_ccache, CCACHE_MOUNT), (archives, APT_ARCHIVES)],
+    }
     with booted_host(**binds) as client, booted_host(**binds) as helper:  # type: ignore[arg-type]
         yield client, helper
 
@@ -50,9 +63,12 @@ def environment(pair: tuple[TestHost, TestHost], llama_repo: tuple[Path, str], s
     import hashlib
 
     client, helper = pair
+    def ports() -> dict[str, int]:  # the hosts share the controller's network: every listener its own port
+        return {"node_exporter_port": free_port(), "agent_port": free_port(), "blackbox_port": free_port()}
+
     booted = {
-        "client": {"name": client.pyinfra_host_name(), "data": client.pyinfra_host_data()},
-        "helper": {"name": helper.pyinfra_host_name(), "data": helper.pyinfra_host_data()},
+        "client": {"name": client.pyinfra_host_name(), "data": client.pyinfra_host_data(), "monitoring": ports()},
+        "helper": {"name": helper.pyinfra_host_name(), "data": helper.pyinfra_host_data(), "monitoring": ports()},
         "repo": LLAMA_REPO_MOUNT,
         "commit": llama_repo[1],
         "ccache_dir": CCACHE_MOUNT,
@@ -61,6 +77,13 @@ def environment(pair: tuple[TestHost, TestHost], llama_repo: tuple[Path, str], s
         "llama_port": free_port(),
         "rpc_port": free_port(),
         "threads": 2,
+        "fleet_monitoring": {
+            "port": free_port(),
+            "alertmanager_port": free_port(),
+            "scrape_interval_s": 2,
+            "evaluation_interval_s": 2,
+            "down_for_s": DOWN_FOR_S,
+        },
     }
     return {**os.environ, PAIR_KEY: json.dumps(booted), "COLUMNS": "200"}
 
@@ -85,6 +108,19 @@ def completion(client: TestHost, port: object) -> subprocess.CompletedProcess[st
         f"curl -s -m 60 -o /dev/null -w '%{{http_code}}' -H 'Content-Type: application/json' "
         f"-d '{body}' http://127.0.0.1:{port}/completion"
     )
+
+
+def prometheus(environment: dict[str, str], path: str, **params: str) -> Any:
+    port = json.loads(environment[PAIR_KEY])["fleet_monitoring"]["port"]
+    response = requests.get(f"http://127.0.0.1:{port}{path}", params=params, timeout=10)
+    response.raise_for_status()
+    return response.json()["data"]
+
+
+def rpc_alerts(environment: dict[str, str], state: str | None = None) -> list[dict[str, Any]]:
+    """The GpuboxRpcDeviceUnreachable alerts Prometheus has (pending or firing; only ``state``'s if given)."""
+    alerts: list[dict[str, Any]] = prometheus(environment, "/api/v1/alerts")["alerts"]
+    return [a for a in alerts if a["labels"]["alertname"] == ALERT and state in (None, a["state"])]
 
 
 def exec_start(unit: str) -> str:
@@ -187,23 +223,64 @@ def test_a_changed_rpc_server_restarts_its_client(environment: dict[str, str], p
     assert "--threads 1" in helper.run("cat /etc/systemd/system/rpc0.service", check=True).stdout
 
 
-def test_the_client_recovers_when_the_rpc_server_comes_back(
+def test_the_observability_deploy_probes_the_rpc_server_from_the_client(
     environment: dict[str, str], pair: tuple[TestHost, TestHost]
 ) -> None:
     client, helper = pair
-    port = setting(environment, "llama_port")
+    name = client.pyinfra_host_name()
+    # one host at a time: the hosts share one apt archive cache, and apt does not wait for another's lock on it
+    result = run(environment, PYINFRA, "-y", "--parallel", "1", INVENTORY, OBSERVE)
+    assert result.returncode == 0, plain(result.stdout + result.stderr)[-4000:]
+    assert client.run("systemctl is-active prometheus-blackbox-exporter.service").stdout.strip() == "active"
+    assert helper.run("systemctl is-active prometheus-blackbox-exporter.service").stdout.strip() != "active"
+    rules = [rule for group in prometheus(environment, "/api/v1/rules")["groups"] for rule in group["rules"]]
+    rpc_rules = [rule for rule in rules if rule["name"] == ALERT]
+    assert len(rpc_rules) == 1 and rpc_rules[0]["labels"]["service"] == "llama", rpc_rules
+
+    def scraped() -> dict[str, str] | None:
+        found = {series["metric"]["job"]: series["value"][1] for series in prometheus(
+            environment, "/api/v1/query", query="up")["result"]}  # fmt: skip
+        probe = [job for job in found if job.startswith("rpc-probe:")]
+        return found if all(found.get(job) == "1" for job in [*jobs, *probe[:1]]) and probe else None
+
+    # the helper's node-exporter through its agent, which writes to the client's Prometheus
+    jobs = (f"llama@{name}", f"node@{name}", f"node@{helper.pyinfra_host_name()}")
+    up = wait_for("the client's llama-server, its RPC probe and both node-exporters scraped", scraped, timeout_s=90)
+    assert set(up) == {*jobs, f"rpc-probe:rpc0@{helper.pyinfra_host_name()}/llama@{name}"}, up
+    # the llama-server up holds the RPC server's one connection: no probe gets in, and that alerts nothing
+    time.sleep(2 * DOWN_FOR_S)
+    assert rpc_alerts(environment) == [], rpc_alerts(environment)
+
+
+def test_the_client_recovers_when_the_rpc_server_comes_back(
+    environment: dict[str, str], pair: tuple[TestHost, TestHost]
+) -> None:
+    """And GpuboxRpcDeviceUnreachable fires (after Monitoring.down_for_s) naming the client's llama-server,
+    and resolves once it serves again."""
+    client, helper = pair
+    name, port = client.pyinfra_host_name(), setting(environment, "llama_port")
     restarts_before = int(client.run("systemctl show --property NRestarts --value llama.service").stdout or 0)
+    stopped = time.monotonic()
     helper.run("systemctl stop rpc0.service", check=True)
     try:
         answer = completion(client, port)
         assert answer.stdout.strip() != "200", "a request succeeded with the RPC server down"
+        firing = wait_for(f"{ALERT} firing", lambda: rpc_alerts(environment, "firing"), timeout_s=120)
+        fired_after = time.monotonic() - stopped
+        assert len(firing) == 1, firing
+        labels, annotations = firing[0]["labels"], firing[0]["annotations"]
+        assert labels["host"] == name and labels["service"] == "llama", labels
+        assert labels["rpc"] == f"rpc0@{helper.pyinfra_host_name()}", labels
+        assert f"llama@{name}" in annotations["summary"], annotations
         deadline = time.monotonic() + 60
         restarts = restarts_before
         while time.monotonic() < deadline and restarts < restarts_before + 2:
             time.sleep(2)
             restarts = int(client.run("systemctl show --property NRestarts --value llama.service").stdout or 0)
         assert restarts >= restarts_before + 2, f"llama.service restarted {restarts - restarts_before} times"
+        assert rpc_alerts(environment, "firing"), "the alert stopped firing while the RPC server was still down"
     finally:
+        started = time.monotonic()
         helper.run("systemctl start rpc0.service", check=True)
     deadline = time.monotonic() + 120
     status = ""
@@ -213,3 +290,10 @@ def test_the_client_recovers_when_the_rpc_server_comes_back(
             break
         time.sleep(2)
     assert status == "200", f"the client never served again after its RPC server came back: {status!r}"
+    served_after = time.monotonic() - started
+    wait_for(f"{ALERT} resolved", lambda: not rpc_alerts(environment) or None, timeout_s=60)
+    resolved_after = time.monotonic() - started
+    print(f"{ALERT}: fired {fired_after:.1f} s after rpc0 stopped (down_for_s {DOWN_FOR_S}); the client served "
+          f"{served_after:.1f} s and the alert resolved {resolved_after:.1f} s after rpc0 started")
+    record("rpc alert fired s (rpc0 stopped -> firing)", round(fired_after, 1))
+    record("rpc alert resolved s (rpc0 started -> resolved)", round(resolved_after, 1))
