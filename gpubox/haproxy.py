@@ -138,8 +138,10 @@ def haproxy_config(gateway: Gateway, backends: Mapping[str, tuple[Backend, ...]]
         word = haproxy_word(name, "a group name")
         lines += [
             f"    http-request set-var(txn.group) str({word}) if {{ path_beg /{word}/ }}",
-            f"    http-request set-path %[path,regsub(^/{word}/,/)] if {{ var(txn.group) -m str {word} }}",
+            # no regex (PCRE's JIT needs writable code, which the unit's MemoryDenyWriteExecute refuses)
+            f"    http-request set-path /%[path,field(3,/,0)] if {{ var(txn.group) -m str {word} }}",
         ]
+    lines.append("    http-request deny deny_status 403 if admin_path || props_write !METH_GET")  # behind a prefix too
     limit = gateway.buffer_bytes - REWRITE_RESERVE
     routes = ", ".join(f"/{name}/v1/..." for name in names)
     lines += [

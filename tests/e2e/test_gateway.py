@@ -100,7 +100,8 @@ def test_one_deploy_converges_the_nodes_and_the_gateway(
     result = run(environment, PYINFRA, "-y", "-v", INVENTORY, FULL)
     output = plain(result.stdout + result.stderr)
     DEPLOY_OUTPUT.append(output)
-    assert result.returncode == 0, output[-5000:]
+    journal = gateway.run("journalctl -u haproxy.service --no-pager | tail -n 30").stdout
+    assert result.returncode == 0, output[-5000:] + journal
     assert gateway.run("systemctl is-active haproxy.service").stdout.strip() == "active"
     assert gateway.run("systemctl show -p User --value haproxy.service").stdout.strip() == "haproxy"
     key = group_key(environment, gateway)
