@@ -124,7 +124,8 @@ def test_one_rpc_server_used_by_two_llama_servers_is_refused() -> None:
     fleet = {**boxes(helper_services=(helper,)), "third": second}
     _, problems = resolve_peers(fleet)
     assert [p.field for p in problems["third"]] == ["services.0"]
-    assert "serves 1 client(s) at a time" in problems["third"][0].message and "big@bigbox" in problems["third"][0].message
+    message = problems["third"][0].message
+    assert "serves 1 client(s) at a time" in message and "big@bigbox" in message
     assert not problems["bigbox"]
 
 
@@ -277,7 +278,8 @@ def test_the_log_parser_reads_rpc_buffers() -> None:
 
 def plan_json(inventory: Path) -> tuple[int, dict[str, Any]]:
     result = subprocess.run(
-        [sys.executable, "-c", "from gpubox.cli import main; raise SystemExit(main())", "plan", "--json", str(inventory)],
+        [sys.executable, "-c", "from gpubox.cli import main; raise SystemExit(main())",
+         "plan", "--json", str(inventory)],
         capture_output=True, text=True, cwd=ROOT, check=False,
     )  # fmt: skip
     return result.returncode, json.loads(result.stdout)
