@@ -887,7 +887,7 @@ def test_gpu_pack_one_gpu_list_builds_llama_once_and_names_no_two_gpu_step() -> 
     args = gv.parse_args(shlex.split(gpu_pack.validate_command(one))[2:])
     steps = gv.selected_steps(args.steps)
     assert steps == ["prepare", "facts", "whisperbuild", "build", "smoke", "mtp", "bench", "vram", "piper", "whisper",
-                     "whispersizes", "report"]
+                     "whispersizes", "rpc", "report"]
     assert not {"seedbuild", "seedlayout", "isobuild", "isolation"} & set(steps)  # they need two GPUs
     assert (args.piper_requirements, args.wheels, args.voice) == (
         "/root/pack/piper.txt", "/root/pack/wheels", "/root/models/en_US-joe-medium.onnx")

@@ -17,6 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile, RpcRef, RpcServer
+from gpubox.binaries import parse_usage_options, unsupported_flags
 from gpubox.build import build_name, build_script, cmake_configure_args, stamp_text
 from gpubox.inventory import HostBox, with_peers
 from gpubox.peers import resolve_peers
@@ -273,6 +274,20 @@ def test_the_log_parser_reads_rpc_buffers() -> None:
     assert breakdown.total("model", "RPC0") == pytest.approx(88.73)
     assert breakdown.total("KV", "RPC0") == pytest.approx(45.0)
     assert breakdown.total("model", "CPU") == pytest.approx(27.0)
+
+
+RPC_HELP = (ROOT / "tests" / "fixtures" / "llamacpp" / "rpc-server-help-0c1e57098.txt").read_text().splitlines()
+"""``ggml-rpc-server --help`` of the pinned tree (0c1e57098, GGML_RPC=ON, CPU build on a 2-core machine: the
+threads default is half the cores); the usage text does not depend on the backend."""
+
+
+def test_the_real_rpc_server_help_lists_every_flag_the_unit_uses() -> None:
+    flags = parse_usage_options(RPC_HELP)
+    assert set(flags.flags) == {"-h", "--help", "-t", "--threads", "-d", "--device", "-H", "--host", "-p", "--port",
+                                "-c", "--cache"}
+    lender = RpcServer(name="rpc0", gpus=(0,), threads=4, host="10.0.0.2", allow_from=("10.0.0.1/32",))
+    assert unsupported_flags(lender.command_flags(), flags) == []
+    assert unsupported_flags(["--version"], flags) == ["--version"]  # it has none: the build saves --help only
 
 
 def plan_json(inventory: Path) -> tuple[int, dict[str, Any]]:

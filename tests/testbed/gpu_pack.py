@@ -6,9 +6,10 @@
 
 Two step lists, one per machine size (`--gpus`, default 1; STEP_LISTS):
 
-  1 GPU   prepare facts whisperbuild build smoke mtp bench vram piper whisper whispersizes report
+  1 GPU   prepare facts whisperbuild build smoke mtp bench vram piper whisper whispersizes rpc report
           (docs/gpu-validation.md's one-GPU section, then piper on CUDA, whisper-server and every whisper
-          size; whisper.cpp builds in the background beside llama.cpp)
+          size; whisper.cpp builds in the background beside llama.cpp; then llama.cpp once more with
+          GGML_RPC and SmolLM2 on a ggml-rpc-server holding the GPU)
   2 GPUs  prepare seedbuild whisper seedlayout report (the seed's two-GPU layout; needs a two-GPU kind)
 
 The GPU machine has nvcc, cmake, ninja, git and a Python 3.12, and no network. It lacks, and this packs:
@@ -93,7 +94,7 @@ class StepList:
 
 STEP_LISTS = {
     1: StepList(1, ("prepare", "facts", "whisperbuild", "build", "smoke", "mtp", "bench", "vram", "piper",
-                    "whisper", "whispersizes", "report"), None, 16, True),
+                    "whisper", "whispersizes", "rpc", "report"), None, 16, True),
     2: StepList(2, ("prepare", "seedbuild", "whisper", "seedlayout", "report"), "nvidia-h200-x2", 16, False),
 }  # fmt: skip
 

@@ -69,8 +69,21 @@ On one GPU (scripts/gpu-pack's default list: `all`'s steps with these three and 
                 (tests.testbed.random_whisper), served from its unit, jfk.wav greedy then sampled
                 (2 decoders): whisper.cpp's logged buffers against nvidia-smi's memory of the pid
 
-  scripts/gpu-validate prepare facts whisperbuild build smoke mtp bench vram piper whisper whispersizes report
+  scripts/gpu-validate prepare facts whisperbuild build smoke mtp bench vram piper whisper whispersizes rpc report
       --workdir /root/gv --tarball llama.tgz --whisper-tarball whisper.tgz --jobs 16 --out report.md
+
+llama.cpp's RPC server (issue 24; one GPU is enough), in gpu-pack's one-GPU list and on its own:
+
+  rpc   build llama.cpp with CUDA and GGML_RPC the product's way (gpubox.build's fetch and build scripts for
+        the LlamaCppBuild a box with an RpcServer gets: `Box.install_of`, targets + ggml-rpc-server), then
+        for each of RPC_CONTEXTS: ggml-rpc-server pinned to GPU 0 from its rendered unit (LLAMA_CACHE in
+        the workdir), and SmolLM2's llama-server with no CUDA device (CUDA_VISIBLE_DEVICES="") and every
+        layer on it (`--rpc 127.0.0.1:50052 --tensor-split 1 --fit off -ngl all`, the endpoint resolved by
+        gpubox.peers.resolve_peers over two boxes sharing 127.0.0.1), FA on, f16 KV, parallel 1; after load
+        and one completion, nvidia-smi's memory of the RPC server's pid against the planner's device terms
+        (gpubox.vram.device_terms) plus CUDA_CONTEXT_MIB, and llama-server's logged RPC0 buffers (-lv 4)
+
+  scripts/gpu-validate prepare rpc report --workdir /root/gv --tarball llama.tgz --jobs 16 --out report.md
 
 The report starts with a reproduction check against docs/gpu-validation.md's H200 numbers (REFERENCE_PROCESS_MIB):
 each process's GPU memory within 1 %, the planner within 5 %, every smoke's verdict, the build a no-op on rerun.
@@ -106,6 +119,7 @@ from rich.console import Console, RenderableType
 
 from gpubox import bench, piper_install, switch
 from gpubox import build as plan
+from gpubox.box import Box
 from gpubox.gguf_header import read_gguf_header
 from gpubox.gpu import (
     ComputeApp,
@@ -116,14 +130,17 @@ from gpubox.gpu import (
     parse_compute_apps_probe,
     parse_gpu_probe,
 )
+from gpubox.peers import resolve_peers
 from gpubox.servers.base import Service, binary_path
 from gpubox.servers.llama import LlamaServer
 from gpubox.servers.piper import PiperServer, SpeechSmoke
+from gpubox.servers.rpc import RpcRef, RpcServer
 from gpubox.servers.whisper import JFK_TEXT, TranscriptionSmoke, WhisperServer
 from gpubox.smoke import (
     GpuProcesses,
     TransportError,
     check_gpu_residency,
+    listening_command,
     read_spec_counters,
     requests_transport,
     run_smoke,
@@ -148,6 +165,7 @@ from gpubox.vram import (
     WHISPER_STATE_MIB,
     WHISPER_WEIGHTS_MIB,
     ServicePlan,
+    device_terms,
     load_model_header,
     parse_memory_breakdown,
     plan_service,
@@ -191,6 +209,8 @@ SPEECH_STEP_NAMES = ("seedbuild", "whisper", "seedlayout")
 # CUDA, and the planner's whisper terms measured for every size with random-weight models.
 ONE_GPU_SPEECH_STEPS = ("whisperbuild", "piper", "whispersizes")
 PIPER_PREFIX = "/opt/piper"
+# llama.cpp's RPC server (issue 24): its own build (GGML_RPC on), then the model on it; one GPU is enough.
+RPC_STEP_NAMES = ("rpc",)
 
 
 # --------------------------------------------------------------------------- command line
@@ -200,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("steps", nargs="+",
                         choices=[*STEP_NAMES, "isobuild", "isolation", *SPEECH_STEP_NAMES, *ONE_GPU_SPEECH_STEPS,
-                                 "report", "all"])
+                                 *RPC_STEP_NAMES, "report", "all"])
     parser.add_argument("--workdir", default="/root/gv")
     parser.add_argument("--tarball", default=str(REPO / ".gpu" / "llama.tgz"))
     parser.add_argument("--src", default="/root/llama-src")
@@ -248,6 +268,8 @@ def skip_reason(step: str, errors: Mapping[str, str]) -> str | None:
     if step == "isolation" and "isobuild" in errors:
         return "skipped: the isobuild step failed"
     if step in ("seedbuild", "seedlayout") and "prepare" in errors:
+        return "skipped: the prepare step failed"
+    if step == "rpc" and "prepare" in errors:
         return "skipped: the prepare step failed"
     if step == "seedlayout" and "seedbuild" in errors:
         return "skipped: the seedbuild step failed"
@@ -2377,6 +2399,227 @@ def step_whispersizes(args: argparse.Namespace, state: State) -> None:
         raise RuntimeError("whispersizes: " + "; ".join(result["failures"]))
 
 
+# --------------------------------------------------------------------------- llama.cpp RPC (issue 24)
+#
+# One GPU: ggml-rpc-server holds GPU 0, llama-server sees no CUDA device and puts every layer on it. The
+# RPC server's process memory (nvidia-smi) is what the planner budgets on the lending host: the client's
+# device terms (weights, KV, compute) plus CUDA_CONTEXT_MIB for the rpc-server process (gpubox.vram.lent_shares).
+
+RPC_CONTEXTS = (4096, 65536)
+RPC_PORT = 50052
+RPC_LLAMA_PORT = 8190
+RPC_ADDRESS = "127.0.0.1"
+RPC_CLIENT_HOST = "client"
+RPC_SERVER_HOST = "lender"
+RPC_SERVICE = "rpc-gpu0"
+RPC_N_PREDICT = 32
+RPC_LISTEN_TIMEOUT_S = 60.0
+RPC_LOG_PATTERN = re.compile(r"RPC|rpc|buffer size|offload|device|ggml_cuda_init|CUDA", re.IGNORECASE)
+
+
+def rpc_build_spec(prepared: Mapping[str, Any], jobs: int) -> LlamaCppBuild:
+    """The box's llama.cpp as written (CUDA, llama-server); the box adds GGML_RPC and ggml-rpc-server."""
+    return LlamaCppBuild(
+        repo=prepared["repo"], commit=prepared["commit"], cuda="on", prefix=PREFIX, targets=("llama-server",),
+        jobs=jobs,
+    )
+
+
+def rpc_boxes(build: LlamaCppBuild, model: ModelFile, ctx: int, gpu: int = 0) -> dict[str, Box]:
+    """Two boxes sharing 127.0.0.1 (as tests/fixtures/inventories/rpc_pair.py): the lender's RPC server pinned
+    to `gpu`, and the client's llama-server with no GPU and every layer on it."""
+    rpc = RpcServer(name=RPC_SERVICE, gpus=(gpu,), port=RPC_PORT)
+    client = LlamaServer(
+        name="smollm2-rpc", model=model, rpc=(RpcRef(host=RPC_SERVER_HOST, service=RPC_SERVICE),),
+        tensor_split=(1.0,), fit="off", n_gpu_layers="all", ctx_size=ctx, parallel=1, flash_attn="on",
+        port=RPC_LLAMA_PORT, extra_args=VRAM_EXTRA_ARGS,
+    )  # fmt: skip
+    return {
+        RPC_CLIENT_HOST: Box(llama_cpp=build, address=RPC_ADDRESS, services=(client,)),
+        RPC_SERVER_HOST: Box(llama_cpp=build, address=RPC_ADDRESS, services=(rpc,)),
+    }
+
+
+def rpc_pair(boxes: Mapping[str, Box]) -> tuple[LlamaServer, RpcServer, LlamaCppBuild]:
+    """The client with its RpcRef resolved (gpubox.peers), the RPC server, and the build the lender's box makes."""
+    resolved, problems = resolve_peers(boxes)
+    refused = [f"{host}: {problem.field}: {problem.message}" for host, found in problems.items() for problem in found]
+    if refused:
+        raise RuntimeError("resolve_peers refused the pair:\n" + "\n".join(refused))
+    client = resolved[RPC_CLIENT_HOST].services[0]
+    rpc = resolved[RPC_SERVER_HOST].services[0]
+    assert isinstance(client, LlamaServer) and isinstance(rpc, RpcServer)
+    build = resolved[RPC_SERVER_HOST].install_of(rpc)
+    assert isinstance(build, LlamaCppBuild)
+    return client, rpc, build
+
+
+def rpc_logged(lines: Iterable[Sequence[Any]]) -> dict[str, float]:
+    """MiB per kind of the buffers on the RPC devices (RPC0[host:port], ...)."""
+    listed = [tuple(line) for line in lines]
+    return {kind: sum(mib for k, device, mib in listed if k == kind and re.match(r"RPC[0-9]+\[", device))
+            for kind in ("model", "KV", "compute", "output", "RS")}
+
+
+def rpc_row(
+    ctx: int,
+    terms: Mapping[str, int],
+    rpc_pid: int,
+    client_pid: int,
+    apps: Sequence[ComputeApp],
+    breakdown_lines: Sequence[tuple[str, str, float]],
+) -> Json:
+    """The planner's device terms + CUDA_CONTEXT_MIB against nvidia-smi's memory of the RPC server's pid."""
+    planned_terms = {k: round(v / MIB, 1) for k, v in terms.items()}
+    planned_terms["headroom"] = float(CUDA_CONTEXT_MIB)  # the rpc-server process's own (lent_shares)
+    planned = round(sum(v for k, v in terms.items() if k != "headroom") / MIB + CUDA_CONTEXT_MIB, 1)
+    held = [app.used_memory_mib or 0 for app in apps if app.pid == rpc_pid]
+    measured = sum(held) if held else None
+    logged = rpc_logged(breakdown_lines)
+    logged_total = round(sum(logged.values()), 2)
+    return {
+        "ctx": ctx, "planned_terms_mib": planned_terms, "planned_mib": planned,
+        "rpc_server_mib": measured,
+        "client_on_gpu_mib": sum(app.used_memory_mib or 0 for app in apps if app.pid == client_pid) or None,
+        "gap_mib": round(planned - measured, 1) if measured else None,
+        "gap_pct": round(100 * (planned - measured) / measured, 1) if measured else None,
+        "logged_rpc_mib": {k: round(v, 2) for k, v in logged.items()},
+        "logged_rpc_total_mib": logged_total,
+        "measured_minus_logged_mib": round(measured - logged_total, 1) if measured else None,
+        "breakdown_lines": [list(line) for line in breakdown_lines],
+        "compute_apps": [app.model_dump(mode="json") for app in apps],
+    }
+
+
+def rpc_log_lines(text: str, limit: int = 60) -> list[str]:
+    return list(dict.fromkeys(line.rstrip() for line in text.splitlines() if RPC_LOG_PATTERN.search(line)))[:limit]
+
+
+def gpu_memory_used() -> str:
+    _, out = sh(["nvidia-smi", "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader"])
+    return out.strip()
+
+
+def rpc_completion(url: str) -> Json:
+    started = time.monotonic()
+    answer = requests.post(f"{url}/completion", json={
+        "prompt": CHAT_PROMPT, "n_predict": RPC_N_PREDICT, "temperature": 0, "cache_prompt": False,
+    }, timeout=120)  # fmt: skip
+    answer.raise_for_status()
+    body = answer.json()
+    timings = body.get("timings") or {}
+    return {"seconds": round(time.monotonic() - started, 3), "tokens_predicted": body.get("tokens_predicted"),
+            "predicted_per_second": timings.get("predicted_per_second"), "content": str(body.get("content"))[:300]}
+
+
+def build_rpc(args: argparse.Namespace, result: Json, spec: LlamaCppBuild, gpus: Sequence[Gpu]) -> None:
+    """The product's fetch and build scripts for the lender's build (GGML_RPC, ggml-rpc-server): timed."""
+    architectures = plan.resolve_architectures(spec, gpus)
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    script = plan.build_script(spec, "cuda", architectures, nvcc, ccache=False)
+    result.update({"spec": spec.model_dump(mode="json"), "architectures": architectures,
+                   "build_name": plan.build_name(spec, "cuda"),
+                   "configure": plan.cmake_configure_args(spec, "cuda", architectures, nvcc, ccache=False)})
+    (Path(args.workdir) / "rpc-build.sh").write_text(script)
+    for name, text in (("fetch", plan.fetch_script(spec)), ("build", script)):
+        log(f"rpc: gpubox {name} script")
+        started = time.monotonic()
+        code, out = sh(["sh", "-c", text], timeout=3000)
+        seconds = round(time.monotonic() - started, 1)
+        result[f"{name}_run"] = {"exit": code, "seconds": seconds, "output_tail": out[-3000:]}
+        log(f"rpc {name}: exit {code} in {seconds} s")
+        if code:
+            _, tail = sh(["tail", "-n", "40", plan.log_path(spec, "cuda")])
+            result[f"{name}_run"]["log_tail"] = tail
+            raise RuntimeError(f"the llama.cpp {name} script (GGML_RPC) failed (exit {code}):\n{out[-2500:]}")
+    _, out = sh(switch.installed_command(plan.stamp_path(spec, "cuda"), plan.current_link(spec)))
+    result["installed_check"] = out[-1500:]
+    _, out = sh(f"ls {shlex.quote(plan.install_dir(spec, 'cuda'))}")
+    result["installed"] = out
+    rpc_binary = binary_path(spec.prefix, "ggml-rpc-server")
+    result["help_saved"] = Path(f"{rpc_binary}.help").read_text(errors="replace") \
+        if Path(f"{rpc_binary}.help").is_file() else None
+    code, out = sh([rpc_binary, "--help"], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=60)
+    result["help_run"] = {"exit": code, "output": out}
+    _, out = sh([binary_path(spec.prefix, "llama-server"), "--version"], timeout=60)
+    result["version"] = out.strip()[-600:]
+
+
+def measure_rpc(args: argparse.Namespace, ctx: int, client: LlamaServer, rpc: RpcServer, gpus: Sequence[Gpu]) -> Json:
+    """One context: a fresh RPC server on GPU 0, the client loaded on it and answering once; the memory."""
+    workdir = Path(args.workdir)
+    header = load_model_header(args.model)
+    terms = device_terms(client, header)[0]
+    argv, env, unit = unit_command(rpc, gpus)
+    cache = workdir / f"rpc-cache-{ctx}"
+    cache.mkdir(parents=True, exist_ok=True)
+    env = {**env, "LLAMA_CACHE": str(cache)}  # the unit's is /var/cache/gpubox-rpc/<name> (CacheDirectory=)
+    record: Json = {"ctx": ctx, "rpc_argv": argv, "rpc_env": env, "rpc_unit": unit, "idle": gpu_memory_used()}
+    lender = Server(rpc, workdir, f"rpc-server-{ctx}", launch=(argv, env, unit))
+    llama: Server | None = None
+    try:
+        code, _ = sh(["sh", "-c", listening_command(rpc.port, RPC_LISTEN_TIMEOUT_S)])
+        record["listening_s"] = round(time.monotonic() - lender.started, 2)
+        if code:
+            raise RuntimeError(f"ggml-rpc-server did not listen on {rpc.port}:\n{lender.log_text()[-2500:]}")
+        llama = Server(client, workdir, f"rpc-client-{ctx}", gpus=gpus)
+        record.update({"client_argv": llama.argv, "client_env": llama.env, "client_unit": llama.unit})
+        record["healthy"] = wait_healthy(llama)
+        record["healthy_s"] = round(time.monotonic() - llama.started, 2)
+        time.sleep(1.0)
+        loaded = compute_apps()
+        record["after_load"] = [app.model_dump(mode="json") for app in loaded]
+        record["completion"] = rpc_completion(llama.url)
+        time.sleep(1.0)
+        apps = compute_apps()
+        record["gpu_used"] = gpu_memory_used()
+        breakdown = parse_memory_breakdown(llama.log_text())
+        record.update(rpc_row(ctx, terms, lender.process.pid, llama.process.pid, apps, breakdown.lines))
+        record["rpc_pid"] = lender.process.pid
+        record["client_pid"] = llama.process.pid
+        record["client_log_lines"] = rpc_log_lines(llama.log_text())
+    finally:
+        if llama is not None:
+            llama.stop()
+            record["client_log_tail"] = llama.log_path.read_text(errors="replace")[-4000:]
+        lender.stop()
+        record["rpc_log_tail"] = lender.log_path.read_text(errors="replace")[-4000:]
+    log(f"rpc ctx={ctx}: planned {record.get('planned_mib')} MiB, ggml-rpc-server held {record.get('rpc_server_mib')} "
+        f"MiB ({record.get('gap_pct')} %), logged RPC0 {record.get('logged_rpc_total_mib')} MiB")
+    return record
+
+
+def step_rpc(args: argparse.Namespace, state: State) -> None:
+    """llama.cpp built with GGML_RPC the product's way; SmolLM2 with every layer on a ggml-rpc-server on GPU 0."""
+    probe_output, gpus = gpu_records()
+    if not gpus:
+        raise RuntimeError(f"the GPU probe found no GPU:\n{probe_output}")
+    result: Json = {"gpus": [gpu.to_json() for gpu in gpus], "contexts": []}
+    state["rpc"] = result
+    written = rpc_build_spec(state["prepare"], args.jobs)
+    placeholder = ModelFile(path=args.model, sha256="0" * 64, architecture="llama")
+    _, _, spec = rpc_pair(rpc_boxes(written, placeholder, RPC_CONTEXTS[0], gpus[0].index))
+    started = time.monotonic()
+    try:
+        build_rpc(args, result, spec, gpus)
+    finally:
+        result["build_step_seconds"] = round(time.monotonic() - started, 1)
+        state["rpc"] = result
+    wait_for_model(args.model, args.wait_model)
+    model = state_model_file(args, state)
+    for ctx in RPC_CONTEXTS:
+        client, rpc, _ = rpc_pair(rpc_boxes(written, model, ctx, gpus[0].index))
+        try:
+            result["contexts"].append(measure_rpc(args, ctx, client, rpc, gpus))
+        except Exception:  # noqa: BLE001 - recorded; the next context still runs
+            result["contexts"].append({"ctx": ctx, "error": traceback.format_exc()})
+        state["rpc"] = result
+    failed = [c["ctx"] for c in result["contexts"] if c.get("error")]
+    if failed:
+        raise RuntimeError(f"rpc: contexts {failed} failed (see the state's rpc.contexts)")
+
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -2691,6 +2934,37 @@ def vram_section(vram: Sequence[Mapping[str, Any]]) -> str:
         )
     out.append("\n`measured - logged` is what `CUDA_CONTEXT_MIB` (the planner's per-process headroom, "
                f"{CUDA_CONTEXT_MIB} MiB) stands for: the CUDA context, cuBLAS workspace and memory pools.\n\n")
+    return "".join(out)
+
+
+def rpc_section(r: Mapping[str, Any]) -> str:
+    """llama.cpp's RPC server on the GPU: the build, then per context the plan against nvidia-smi."""
+    out: list[str] = ["\n## llama.cpp RPC: all layers on a ggml-rpc-server on the GPU\n\n"]
+    build = r.get("build_run") or {}
+    out.append(f"Build `{r.get('build_name')}` (gpubox.build's scripts, the lender box's LlamaCppBuild: "
+               f"targets {', '.join((r.get('spec') or {}).get('targets') or [])}, rpc "
+               f"{(r.get('spec') or {}).get('rpc')}): exit {build.get('exit')} in {build.get('seconds')} s.\n\n")
+    out.append("| ctx | planned MiB (weights + KV + compute + context) | ggml-rpc-server MiB (nvidia-smi) | gap % | "
+               "logged RPC0 MiB (model/KV/compute) | process - logged MiB | llama-server on the GPU |\n"
+               "| --- | --- | --- | --- | --- | --- | --- |\n")
+    for c in r.get("contexts") or []:
+        if c.get("error"):
+            out.append(f"| {c['ctx']} | failed | | | | | |\n")
+            continue
+        t = c["planned_terms_mib"]
+        lg = c["logged_rpc_mib"]
+        out.append(
+            f"| {c['ctx']} | {c['planned_mib']} ({t.get('weights')} + {t.get('KV cache')} + {t.get('compute')} + "
+            f"{t.get('headroom')}) | {c['rpc_server_mib']} | {c['gap_pct']} | {c['logged_rpc_total_mib']} "
+            f"({lg['model']:g}/{lg['KV']:g}/{lg['compute']:g}) | {c['measured_minus_logged_mib']} | "
+            f"{c['client_on_gpu_mib'] or 'none'} |\n"
+        )
+    for c in r.get("contexts") or []:
+        if c.get("error"):
+            out.append(f"\nctx {c['ctx']} failed:\n" + fence(c["error"][-2500:]))
+        elif c.get("client_log_lines"):
+            out.append(f"\nctx {c['ctx']}: `{shlex.join(c['client_argv'])}`, its buffer and device lines:\n"
+                       + fence("\n".join(c["client_log_lines"])))
     return "".join(out)
 
 
@@ -3191,6 +3465,8 @@ def render_report(state: dict[str, Any]) -> str:
         out.append(piper_section(state["piper"]))
     if state.get("whispersizes"):
         out.append(whispersizes_section(state["whispersizes"]))
+    if state.get("rpc"):
+        out.append(rpc_section(state["rpc"]))
     if errors:
         out.append(failures_section(errors))
     return "".join(out)
@@ -3212,6 +3488,7 @@ STEPS: dict[str, Callable[[argparse.Namespace, State], None]] = {
     "isobuild": step_isobuild, "isolation": step_isolation,
     "seedbuild": step_seedbuild, "whisper": step_whisper, "seedlayout": step_seedlayout,
     "whisperbuild": step_whisperbuild, "piper": step_piper, "whispersizes": step_whispersizes,
+    "rpc": step_rpc,
 }
 
 
