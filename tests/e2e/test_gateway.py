@@ -74,7 +74,7 @@ def environment(
 
 def run(environment: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(argv, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1800, check=False)
-    print(result.stdout, result.stderr, sep="\n")  # DEBUG
+    print(result.stdout[-6000:], result.stderr[-8000:], sep="\n")
     return result
 
 
