@@ -11,6 +11,7 @@ from pyinfra import host, inventory, logger, state
 from pyinfra.api.exceptions import DeployError
 
 from gpubox.box import Box
+from gpubox.gateway import GATEWAY_KEY
 from gpubox.inventory import BOX_KEY, InventoryError, box_from_host_data, no_box_message, refusal_text
 from gpubox.monitoring.fleet import MONITORING_KEY, Fleet, FleetError, build_fleet
 from gpubox.peers import has_peers, peer_hosts, resolve_peers
@@ -80,7 +81,7 @@ def _fleet_error(error: FleetError) -> DeployError:
 
 def inventory_fleet() -> Fleet:
     """The inventory's fleet, with the host being deployed in it; refused (DeployError) otherwise."""
-    if host.data.get(BOX_KEY) is None:
+    if host.data.get(BOX_KEY) is None and host.data.get(GATEWAY_KEY) is None:  # a gateway-only host is watched too
         raise DeployError(no_box_message(host.name))
     try:
         return build_fleet((fleet_host.name, fleet_host.data.dict()) for fleet_host in inventory)
