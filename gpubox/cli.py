@@ -1,6 +1,6 @@
 """The `gpubox` command, without pyinfra: none of its subcommands deploys to or changes a host.
 
-check validates an inventory's boxes (and its monitoring) without connecting; plan budgets each GPU's
+check validates an inventory's boxes and gateways (and its monitoring) without connecting; plan budgets each GPU's
 memory from the models' GGUF headers; smoke tests a running llama-server against thresholds; bench sweeps
 slots, drafter and n-max (on a running server or temporary local ones); monitoring writes the fleet's
 Prometheus, alert and Grafana files; top shows the fleet live from its Prometheus, and report draws its
@@ -19,22 +19,22 @@ from gpubox import cli_client, cli_monitoring, cli_plan
 from gpubox.inventory import (
     HostBox,
     InventoryError,
-    inventory_boxes,
     inventory_dir,
+    inventory_hosts,
     load_inventory,
     with_missing_sources,
 )
 from gpubox.monitoring.fleet import MONITORING_KEY, FleetError, build_fleet, scrape_targets
-from gpubox.tables import problems_table, services_table, warnings_table
+from gpubox.tables import gateway_table, problems_table, services_table, warnings_table
 
 EXIT_OK = 0
 EXIT_REFUSED = 2
 
 
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
-    """Validate every host's Box in an inventory; print the services, or every problem."""
+    """Validate every host's Box and Gateway in an inventory; print the services and gateways, or every problem."""
     try:
-        boxes = inventory_boxes(args.inventory)
+        boxes, gateways = inventory_hosts(args.inventory)
     except InventoryError as error:
         console.print(f"[bold red]refused[/]: {error}", highlight=False)
         if error.problems:
@@ -43,11 +43,15 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
     base = inventory_dir(args.inventory)
     boxes = [with_missing_sources(host_box, base) for host_box in boxes]  # as the deploy looks for them
     refused = [host_box for host_box in boxes if host_box.problems]
+    refused += [HostBox(host=found.host, box=None, problems=found.problems) for found in gateways if found.problems]
     if refused:
         console.print(problems_table(refused))
         return EXIT_REFUSED
-    console.print(services_table(boxes))
-    warnings = warnings_table(boxes)
+    if boxes:
+        console.print(services_table(boxes))
+    if gateways:
+        console.print(gateway_table(gateways))
+    warnings = warnings_table(boxes, gateways)
     if warnings is not None:
         console.print(warnings)  # accepted: the exit code stays 0
     return check_monitoring(args.inventory, console)
@@ -76,7 +80,7 @@ def check_monitoring(inventory: str, console: Console) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpubox", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="validate an inventory's boxes without connecting")
+    check = commands.add_parser("check", help="validate an inventory's boxes and gateways without connecting")
     check.add_argument("inventory", help="a pyinfra inventory file, e.g. inventory/home.py")
     check.set_defaults(run=cmd_check)
     cli_client.register(commands)

@@ -16,7 +16,15 @@ from gpubox.cli_plan import HEADERS_HELP, headers_dir
 from gpubox.inventory import HostBox, InventoryError, inventory_dir
 from gpubox.monitoring.files import monitoring_files, planned_vram, write_files
 from gpubox.monitoring.fleet import Fleet, FleetError, fleet_from_inventory
-from gpubox.monitoring.query import PrometheusClient, PrometheusError, fleet_rows, report_png, top_table
+from gpubox.monitoring.query import (
+    PrometheusClient,
+    PrometheusError,
+    fleet_rows,
+    gateway_rows,
+    gateway_table,
+    report_png,
+    top_table,
+)
 from gpubox.tables import problems_table
 
 EXIT_OK = 0
@@ -66,14 +74,18 @@ def _client(args: argparse.Namespace, fleet: Fleet) -> PrometheusClient:
     return PrometheusClient(args.url or fleet.prometheus_url, timeout_s=args.timeout)
 
 
-def _fleet_table(fleet: Fleet, client: PrometheusClient) -> Table:
-    return top_table(fleet_rows(fleet, client), title=f"gpubox fleet ({client.url}, {time.strftime('%H:%M:%S')})")
+def _fleet_table(fleet: Fleet, client: PrometheusClient) -> Table | Group:
+    """The services' table; with a gateway, its model groups' table below it."""
+    title = f"gpubox fleet ({client.url}, {time.strftime('%H:%M:%S')})"
+    services = top_table(fleet_rows(fleet, client), title=title)
+    groups = gateway_rows(fleet, client)
+    return Group(services, gateway_table(groups)) if groups else services
 
 
 def cmd_top(args: argparse.Namespace, console: Console) -> int:
-    """The fleet's services with speed, acceptance, VRAM and firing alerts; refreshed until Ctrl-C on a
-    terminal, printed once where stdout is not one (a pipe, a file, watch, cron): a live display there
-    would print nothing."""
+    """The fleet's services with speed, acceptance, VRAM and firing alerts, and each gateway's model groups;
+    refreshed until Ctrl-C on a terminal, printed once where stdout is not one (a pipe, a file, watch, cron):
+    a live display there would print nothing."""
     fleet = _load_fleet(args.inventory, console)
     if fleet is None:
         return EXIT_REFUSED

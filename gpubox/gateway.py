@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Self
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from gpubox.servers.base import network_entry
-from gpubox.spec import Problem, Spec, Violation, absolute_path, is_loopback, refuse
+from gpubox.spec import HostMonitoring, Problem, Spec, Violation, absolute_path, is_loopback, refuse
 
 if TYPE_CHECKING:
     from gpubox.box import Box
@@ -60,7 +60,7 @@ class ModelGroup(Spec):
     min_healthy: int = Field(
         default=1,
         ge=1,
-        description="The fewest healthy backends the group keeps: an alert fires below it, and `gpubox rollout` "
+        description="The fewest healthy backends the group keeps: an alert fires below it, and a rollout "
         "drains a backend only while the others keep it. At most the number of backends.",
     )
 
@@ -163,6 +163,12 @@ class Gateway(Spec):
         le=65535,
         description="HAProxy's Prometheus exporter on 127.0.0.1 (`/metrics`), scraped by the host's Prometheus.",
     )
+    monitoring: HostMonitoring = Field(
+        default=HostMonitoring(),
+        description="On a host with no `box`: the ports of its node-exporter and Prometheus agent "
+        "(`deploys/observability.py`), which scrapes HAProxy's exporter. On a host with a box, `box.monitoring` "
+        "is what runs: leave this as it is or equal to it.",
+    )
     generate_api_key: bool = Field(default=False, description='Set by `api_key_file="generate"`.')
 
     @model_validator(mode="before")
@@ -211,6 +217,12 @@ class Gateway(Spec):
         if self.stats_port == self.port:
             problems.append((("stats_port",), f"port {self.port} is the gateway's own: give the exporter another",
                              self.stats_port))
+        watched = {self.monitoring.node_exporter_port: "node_exporter_port", self.monitoring.agent_port: "agent_port"}
+        problems += [
+            ((field,), f"port {port} is monitoring.{watched[port]} already: give each its own", port)
+            for field, port in (("port", self.port), ("stats_port", self.stats_port))
+            if port in watched
+        ]
         refuse(type(self).__name__, problems)
         return self
 

@@ -1,8 +1,9 @@
 """Read a pyinfra inventory file without connecting to anything.
 
 An inventory is a Python file whose top-level lists of hosts are groups; a host is a name or a
-`(name, data)` pair, and a gpubox host carries its `Box` under the data key `box`, set in the
-file or in `group_data/*.py` beside it. pyinfra's own loader reads it (host data merged with the
+`(name, data)` pair, and a gpubox host carries its `Box` under the data key `box`, its `Gateway`
+under `gateway`, or both (a host may run only a gateway), set in the file or in `group_data/*.py`
+beside it. pyinfra's own loader reads it (host data merged with the
 groups' data as a deploy sees it), so `gpubox check` and `gpubox plan` see what
 `pyinfra INVENTORY ...` would.
 """
@@ -21,9 +22,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from gpubox.box import Box
+from gpubox.gateway import GATEWAY_KEY, Backend, Gateway, resolve_backends
 from gpubox.models import missing_source_problem, missing_sources
 from gpubox.peers import has_peers, resolve_peers
-from gpubox.spec import Problem, problems_from
+from gpubox.spec import HostMonitoring, Problem, problems_from
 
 BOX_KEY = "box"
 
@@ -50,6 +52,17 @@ class HostBox:
     host: str
     box: Box | None
     problems: list[Problem]
+
+
+@dataclass
+class HostGateway:
+    """A host's validated Gateway with each group's backends resolved against the inventory's boxes, or the
+    problems that refuse it (each at its field: ``gateway.groups.0.backends.1``)."""
+
+    host: str
+    gateway: Gateway | None
+    problems: list[Problem]
+    backends: dict[str, tuple[Backend, ...]] = field(default_factory=dict)
 
 
 def import_pyinfra_cli_without_gevent_patching() -> None:
@@ -172,6 +185,64 @@ def box_of(host: InventoryHost) -> HostBox | None:
     return HostBox(host=host.name, box=box, problems=[])
 
 
+def gateway_of(name: str, data: dict[str, Any]) -> HostGateway | None:
+    """Validate a host's ``gateway`` data (its backends not resolved yet); None when it carries none."""
+    value = data.get(GATEWAY_KEY)
+    if value is None:
+        return None
+    try:
+        gateway = value if isinstance(value, Gateway) else Gateway.model_validate(value)
+    except ValidationError as error:
+        problems = [Problem(field=f"{GATEWAY_KEY}.{p.field}", message=p.message) for p in problems_from(error)]
+        return HostGateway(host=name, gateway=None, problems=problems)
+    return HostGateway(host=name, gateway=gateway, problems=[])
+
+
+def gateway_monitoring_problems(gateway: Gateway, box: Box | None) -> list[Problem]:
+    """On a host with a box, what the box's monitoring refuses of the gateway: ``box.monitoring`` is what runs
+    there (a different ``gateway.monitoring`` is refused), and the gateway's ports are not its exporters'."""
+    if box is None:
+        return []
+    problems = []
+    if gateway.monitoring not in (HostMonitoring(), box.monitoring):
+        problems.append(Problem(field=f"{GATEWAY_KEY}.monitoring", message="this host's box.monitoring is what it "
+                                "runs: set the ports there and leave gateway.monitoring out"))  # fmt: skip
+    watched = {box.monitoring.node_exporter_port: "node_exporter_port", box.monitoring.agent_port: "agent_port"}
+    problems += [
+        Problem(field=f"{GATEWAY_KEY}.{name}", message=f"port {port} is box.monitoring.{watched[port]} already: "
+                "choose another")
+        for name, port in (("port", gateway.port), ("stats_port", gateway.stats_port))
+        if port in watched
+    ]  # fmt: skip
+    return problems
+
+
+def with_backends(host_gateways: list[HostGateway], boxes: dict[str, Box | None]) -> list[HostGateway]:
+    """The gateways with each group's backends resolved (``gateway.resolve_backends``) against ``boxes`` (every
+    host's Box by name, None where it is refused), and what refuses them. A backend on a host whose box is
+    refused is named as such: that box's own problems say why."""
+    valid = {name: box for name, box in boxes.items() if box is not None}
+    resolved = []
+    for host_gateway in host_gateways:
+        gateway = host_gateway.gateway
+        if gateway is None:
+            resolved.append(host_gateway)
+            continue
+        backends, problems = resolve_backends(host_gateway.host, gateway, valid)
+        refused_refs = {
+            f"{GATEWAY_KEY}.groups.{g}.backends.{b}": f"{ref}: the box of {ref.host} is refused (its own rows say why)"
+            for g, group in enumerate(gateway.groups)
+            for b, ref in enumerate(group.backends)
+            if ref.host in boxes and boxes[ref.host] is None
+        }
+        problems = [p for p in problems if not any(p.field.startswith(where) for where in refused_refs)]
+        problems += [Problem(field=where, message=message) for where, message in refused_refs.items()]
+        problems += gateway_monitoring_problems(gateway, valid.get(host_gateway.host))
+        resolved.append(HostGateway(host=host_gateway.host, gateway=gateway, backends=backends,
+                                    problems=[*host_gateway.problems, *problems]))  # fmt: skip
+    return resolved
+
+
 def no_box_message(host_name: str) -> str:
     """What a deploy says when it runs for a host without a ``box``: most likely a wrong inventory path."""
     return (
@@ -217,6 +288,17 @@ def inventory_boxes(path: str | Path) -> list[HostBox]:
     if not boxes:
         raise InventoryError(f"{path}: no host carries a `{BOX_KEY}` in its data")
     return with_peers(boxes)
+
+
+def inventory_hosts(path: str | Path) -> tuple[list[HostBox], list[HostGateway]]:
+    """Every gpubox host of an inventory: its Box (peers resolved) or problems, and its Gateway (backends resolved
+    against the boxes) or problems. A host with a ``gateway`` and no ``box`` is a gpubox host too."""
+    hosts = load_inventory(path)
+    boxes = with_peers([box for box in (box_of(host) for host in hosts) if box is not None])
+    gateways = [found for found in (gateway_of(host.name, host.data) for host in hosts) if found is not None]
+    if not boxes and not gateways:
+        raise InventoryError(f"{path}: no host carries a `{BOX_KEY}` or a `{GATEWAY_KEY}` in its data")
+    return boxes, with_backends(gateways, {host_box.host: host_box.box for host_box in boxes})
 
 
 def with_peers(host_boxes: list[HostBox]) -> list[HostBox]:

@@ -5,7 +5,7 @@ Like NixOS's option list, one entry per field, written once where the field is d
 default, and for a server's field the flag it renders (with its other spellings and the binary's
 own default) from the server type's flag table. Each server type's rules follow its fields, one
 line each, from the rule functions' docstrings. The models are found by walking the fields from
-the roots (a host's ``Box``, the fleet's ``Monitoring``); where a field holds a ``Service``, the
+the roots (a host's ``Box``, the fleet's ``Monitoring``, a host's ``Gateway``); where a field holds a ``Service``, the
 server types are the registry's (``gpubox.servers.registry``), so a new server type is documented
 once a box can run it.
 
@@ -32,13 +32,14 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 import gpubox
+from gpubox.gateway import Gateway
 from gpubox.servers.base import Flag, Service, allow_from_rule, extra_args_rule, unauthenticated_stays_on_loopback
 from gpubox.servers.registry import server_types
 
-ROOTS: tuple[type[BaseModel], ...] = (gpubox.Box, gpubox.Monitoring)
-"""Where the walk starts: a host's ``box`` and the fleet's ``monitoring`` (the inventory's data). Both
-from the package's face, which documents what ``gpubox`` exports; the core itself never reaches into
-gpubox.monitoring (tests/test_imports.py)."""
+ROOTS: tuple[type[BaseModel], ...] = (gpubox.Box, gpubox.Monitoring, Gateway)
+"""Where the walk starts: a host's ``box``, the fleet's ``monitoring`` and a host's ``gateway`` (the inventory's
+data). The first two from the package's face, which documents what ``gpubox`` exports; the core itself never
+reaches into gpubox.monitoring (tests/test_imports.py)."""
 SHARED_RULES_BEFORE: tuple[Callable[[Any], Any], ...] = (unauthenticated_stays_on_loopback,)
 SHARED_RULES_AFTER: tuple[Callable[[Any], Any], ...] = (extra_args_rule, allow_from_rule)
 """The rules every server type runs around its own ``RULES`` (``Service.rule_problems``)."""

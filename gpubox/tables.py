@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.console import Console
 from rich.table import Table
 
 from gpubox.box import Box
+from gpubox.gateway import Gateway
 from gpubox.gguf_header import GgufFile
 from gpubox.gpu import gpu_list
-from gpubox.inventory import HostBox
+from gpubox.inventory import HostBox, HostGateway
 from gpubox.servers.base import Service
 from gpubox.vram import CUDA_CONTEXT_MIB, MIB, BoxPlan, GpuBudget, moves
 
@@ -81,7 +84,47 @@ def services_table(boxes: list[HostBox]) -> Table:
     return table
 
 
-def warnings_table(boxes: list[HostBox]) -> Table | None:
+def _listen(gateway: Gateway) -> str:
+    address = f"[{gateway.host}]" if ":" in gateway.host else gateway.host
+    admitted = f"\nallow_from {', '.join(gateway.allow_from)}" if gateway.allow_from else ""
+    return f"{address}:{gateway.port}{admitted}"
+
+
+def _client_keys(gateway: Gateway) -> str:
+    if gateway.api_key_file is None:
+        return "no"
+    return f"yes ({'generated: ' if gateway.generate_api_key else ''}{gateway.api_key_file})"
+
+
+def gateway_table(gateways: list[HostGateway]) -> Table:
+    """Every gateway: where it listens, TLS or not, client keys or not, and a row per model group with its
+    backends (``host:service`` at the address the gateway dials, their slots) and its ``min_healthy``."""
+    table = Table(title="gpubox gateways")
+    for column in ("host", "listen", "TLS", "client keys", "group", "backends", "min healthy"):
+        table.add_column(column, overflow="fold")
+    for found in gateways:
+        gateway = found.gateway
+        if gateway is None:
+            continue
+        for index, group in enumerate(gateway.groups):
+            first = index == 0
+            backends = "\n".join(
+                f"{backend.server_name} {backend.address}:{backend.port} (parallel {backend.parallel})"
+                for backend in found.backends.get(group.name, ())
+            )
+            table.add_row(
+                found.host if first else "",
+                _listen(gateway) if first else "",
+                (f"yes ({gateway.tls_cert})" if gateway.tls_cert else "no") if first else "",
+                _client_keys(gateway) if first else "",
+                group.name,
+                backends,
+                f"{group.min_healthy} of {len(group.backends)}",
+            )
+    return table
+
+
+def warnings_table(boxes: list[HostBox], gateways: Sequence[HostGateway] = ()) -> Table | None:
     """What the rules accept but a reviewer would question, in yellow; None when there is nothing."""
     table = Table(title="warnings", title_style="bold yellow", style="yellow")
     for column in ("host", "service", "field", "why"):
@@ -90,6 +133,9 @@ def warnings_table(boxes: list[HostBox]) -> Table | None:
         for service in host_box.box.services if host_box.box is not None else ():
             for field, why in service.warnings():
                 table.add_row(host_box.host, service.name, field, why)
+    for found in gateways:
+        for field, why in found.gateway.warnings() if found.gateway is not None else ():
+            table.add_row(found.host, "gateway", f"gateway.{field}", why)
     return table if table.row_count else None
 
 

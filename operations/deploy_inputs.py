@@ -87,7 +87,7 @@ def _fleet_error(error: FleetError) -> DeployError:
 
 def inventory_fleet() -> Fleet:
     """The inventory's fleet, with the host being deployed in it; refused (DeployError) otherwise."""
-    if host.data.get(BOX_KEY) is None:
+    if host.data.get(BOX_KEY) is None and host.data.get(GATEWAY_KEY) is None:  # a gateway-only host is watched too
         raise DeployError(no_box_message(host.name))
     try:
         return build_fleet((fleet_host.name, fleet_host.data.dict()) for fleet_host in inventory)

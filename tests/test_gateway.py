@@ -101,8 +101,10 @@ def test_good_backends_resolve_with_their_address_slots_and_key() -> None:
 
 
 def test_a_missing_backend_is_refused_by_field() -> None:
-    assert problems_of(Gateway(address="10.0.0.1", groups=(group("n9"),)), fleet()) == ["gateway.groups.0.backends.0.host"]
-    missing_service = Gateway(address="10.0.0.1", groups=(ModelGroup(name="g", backends=(BackendRef(host="n1", service="x"),)),))
+    missing_host = Gateway(address="10.0.0.1", groups=(group("n9"),))
+    assert problems_of(missing_host, fleet()) == ["gateway.groups.0.backends.0.host"]
+    missing = ModelGroup(name="g", backends=(BackendRef(host="n1", service="x"),))
+    missing_service = Gateway(address="10.0.0.1", groups=(missing,))
     assert problems_of(missing_service, fleet()) == ["gateway.groups.0.backends.0.service"]
 
 

@@ -5,7 +5,9 @@ variables (from ``label_values``) and a panel per concept: decode speed (the rat
 llama-server counters, as the alerts compute it, never the ``predicted_tokens_seconds`` gauge),
 draft acceptance, requests, VRAM used against the plan, GPU utilization / temperature / power,
 targets up, units active and restarting, and the GPU textfile's freshness; where llama-servers use
-RPC servers on other hosts, their remote devices (reachable, and the raw TCP probes). Every selector is
+RPC servers on other hosts, their remote devices (reachable, and the raw TCP probes); where the fleet has a
+gateway, a "Gateway" row: each backend UP or not, each group's healthy backends, sessions, queue, errors and
+response time, from HAProxy's exporter. Every selector is
 built by :func:`gpubox.monitoring.rules.selector`, the one path label values take into PromQL.
 
 :func:`provisioning_files` is what Grafana reads: a Prometheus datasource at the fleet's
@@ -28,7 +30,7 @@ from grafana_foundation_sdk.models import common as common_model
 from grafana_foundation_sdk.models import dashboard as dashboard_model
 
 from gpubox.monitoring import metrics
-from gpubox.monitoring.fleet import KIND_NODE, KIND_RPC_PROBE, Fleet, probe_targets
+from gpubox.monitoring.fleet import KIND_GATEWAY, KIND_NODE, KIND_RPC_PROBE, Fleet, probe_targets
 from gpubox.monitoring.rules import RESTARTS_WINDOW_S, duration, number, selector
 
 DATASOURCE_UID = "gpubox-prometheus"
@@ -53,6 +55,8 @@ HOSTS_AND_SERVICES = {"host": "$host", "service": "$service"}
 LLAMA = {"kind": "llama-server"}  # the series of llama.cpp's own metrics (metrics.LLAMA_*)
 NODE = {"kind": KIND_NODE}
 RPC_PROBE = {"kind": KIND_RPC_PROBE}
+GATEWAY = {"kind": KIND_GATEWAY}
+GATEWAY_ROW = "Gateway"
 
 
 def rpc_reachable_expr(hosts_and_services: dict[str, str] = HOSTS_AND_SERVICES) -> str:
@@ -84,6 +88,77 @@ def rpc_panels() -> list[Any]:
             "short",
             min_value=0,
             max_value=1,
+        ),
+    ]
+
+
+def gateway_panels(fleet: Fleet) -> list[Any]:
+    """HAProxy's view of each model group's backends on the selected gateway hosts."""
+    selected = {"labels": GATEWAY, "regex": HOSTS}
+    per_server = "{{host}} {{proxy}} {{server}}"
+    per_group = "{{host}} {{proxy}}"
+    minimums = ", ".join(
+        f"{group.name}@{host.name} {group.min_healthy} of {len(group.backends)}"
+        for host in fleet.hosts if host.gateway is not None for group in host.gateway.groups
+    )  # fmt: skip
+    up = {"labels": {**GATEWAY, "state": metrics.HAPROXY_STATE_UP}, "regex": HOSTS}
+    window = f"[{RATE_INTERVAL}]"
+    return [
+        _up_or_down(
+            "Gateway backends up",
+            "Each backend (proxy group_<name>, server <host>:<service>) as HAProxy sees it: UP while it passes its "
+            "/health checks and takes requests; DOWN when it fails them, is drained (a rollout) or in "
+            "maintenance.",
+            f"max by (host, proxy, server) ({selector(metrics.HAPROXY_SERVER_STATUS, **up)})",
+            per_server,
+        ),
+        _series(
+            "Gateway healthy backends",
+            "Backends UP per model group; GpuboxGatewayGroupDegraded fires below the group's ModelGroup.min_healthy "
+            f"for Monitoring.down_for_s = {fleet.monitoring.down_for_s}: {minimums}.",
+            [(f"count by (host, proxy) ({selector(metrics.HAPROXY_SERVER_STATUS, **up)} == 1)", per_group)],
+            "short",
+            min_value=0,
+        ),
+        _series(
+            "Gateway sessions",
+            "Requests each backend serves now (at most its llama-server's parallel: HAProxy's maxconn).",
+            [(selector(metrics.HAPROXY_SERVER_SESSIONS, **selected), per_server)],
+            "short",
+            min_value=0,
+        ),
+        _series(
+            "Gateway queue",
+            "Requests waiting for a free slot: in the group's queue (no backend chosen yet), and each backend's; "
+            "a request waits up to GatewayTimeouts.queue_s, then gets a 503.",
+            [
+                (selector(metrics.HAPROXY_BACKEND_QUEUE, **selected), f"{per_group} group"),
+                (selector(metrics.HAPROXY_SERVER_QUEUE, **selected), per_server),
+            ],
+            "short",
+            min_value=0,
+        ),
+        _series(
+            "Gateway errors",
+            "Per backend and second: 5xx responses, failed connections and broken responses.",
+            [
+                (f"rate({selector(metrics.HAPROXY_SERVER_RESPONSES, {**GATEWAY, 'code': '5xx'}, HOSTS)}{window})",
+                 f"{per_server} 5xx"),
+                (f"rate({selector(metrics.HAPROXY_SERVER_CONNECTION_ERRORS, **selected)}{window})",
+                 f"{per_server} connection errors"),
+                (f"rate({selector(metrics.HAPROXY_SERVER_RESPONSE_ERRORS, **selected)}{window})",
+                 f"{per_server} response errors"),
+            ],
+            "reqps",
+            min_value=0,
+        ),  # fmt: skip
+        _series(
+            "Gateway response time",
+            "HAProxy's average time to a backend's response headers over its last 1024 requests (a streamed "
+            "answer's first bytes).",
+            [(selector(metrics.HAPROXY_SERVER_RESPONSE_TIME, **selected), per_server)],
+            "s",
+            min_value=0,
         ),
     ]
 
@@ -171,7 +246,7 @@ def _smoke_minimums(fleet: Fleet) -> tuple[str, str]:
     """Each llama-server's smoke minimums, as the panels' descriptions list them."""
     speeds, acceptances = [], []
     for host in fleet.hosts:
-        for server in host.box.services:
+        for server in host.services:
             thresholds = server.decode_thresholds()
             if thresholds is None:
                 continue
@@ -323,6 +398,10 @@ def fleet_dashboard(fleet: Fleet) -> dict[str, Any]:
     )
     for panel in panels:
         builder = builder.with_panel(panel)
+    if any(host.gateway is not None for host in fleet.hosts):
+        builder = builder.with_row(dashboard_builder.Row(GATEWAY_ROW))
+        for panel in gateway_panels(fleet):
+            builder = builder.with_panel(panel)
     encoded: dict[str, Any] = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
     return encoded
 

@@ -94,19 +94,18 @@ def host_files(
         )
         for daemon in prometheus.daemons(fleet, fleet_host)
     ]
-    box = fleet_host.box
     files += [
         HostFile(
             name="GPU metrics script",
             path=textfile.SCRIPT_PATH,
-            text=textfile.gpu_metrics_script(box, planned.get(fleet_host.name, {})),
+            text=textfile.gpu_metrics_script(fleet_host.box, planned.get(fleet_host.name, {})),
             mode="0755",
             gpu_metrics=True,
         ),
         HostFile(name=f"Unit {textfile.SERVICE_UNIT}", path=textfile.service_path(), text=textfile.service_unit(),
                  gpu_metrics=True),
         HostFile(name=f"Unit {textfile.TIMER_UNIT}", path=textfile.timer_path(),
-                 text=textfile.timer_unit(box.monitoring.gpu_metrics_interval_s), gpu_metrics=True),
+                 text=textfile.timer_unit(fleet_host.monitoring.gpu_metrics_interval_s), gpu_metrics=True),
     ]  # fmt: skip
     role = prometheus.PROMETHEUS.role
     if fleet.is_monitor(fleet_host.name):

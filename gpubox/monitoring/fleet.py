@@ -15,25 +15,36 @@ and each host whose llama-servers put layers on RPC servers elsewhere runs the d
 exporter on 127.0.0.1 and probes each endpoint with a TCP connect (``probe_targets``), from the host that
 needs to reach it. A probe's series carry ``host`` (the client host), ``kind="rpc-probe"``, ``service``
 (the llama-server), ``rpc`` (``<rpc service>@<rpc host>``) and ``endpoint`` (``address:port``).
+
+A host that runs a gateway (``gpubox.gateway``: HAProxy in front of llama-servers, beside a box or alone)
+has its Prometheus scrape HAProxy's own exporter on 127.0.0.1:``Gateway.stats_port`` (``gateway_target``):
+its series carry ``host`` and ``kind="gateway"``, and HAProxy's own ``proxy`` (``group_<name>``, a model
+group) and ``server`` (``<host>:<service>``, a backend). A gateway-only host has no box: its exporters'
+ports are ``Gateway.monitoring``'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from gpubox.box import Box
+from gpubox.gateway import GATEWAY_KEY, Backend, Gateway
+from gpubox.haproxy import backend_name
+from gpubox.inventory import HostGateway, gateway_of, with_backends
 from gpubox.monitoring.spec import Monitoring
 from gpubox.peers import resolve_peers
 from gpubox.servers.base import Scrape, Service
-from gpubox.spec import Problem, is_loopback, problems_from
+from gpubox.spec import HostMonitoring, Problem, is_loopback, problems_from
 
 MONITORING_KEY = "monitoring"
 KIND_NODE = "node"
+KIND_GATEWAY = "gateway"
+"""The ``kind`` of HAProxy's exporter on a gateway host (``gateway_target``)."""
 KIND_RPC_PROBE = "rpc-probe"
 """The ``kind`` of a blackbox exporter's TCP probe of an RPC server, from a host whose llama-server uses it."""
 PROBE_MODULE = "tcp_connect"
@@ -73,13 +84,29 @@ class RemoteDevice:
 
 @dataclass(frozen=True)
 class FleetHost:
-    """A gpubox host as the fleet sees it: its inventory name, the address others reach it at, its box, and
-    what its services use on other hosts."""
+    """A gpubox host as the fleet sees it: its inventory name, the address others reach it at, its box (None on
+    a gateway-only host), what its services use on other hosts, and its gateway with each model group's
+    resolved backends."""
 
     name: str
     address: str
-    box: Box
+    box: Box | None
     remote: tuple[RemoteDevice, ...] = ()
+    gateway: Gateway | None = None
+    backends: Mapping[str, tuple[Backend, ...]] = field(default_factory=dict)
+
+    @property
+    def services(self) -> tuple[Service, ...]:
+        """The box's services; none on a gateway-only host."""
+        return tuple(self.box.services) if self.box is not None else ()
+
+    @property
+    def monitoring(self) -> HostMonitoring:
+        """The ports its exporters and agent listen on: the box's, else (gateway only) the gateway's."""
+        if self.box is not None:
+            return self.box.monitoring
+        assert self.gateway is not None, f"{self.name} has neither a box nor a gateway"
+        return self.gateway.monitoring
 
     def remote_of(self, service: str) -> tuple[RemoteDevice, ...]:
         """The remote devices ``service`` of this host uses, in its references' order."""
@@ -190,7 +217,7 @@ def probe_targets(host: FleetHost) -> list[Target]:
     return [
         Target(
             job=probe_job(host.name, device),
-            port=host.box.monitoring.blackbox_port,
+            port=host.monitoring.blackbox_port,
             labels={
                 "host": host.name,
                 "kind": KIND_RPC_PROBE,
@@ -210,9 +237,27 @@ def runs_probes(host: FleetHost) -> bool:
     return bool(probe_targets(host))
 
 
+def gateway_job(host: str) -> str:
+    return f"{KIND_GATEWAY}@{host}"
+
+
+def gateway_target(host: FleetHost) -> Target | None:
+    """HAProxy's Prometheus exporter on a gateway host (127.0.0.1:``stats_port``, ``/metrics``); None elsewhere."""
+    if host.gateway is None:
+        return None
+    return Target(
+        job=gateway_job(host.name), port=host.gateway.stats_port, labels={"host": host.name, "kind": KIND_GATEWAY}
+    )
+
+
+def group_proxy(group: str) -> str:
+    """HAProxy's name of a model group's backend: its series' ``proxy`` label (``group_<name>``)."""
+    return backend_name(group)
+
+
 def scrape_targets(host: FleetHost) -> list[Target]:
     """What ``host``'s own Prometheus (agent or server) scrapes: each service's endpoint (``Service.scrape``),
-    then node-exporter."""
+    HAProxy's exporter on a gateway host, then node-exporter."""
     targets = [
         Target(
             job=f"{server.name}@{host.name}",
@@ -222,13 +267,16 @@ def scrape_targets(host: FleetHost) -> list[Target]:
             key_source=scrape.key_file,
             path=scrape.path,
         )
-        for server in host.box.services
+        for server in host.services
         if (scrape := server.scrape()) is not None
     ]
+    gateway = gateway_target(host)
+    if gateway is not None:
+        targets.append(gateway)
     targets.append(
         Target(
             job=f"{KIND_NODE}@{host.name}",
-            port=host.box.monitoring.node_exporter_port,
+            port=host.monitoring.node_exporter_port,
             labels={"host": host.name, "kind": KIND_NODE},
         )
     )
@@ -245,10 +293,13 @@ def fleet_problems(monitoring: Monitoring, hosts: tuple[FleetHost, ...]) -> list
         )]
     problems: list[Problem] = []
     monitor = next(host for host in hosts if host.name == monitoring.monitor)
-    taken = {service.port: f"service {service.name!r}" for service in monitor.box.services}
-    taken[monitor.box.monitoring.node_exporter_port] = "node-exporter (box.monitoring.node_exporter_port)"
+    taken = {service.port: f"service {service.name!r}" for service in monitor.services}
+    taken[monitor.monitoring.node_exporter_port] = "node-exporter (monitoring.node_exporter_port)"
     if runs_probes(monitor):
-        taken[monitor.box.monitoring.blackbox_port] = "the blackbox exporter (box.monitoring.blackbox_port)"
+        taken[monitor.monitoring.blackbox_port] = "the blackbox exporter (box.monitoring.blackbox_port)"
+    if monitor.gateway is not None:
+        taken[monitor.gateway.port] = "the gateway (gateway.port)"
+        taken[monitor.gateway.stats_port] = "HAProxy's exporter (gateway.stats_port)"
     own_ports = [("port", monitoring.port)]
     if monitoring.webhook_url is not None:
         own_ports.append(("alertmanager_port", monitoring.alertmanager_port))
@@ -260,20 +311,20 @@ def fleet_problems(monitoring: Monitoring, hosts: tuple[FleetHost, ...]) -> list
             ))
     jobs: dict[str, str] = {}
     for fleet_host in hosts:
-        for position, server in enumerate(fleet_host.box.services):
+        for position, server in enumerate(fleet_host.services):
             problems += [
                 Problem(field=f"{fleet_host.name}.services.{position}.{field}", message=message)
                 for field, message in server.monitoring_problems()
             ]
         if runs_probes(fleet_host):
-            blackbox_port = fleet_host.box.monitoring.blackbox_port
+            blackbox_port = fleet_host.monitoring.blackbox_port
             problems += [
                 Problem(
                     field=f"{fleet_host.name}.monitoring.blackbox_port",
                     message=f"port {blackbox_port} is service {server.name!r}'s already, and this host runs the "
                     f"blackbox exporter (its llama-servers use RPC servers): give it its own port",
                 )
-                for server in fleet_host.box.services
+                for server in fleet_host.services
                 if server.port == blackbox_port
             ]
         for target in [*scrape_targets(fleet_host), *probe_targets(fleet_host)]:
@@ -282,7 +333,9 @@ def fleet_problems(monitoring: Monitoring, hosts: tuple[FleetHost, ...]) -> list
                     field=f"{fleet_host.name}.services",
                     message=f"scrape job {target.job!r} is {jobs[target.job]}'s already: rename the service",
                 ))
-            jobs.setdefault(target.job, f"{fleet_host.name}'s {target.labels.get('service', 'node-exporter')}")
+            owner = target.labels.get("service", "HAProxy's exporter" if target.labels.get("kind") == KIND_GATEWAY
+                                      else "node-exporter")  # fmt: skip
+            jobs.setdefault(target.job, f"{fleet_host.name}'s {owner}")
     if is_loopback(monitoring.listen) and monitoring.address is None:
         remote = [host.name for host in hosts if host.name != monitor.name and not is_loopback(host.address)]
         if remote:
@@ -297,18 +350,24 @@ def fleet_problems(monitoring: Monitoring, hosts: tuple[FleetHost, ...]) -> list
 def build_fleet(entries: Iterable[tuple[str, Mapping[str, Any]]]) -> Fleet:
     """A fleet from ``(host name, host data)`` pairs as pyinfra merges them; refused with every problem named.
 
-    Hosts without a ``box`` are not gpubox hosts and are left out; every host that carries a
-    ``monitoring`` must carry the same one.
+    Hosts with neither a ``box`` nor a ``gateway`` are not gpubox hosts and are left out; a gateway's groups are
+    resolved against the boxes (``gpubox.gateway.resolve_backends``); every host that carries a ``monitoring``
+    must carry the same one.
     """
     hosts: list[FleetHost] = []
     specs: dict[str, Monitoring] = {}
     problems: list[Problem] = []
+    gateways: list[HostGateway] = []
     for name, data in entries:
-        if "box" not in data:
+        if "box" not in data and data.get(GATEWAY_KEY) is None:
             continue
-        box = data["box"]
+        box = data.get("box")
+        found = gateway_of(name, dict(data))
+        if found is not None:
+            gateways.append(found)
+            problems += [Problem(field=f"{name}.{p.field}", message=p.message) for p in found.problems]
         try:
-            box = box if isinstance(box, Box) else Box.model_validate(box)
+            box = box if isinstance(box, Box) or box is None else Box.model_validate(box)
             value = data.get(MONITORING_KEY)
             if value is not None:
                 specs[name] = value if isinstance(value, Monitoring) else Monitoring.model_validate(value)
@@ -329,17 +388,35 @@ def build_fleet(entries: Iterable[tuple[str, Mapping[str, Any]]]) -> Fleet:
             [Problem(field=f"{name}.monitoring", message=repr(spec)) for name, spec in specs.items()],
         )
     monitoring = next(iter(specs.values()))
-    fleet_hosts = with_peers(hosts)
+    fleet_hosts = with_gateways(with_peers(hosts), gateways)
     refused = fleet_problems(monitoring, fleet_hosts)
     if refused:
         raise FleetError("the fleet's monitoring is refused", refused)
     return Fleet(monitoring=monitoring, hosts=fleet_hosts)
 
 
+def with_gateways(hosts: tuple[FleetHost, ...], gateways: list[HostGateway]) -> tuple[FleetHost, ...]:
+    """The hosts with their gateways, each group's backends resolved against the fleet's boxes; refused with each
+    problem at its host's field (``<host>.gateway.groups.0.backends.1``), as ``gpubox check`` refuses it."""
+    resolved = with_backends(gateways, {host.name: host.box for host in hosts if host.box is not None})
+    refused = [
+        Problem(field=f"{found.host}.{p.field}", message=p.message) for found in resolved for p in found.problems
+    ]
+    if refused:
+        raise FleetError("the inventory's gateways are refused", refused)
+    by_host = {found.host: found for found in resolved}
+    return tuple(
+        replace(host, gateway=by_host[host.name].gateway, backends=by_host[host.name].backends)
+        if host.name in by_host
+        else host
+        for host in hosts
+    )
+
+
 def with_peers(hosts: list[FleetHost]) -> tuple[FleetHost, ...]:
     """The hosts with what their services use on other hosts resolved (``gpubox.peers``: a llama-server's RPC
     endpoints); refused with each problem at its host's field, as the rest of the fleet is."""
-    resolved, problems = resolve_peers({host.name: host.box for host in hosts})
+    resolved, problems = resolve_peers({host.name: host.box for host in hosts if host.box is not None})
     refused = [
         Problem(field=f"{name}.{problem.field}", message=problem.message)
         for name, found in problems.items()
@@ -348,10 +425,11 @@ def with_peers(hosts: list[FleetHost]) -> tuple[FleetHost, ...]:
     if refused:
         raise FleetError("the inventory's references across hosts are refused", refused)
     return tuple(
-        FleetHost(name=host.name, address=host.address, box=resolved[host.name],
-                  remote=remote_devices(host.name, resolved))
+        replace(host, box=resolved[host.name], remote=remote_devices(host.name, resolved))
+        if host.box is not None
+        else host
         for host in hosts
-    )  # fmt: skip
+    )
 
 
 def fleet_from_inventory(path: str | Path) -> Fleet:
@@ -361,7 +439,7 @@ def fleet_from_inventory(path: str | Path) -> Fleet:
     return build_fleet((host.name, host.data) for host in load_inventory(path))
 
 
-def planned_gpu_bytes(box: Box, headers_dir: Path, base: Path) -> tuple[dict[int, int], list[str]]:
+def planned_gpu_bytes(box: Box | None, headers_dir: Path, base: Path) -> tuple[dict[int, int], list[str]]:
     """Each expected GPU's planned total (services + reserve), from the controller's GGUF headers
     (a relative model source taken from ``base``, the inventory file's directory), as ``gpubox plan``
     makes it; and why a GPU has no plan (a header missing). None expected: nothing."""
@@ -369,7 +447,7 @@ def planned_gpu_bytes(box: Box, headers_dir: Path, base: Path) -> tuple[dict[int
     # (the observability no-op) should not pay to import.
     from gpubox.vram import headers_for_box, plan_box, whisper_headers_for_box
 
-    if not box.expected_gpus:
+    if box is None or not box.expected_gpus:
         return {}, []
     headers, missing = headers_for_box(box, headers_dir, base)
     whisper_headers, unreadable = whisper_headers_for_box(box, base)

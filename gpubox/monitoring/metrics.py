@@ -23,6 +23,14 @@ collector publishes them under job ``node@<host>``):
 
 The blackbox exporter's ``probe_success`` (1 when the TCP connect succeeded) of each RPC probe, labelled
 ``host`` (the client host), ``kind="rpc-probe"``, ``service`` (the llama-server), ``rpc`` and ``endpoint``.
+
+HAProxy 2.6's own exporter on a gateway host (``job="gateway@<host>"``, ``kind="gateway"``), as recorded in
+tests/fixtures/haproxy/exporter-metrics.txt: ``proxy`` is a model group's backend (``group_<name>``) and
+``server`` a backend llama-server (``<host>:<service>``). Its states are state sets: one series per ``state``,
+1 for the current one (``haproxy_server_status{state="UP"}`` is 1 while the server takes requests; a drained
+one is ``DRAIN``, a failed one ``DOWN``, one in maintenance ``MAINT``). A backend's ``current_queue`` holds the
+requests waiting for a free slot (``maxconn``: the llama-server's ``parallel``) with no server chosen yet, a
+server's those waiting for it.
 """
 
 from __future__ import annotations
@@ -50,6 +58,17 @@ TEXTFILE_UPDATED = "gpubox_textfile_updated_timestamp_seconds"
 
 # The blackbox exporter's (its TCP probes of RPC servers, under jobs ``rpc-probe:...``).
 PROBE_SUCCESS = "probe_success"
+
+# HAProxy's exporter (a gateway host's ``frontend stats``, gpubox.haproxy).
+HAPROXY_SERVER_STATUS = "haproxy_server_status"
+HAPROXY_SERVER_SESSIONS = "haproxy_server_current_sessions"
+HAPROXY_SERVER_QUEUE = "haproxy_server_current_queue"
+HAPROXY_BACKEND_QUEUE = "haproxy_backend_current_queue"
+HAPROXY_SERVER_RESPONSES = "haproxy_server_http_responses_total"
+HAPROXY_SERVER_CONNECTION_ERRORS = "haproxy_server_connection_errors_total"
+HAPROXY_SERVER_RESPONSE_ERRORS = "haproxy_server_response_errors_total"
+HAPROXY_SERVER_RESPONSE_TIME = "haproxy_server_response_time_average_seconds"
+HAPROXY_STATE_UP = "UP"
 
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 """Where Debian's prometheus-node-exporter reads ``*.prom`` files (its textfile collector's default)."""

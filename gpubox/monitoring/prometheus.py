@@ -201,13 +201,13 @@ def arguments(daemon: Daemon, fleet: Fleet, host: FleetHost) -> list[str]:
     monitoring = fleet.monitoring
     if daemon is NODE_EXPORTER:
         return [
-            f"--web.listen-address=127.0.0.1:{host.box.monitoring.node_exporter_port}",
+            f"--web.listen-address=127.0.0.1:{host.monitoring.node_exporter_port}",
             f"--collector.textfile.directory={TEXTFILE_DIR}",
         ]
     if daemon is BLACKBOX:
         return [
             f"--config.file={BLACKBOX_CONFIG}",
-            f"--web.listen-address=127.0.0.1:{host.box.monitoring.blackbox_port}",
+            f"--web.listen-address=127.0.0.1:{host.monitoring.blackbox_port}",
         ]
     if daemon is ALERTMANAGER:
         return [
@@ -221,7 +221,7 @@ def arguments(daemon: Daemon, fleet: Fleet, host: FleetHost) -> list[str]:
             "--enable-feature=agent",
             f"--config.file={PROMETHEUS_CONFIG}",
             f"--storage.agent.path={AGENT_STORAGE}",
-            f"--web.listen-address=127.0.0.1:{host.box.monitoring.agent_port}",
+            f"--web.listen-address=127.0.0.1:{host.monitoring.agent_port}",
         ]
     server = [
         f"--config.file={PROMETHEUS_CONFIG}",

@@ -12,6 +12,10 @@ A llama-server's remote devices (its RPC servers) are up when their TCP probe co
 llama-server itself is up: it holds the RPC server's one connection then, and a busy ggml-rpc-server's
 accept queue (backlog 1) lets no probe in (:mod:`.rules`). Down: the probe fails and the llama-server
 is not up.
+
+A gateway's model groups (``gateway_rows``): how many of each group's backends HAProxy has UP (its
+``haproxy_server_status`` state set) of those the inventory names, the sessions its backends serve and the
+requests queued for a free slot; three requests more, only when the fleet has a gateway.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from rich.table import Table
 
 from gpubox.gpu import gpu_list
 from gpubox.monitoring import metrics
-from gpubox.monitoring.fleet import KIND_NODE, KIND_RPC_PROBE, Fleet, scrape_targets
+from gpubox.monitoring.fleet import KIND_GATEWAY, KIND_NODE, KIND_RPC_PROBE, Fleet, group_proxy, scrape_targets
 
 GIB = 1024**3
 DEFAULT_TIMEOUT_S = 10.0
@@ -162,6 +166,18 @@ PROBE_QUERY = f'max by (host, service, rpc) ({metrics.PROBE_SUCCESS}{{kind="{KIN
 UNIT_ACTIVE_QUERY = f"max by (host, service) ({metrics.UNIT_ACTIVE})"
 VRAM_USED_QUERY = f"max by (host, gpu) ({metrics.GPU_MEMORY_USED})"
 VRAM_PLANNED_QUERY = f"max by (host, gpu) ({metrics.GPU_PLANNED_MEMORY})"
+_GATEWAY = f'kind="{KIND_GATEWAY}"'
+GATEWAY_HEALTHY_QUERY = (
+    f'count by (host, proxy) ({metrics.HAPROXY_SERVER_STATUS}{{{_GATEWAY},state="{metrics.HAPROXY_STATE_UP}"}} == 1)'
+)
+"""Per gateway host and group (``proxy``), its backends HAProxy has UP."""
+GATEWAY_SESSIONS_QUERY = f"sum by (host, proxy) ({metrics.HAPROXY_SERVER_SESSIONS}{{{_GATEWAY}}})"
+"""Per gateway host and group, the requests its backends serve now."""
+GATEWAY_QUEUE_QUERY = (
+    f"sum by (host, proxy) ({metrics.HAPROXY_BACKEND_QUEUE}{{{_GATEWAY}}}) + "
+    f"sum by (host, proxy) ({metrics.HAPROXY_SERVER_QUEUE}{{{_GATEWAY}}})"
+)
+"""Per gateway host and group, the requests waiting for a slot: the group's queue and its servers'."""
 
 
 # --- top's rows -----------------------------------------------------------------------------------
@@ -223,6 +239,86 @@ class FleetRow:
     """The RPC servers on other hosts it puts layers on, in its ``rpc`` order."""
 
 
+@dataclass(frozen=True)
+class GatewayRow:
+    """One model group of a gateway as Prometheus sees it now; None: no data (HAProxy not scraped).
+
+    + healthy: its backends HAProxy has UP; total: those the inventory names; min_healthy: the group's
+    + sessions: requests its backends serve; queued: requests waiting for a free slot
+    """
+
+    host: str
+    group: str
+    healthy: int | None
+    total: int
+    min_healthy: int
+    sessions: float | None
+    queued: float | None
+    alerts: tuple[str, ...] = ()
+
+    @property
+    def degraded(self) -> bool:
+        return self.healthy is None or self.healthy < self.min_healthy
+
+
+def gateway_rows(fleet: Fleet, client: PrometheusClient, alerts: Sequence[Alert] | None = None) -> list[GatewayRow]:
+    """One row per model group of each gateway, in inventory order; three requests (none without a gateway), and
+    the alerts unless ``alerts`` are given. A group HAProxy reports no UP backend of, while it reports the
+    group's sessions, has 0 healthy."""
+    gateways = [host for host in fleet.hosts if host.gateway is not None]
+    if not gateways:
+        return []
+    healthy = _by(client.query(GATEWAY_HEALTHY_QUERY), "host", "proxy")
+    sessions = _by(client.query(GATEWAY_SESSIONS_QUERY), "host", "proxy")
+    queued = _by(client.query(GATEWAY_QUEUE_QUERY), "host", "proxy")
+    firing = [alert for alert in (client.alerts() if alerts is None else alerts) if alert.state == "firing"]
+    rows = []
+    for host in gateways:
+        assert host.gateway is not None
+        for group in host.gateway.groups:
+            key = (host.name, group_proxy(group.name))
+            reported = key in sessions
+            count = healthy.get(key)
+            rows.append(GatewayRow(
+                host=host.name,
+                group=group.name,
+                healthy=int(count) if count is not None else (0 if reported else None),
+                total=len(group.backends),
+                min_healthy=group.min_healthy,
+                sessions=sessions.get(key),
+                queued=queued.get(key),
+                alerts=tuple(sorted({
+                    alert.name for alert in firing
+                    if alert.labels.get("host") == host.name
+                    and alert.labels.get("group", group.name) == group.name
+                    and alert.name.startswith("GpuboxGateway")
+                })),
+            ))  # fmt: skip
+    return rows
+
+
+def gateway_table(rows: Sequence[GatewayRow], title: str = "gpubox gateways") -> Table:
+    """A row per model group: its healthy backends of all (red below ``min_healthy``), sessions, queue, alerts."""
+    table = Table(title=title)
+    for column in ("host", "group"):
+        table.add_column(column)
+    for column in ("healthy/total", "min", "sessions", "queued"):
+        table.add_column(column, justify="right")
+    table.add_column("alerts", overflow="fold")
+    for row in rows:
+        healthy = f"{'?' if row.healthy is None else row.healthy}/{row.total}"
+        table.add_row(
+            row.host,
+            row.group,
+            f"[bold red]{healthy}[/]" if row.degraded else f"[green]{healthy}[/]",
+            str(row.min_healthy),
+            "-" if row.sessions is None else f"{row.sessions:.0f}",
+            "-" if row.queued is None else f"{row.queued:.0f}",
+            f"[bold red]{', '.join(row.alerts)}[/]" if row.alerts else "",
+        )
+    return table
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -261,7 +357,7 @@ def fleet_rows(fleet: Fleet, client: PrometheusClient) -> list[FleetRow]:
     rows: list[FleetRow] = []
     for host in fleet.hosts:
         jobs = {target.labels.get("service"): target.job for target in scrape_targets(host)}
-        for service in host.box.services:
+        for service in host.services:
             key = (host.name, service.name)
             gpus = service.placement
             scraped = service.scrape() is not None

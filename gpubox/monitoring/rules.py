@@ -11,6 +11,8 @@ each threshold is the number its spec holds:
 | GpuboxUnitInactive | service (any type) | ``gpubox_unit_active == 0`` | ``down_for_s`` |
 | GpuboxHostSilent | host | no ``up{kind="node"} == 1`` | ``down_for_s`` |
 | GpuboxRpcDeviceUnreachable | RPC server in use | its TCP probe fails, its llama-server not up | ``down_for_s`` |
+| GpuboxGatewayDown | gateway host | ``up`` of HAProxy's exporter ``== 0`` | ``down_for_s`` |
+| GpuboxGatewayGroupDegraded | model group | backends UP < ``ModelGroup.min_healthy`` | ``down_for_s`` |
 | GpuboxSlowDecode | llama-server with smoke | tok/s < ``SmokeThresholds.min_tokens_per_second`` | ``slow_for_s`` |
 | GpuboxLowAcceptance | drafting llama-server | accepted/drafted < ``SmokeThresholds.min_acceptance`` | ``slow_for_s`` |
 | GpuboxGpuMemoryOverPlan | planned GPU | used > plan + ``vram_margin_mib`` | 2m |
@@ -38,6 +40,11 @@ accept (or its loss is what keeps the llama-server down). An RPC server that die
 llama-server is its own unit's alert on its host (``GpuboxUnitInactive``); the llama-server's next
 request aborts it, and then this alert fires if the device is still gone.
 
+A model group's healthy backends are its servers HAProxy has in state UP (``haproxy_server_status``'s
+state set): a backend drained for a rollout, in maintenance or failing its checks is not one. No series
+(HAProxy or its host's agent gone) counts as none healthy, so the group alert fires then too, beside
+``GpuboxGatewayDown`` or ``GpuboxHostSilent``.
+
 Every label value reaches PromQL through :func:`label_matcher` (a PromQL string literal, escaped)
 and the alert's labels and annotations through :func:`template_text` (Prometheus expands Go
 templates in both), so an inventory name with quotes, backslashes or ``{{`` can't break the file.
@@ -52,7 +59,16 @@ from typing import Any, Literal
 import yaml
 
 from gpubox.monitoring import metrics
-from gpubox.monitoring.fleet import KIND_NODE, Fleet, FleetHost, probe_targets, scrape_targets
+from gpubox.monitoring.fleet import (
+    KIND_GATEWAY,
+    KIND_NODE,
+    Fleet,
+    FleetHost,
+    gateway_job,
+    group_proxy,
+    probe_targets,
+    scrape_targets,
+)
 from gpubox.servers.base import Service
 
 MIB = 1024 * 1024
@@ -228,13 +244,64 @@ def rpc_rules(fleet: Fleet) -> list[dict[str, Any]]:
     return rules
 
 
+def healthy_backends_expr(host: str, group: str) -> str:
+    """How many of ``group``'s backends HAProxy on ``host`` has UP now: 0 when it reports none (or nothing)."""
+    labels = {"host": host, "kind": KIND_GATEWAY, "proxy": group_proxy(group), "state": metrics.HAPROXY_STATE_UP}
+    return f"(count({selector(metrics.HAPROXY_SERVER_STATUS, labels)} == 1) or vector(0))"
+
+
+def gateway_rules(fleet: Fleet) -> list[dict[str, Any]]:
+    """Each gateway's exporter down, and each model group with fewer healthy backends than its ``min_healthy``,
+    for ``Monitoring.down_for_s``."""
+    down_for = fleet.monitoring.down_for_s
+    rules: list[dict[str, Any]] = []
+    for host in fleet.hosts:
+        if host.gateway is None:
+            continue
+        gateway = host.gateway
+        rules.append(_rule(
+            "GpuboxGatewayDown",
+            f"{selector('up', {'job': gateway_job(host.name)})} == 0",
+            down_for,
+            SEVERITY_CRITICAL,
+            {"host": host.name, "service": KIND_GATEWAY},
+            _text("the gateway on {host} does not answer /metrics", host=host.name),
+            _text(
+                "Prometheus's scrape of HAProxy's exporter on {host} (127.0.0.1:{port}, Gateway.stats_port) has "
+                "failed for Monitoring.down_for_s = {down_for}: HAProxy is down or hung, and {groups} with it.",
+                host=host.name, port=gateway.stats_port, down_for=down_for,
+                groups=", ".join(group.name for group in gateway.groups),
+            ),
+        ))  # fmt: skip
+        for group in gateway.groups:
+            backends = ", ".join(f"{ref.service}@{ref.host}" for ref in group.backends)
+            rules.append(_rule(
+                "GpuboxGatewayGroupDegraded",
+                f"{healthy_backends_expr(host.name, group.name)} < {group.min_healthy}",
+                down_for,
+                SEVERITY_CRITICAL,
+                {"host": host.name, "group": group.name},
+                _text("model group {group} on gateway {host} has {value} healthy backend(s), fewer than "
+                      "{min_healthy}", group=group.name, host=host.name, min_healthy=group.min_healthy),
+                _text(
+                    "HAProxy on {host} has had {value} of group {group}'s {count} backends ({backends}) UP for "
+                    "Monitoring.down_for_s = {down_for}, fewer than ModelGroup.min_healthy = {min_healthy}. A "
+                    "backend that fails its /health checks, is drained or in maintenance is not UP; none at all "
+                    "when HAProxy's exporter is not scraped (GpuboxGatewayDown). Requests to {group} queue or fail.",
+                    host=host.name, group=group.name, count=len(group.backends), backends=backends,
+                    down_for=down_for, min_healthy=group.min_healthy,
+                ),
+            ))  # fmt: skip
+    return rules
+
+
 def availability_rules(fleet: Fleet) -> list[dict[str, Any]]:
     """Down targets, inactive units and silent hosts: each for ``Monitoring.down_for_s``."""
     down_for = fleet.monitoring.down_for_s
     rules: list[dict[str, Any]] = []
     for host in fleet.hosts:
         for target in scrape_targets(host):
-            if target.labels.get("kind") == KIND_NODE:
+            if target.labels.get("kind") in (KIND_NODE, KIND_GATEWAY):  # the gateway's: gateway_rules
                 continue
             name = target.labels["service"]
             rules.append(_rule(
@@ -250,7 +317,7 @@ def availability_rules(fleet: Fleet) -> list[dict[str, Any]]:
                     service=name, job=target.job, port=target.port, down_for=down_for,
                 ),
             ))
-        for service in host.box.services:
+        for service in host.services:
             rules.append(_rule(
                 "GpuboxUnitInactive",
                 f"{selector(metrics.UNIT_ACTIVE, _node(host, service=service.name))} == 0",
@@ -278,7 +345,7 @@ def availability_rules(fleet: Fleet) -> list[dict[str, Any]]:
                 host=host.name, down_for=down_for,
             ),
         ))
-    return rules + rpc_rules(fleet)
+    return rules + rpc_rules(fleet) + gateway_rules(fleet)
 
 
 def performance_rules(fleet: Fleet) -> list[dict[str, Any]]:
@@ -289,7 +356,7 @@ def performance_rules(fleet: Fleet) -> list[dict[str, Any]]:
     over_text = "over {window} (Monitoring.rate_window_s = {rate_window_s}) for Monitoring.slow_for_s = {slow_for_s}"
     rules: list[dict[str, Any]] = []
     for host in fleet.hosts:
-        for server in host.box.services:
+        for server in host.services:
             thresholds, scrape = server.decode_thresholds(), server.scrape()
             if thresholds is None or scrape is None:
                 continue
@@ -334,7 +401,7 @@ def performance_rules(fleet: Fleet) -> list[dict[str, Any]]:
 
 
 def _has_gpus(host: FleetHost) -> bool:
-    return bool(host.box.expected_gpus) or any(service.gpus for service in host.box.services)
+    return (host.box is not None and bool(host.box.expected_gpus)) or any(service.gpus for service in host.services)
 
 
 def gpu_and_unit_rules(fleet: Fleet, planned: Mapping[str, Mapping[int, int]]) -> list[dict[str, Any]]:
@@ -362,7 +429,7 @@ def gpu_and_unit_rules(fleet: Fleet, planned: Mapping[str, Mapping[int, int]]) -
                     for_=duration(MEMORY_OVER_PLAN_FOR_S),
                 ),
             ))
-        for service in host.box.services:
+        for service in host.services:
             rules.append(_rule(
                 "GpuboxUnitRestarting",
                 f"increase({selector(metrics.UNIT_RESTARTS, _node(host, service=service.name))}[{restarts_window}])"

@@ -145,7 +145,7 @@ def sample_name(name: str, labels: Mapping[str, str]) -> str:
     return line.removesuffix(value)
 
 
-def static_metrics(box: Box, planned_bytes: Mapping[int, int]) -> str:
+def static_metrics(box: Box | None, planned_bytes: Mapping[int, int]) -> str:
     """The metrics known when rendering: each planned GPU's total, and each service pinned to a GPU."""
     planned = GaugeMetricFamily(metrics.GPU_PLANNED_MEMORY, HELP[metrics.GPU_PLANNED_MEMORY], labels=["gpu"])
     for gpu, used in sorted(planned_bytes.items()):
@@ -153,7 +153,7 @@ def static_metrics(box: Box, planned_bytes: Mapping[int, int]) -> str:
     info = GaugeMetricFamily(
         metrics.GPU_SERVICE_INFO, HELP[metrics.GPU_SERVICE_INFO], labels=["gpu", "service", "unit"]
     )
-    for service in box.services:
+    for service in box.services if box is not None else ():
         for gpu in service.placement:
             info.add_metric([str(gpu), service.name, service.unit_name], 1)
     return exposition([planned, info])
@@ -164,15 +164,16 @@ def textfile_path(textfile_dir: str = metrics.TEXTFILE_DIR, textfile_name: str =
 
 
 def gpu_metrics_script(
-    box: Box,
+    box: Box | None,
     planned_bytes: Mapping[int, int],
     textfile_dir: str = metrics.TEXTFILE_DIR,
     textfile_name: str = metrics.TEXTFILE_NAME,
 ) -> str:
     """The script's whole text: the same box, plan and paths always render the same bytes.
 
-    ``planned_bytes``: each GPU index's planned total in bytes (``fleet.planned_gpu_bytes``; may be
-    empty). ``textfile_dir`` must exist on the host (node-exporter's package makes the default one).
+    ``box``: None on a gateway-only host (nvidia-smi's state and the time only). ``planned_bytes``: each
+    GPU index's planned total in bytes (``fleet.planned_gpu_bytes``; may be empty). ``textfile_dir`` must
+    exist on the host (node-exporter's package makes the default one).
     """
     if not textfile_name.endswith(".prom") or "/" in textfile_name:
         raise ValueError(f"textfile_name must be a file name ending in .prom, got {textfile_name!r}")
@@ -191,7 +192,7 @@ def gpu_metrics_script(
         ]
     active_lines = [f"\tprintf '%s' {shell_word(_header(metrics.UNIT_ACTIVE))}"]
     restart_lines = [f"\tprintf '%s' {shell_word(_header(metrics.UNIT_RESTARTS))}"]
-    for service in box.services:
+    for service in box.services if box is not None else ():
         labels = {"service": service.name, "unit": service.unit_name}
         unit = shell_word(service.unit_name, "a unit name")
         active_lines.append(
