@@ -32,13 +32,14 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 import gpubox
+from gpubox.gateway import Gateway
 from gpubox.servers.base import Flag, Service, allow_from_rule, extra_args_rule, unauthenticated_stays_on_loopback
 from gpubox.servers.registry import server_types
 
-ROOTS: tuple[type[BaseModel], ...] = (gpubox.Box, gpubox.Monitoring)
-"""Where the walk starts: a host's ``box`` and the fleet's ``monitoring`` (the inventory's data). Both
-from the package's face, which documents what ``gpubox`` exports; the core itself never reaches into
-gpubox.monitoring (tests/test_imports.py)."""
+ROOTS: tuple[type[BaseModel], ...] = (gpubox.Box, gpubox.Monitoring, Gateway)
+"""Where the walk starts: a host's ``box``, the fleet's ``monitoring`` and a host's ``gateway`` (the inventory's
+data). The first two from the package's face, which documents what ``gpubox`` exports; the core itself never
+reaches into gpubox.monitoring (tests/test_imports.py)."""
 SHARED_RULES_BEFORE: tuple[Callable[[Any], Any], ...] = (unauthenticated_stays_on_loopback,)
 SHARED_RULES_AFTER: tuple[Callable[[Any], Any], ...] = (extra_args_rule, allow_from_rule)
 """The rules every server type runs around its own ``RULES`` (``Service.rule_problems``)."""
