@@ -499,3 +499,15 @@ def test_pyinfra_connections_run_commands_and_hold_the_lock_as_a_deploy_would(tm
         assert not (tmp_path / "locks" / "rollout.holder").exists()
     finally:
         connections.close()
+
+
+def test_the_deploy_runs_pyinfra_limited_to_the_units_hosts_and_streams_its_output(tmp_path: Path) -> None:
+    from gpubox.rollout_io import PyinfraDeployer
+
+    fake = tmp_path / "pyinfra"
+    fake.write_text('#!/bin/sh\necho "argv: $*"\necho "to stderr" >&2\nexit 4\n')
+    fake.chmod(0o755)
+    deployer = PyinfraDeployer("inventory/x.py", "deploys/y.py", pyinfra=str(fake))
+    lines: list[str] = []
+    assert deployer.deploy(("delta", "echo"), lines.append) == 4
+    assert lines == ["argv: inventory/x.py deploys/y.py --limit delta --limit echo -y", "to stderr"]
