@@ -4,7 +4,8 @@ check validates an inventory's boxes and gateways (and its monitoring) without c
 memory from the models' GGUF headers; smoke tests a running llama-server against thresholds; bench sweeps
 slots, drafter and n-max (on a running server or temporary local ones); monitoring writes the fleet's
 Prometheus, alert and Grafana files; top shows the fleet live from its Prometheus, and report draws its
-history as a PNG (./gpubox-report.png unless --png).
+history as a PNG (./gpubox-report.png unless --png); rollout deploys the fleet a few hosts at a time, each
+drained at its gateway while it rolls (a canary first, a llama-server with its RPC servers' hosts as one).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from gpubox import cli_client, cli_monitoring, cli_plan
+from gpubox import cli_client, cli_monitoring, cli_plan, cli_rollout
 from gpubox.inventory import (
     HostBox,
     InventoryError,
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_client.register(commands)
     cli_plan.register(commands)
     cli_monitoring.register(commands)
+    cli_rollout.register(commands)
     return parser
 
 
