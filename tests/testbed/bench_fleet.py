@@ -35,12 +35,13 @@ def fleet_config(base: TestbedConfig, count: int) -> TestbedConfig:
     return base.changed(fleet=base.fleet[: count - 1])
 
 
-def run(deploy: str, config: TestbedConfig, config_path: Path, *flags: str) -> float:
-    config.write(config_path)
+def timed_pyinfra(inventory: str, deploy: str, config_path: Path, *flags: str, cwd: Path = ROOT) -> float:
+    """Seconds of one ``pyinfra -y`` run of ``deploy`` (from ``cwd``, the repo root unless told) with the
+    test host config at ``config_path``; a failed run stops the benchmark with its output."""
     started = time.monotonic()
     result = subprocess.run(
-        [PYINFRA, "-y", *flags, "inventory/testbed.py", deploy],
-        cwd=ROOT,
+        [PYINFRA, "-y", *flags, inventory, deploy],
+        cwd=cwd,
         env={**os.environ, "GPUBOX_TESTBED_CONFIG": str(config_path)},
         capture_output=True,
         text=True,
@@ -50,6 +51,11 @@ def run(deploy: str, config: TestbedConfig, config_path: Path, *flags: str) -> f
     if result.returncode != 0:
         raise SystemExit(f"{deploy} failed:\n{(result.stdout + result.stderr)[-4000:]}")
     return elapsed
+
+
+def run(deploy: str, config: TestbedConfig, config_path: Path, *flags: str) -> float:
+    config.write(config_path)
+    return timed_pyinfra("inventory/testbed.py", deploy, config_path, *flags)
 
 
 def main() -> int:
