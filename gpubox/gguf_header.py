@@ -6,6 +6,10 @@ constants (value types, quantization types and their block sizes, key names). It
 tensor data: a multi-GB model is described by its first few MB, which the ``facts.gguf.GgufHeader``
 fact reads on the host and the VRAM planner reads from local files (:func:`read_gguf_header`).
 
+The constants are read from ``gguf.constants`` alone (:func:`gguf_constants`): the ``gguf`` package
+imports its own reader and writer, and numpy with them (~0.1 s), which every deploy would pay for to
+read a header a few kB long.
+
 Layout (GGUF v2/v3): magic ``GGUF``, uint32 version, uint64 tensor count, uint64 key/value count,
 the key/values, the tensor infos, padding to ``general.alignment``, then the tensor data.
 """
@@ -14,17 +18,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import gzip
+import importlib.util
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
 
-from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 from pydantic import StrictBool, StrictInt
 
 from gpubox.quoting import shell_word
 from gpubox.records import Record
+
+if TYPE_CHECKING:
+    from gguf import GGUFValueType
 
 DEFAULT_HEAD_BYTES = 32 * 1024 * 1024
 """Enough for the header of models with a 262k-token vocabulary (several MB of token strings)."""
@@ -32,19 +41,20 @@ DEFAULT_HEAD_BYTES = 32 * 1024 * 1024
 MAX_KEPT_ARRAY_LENGTH = 512
 """Longer arrays (tokens, scores, merges) are kept as their length only; per-layer arrays fit."""
 
-_MAGIC = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
-_SCALAR_FORMATS = {
-    GGUFValueType.UINT8: "B",
-    GGUFValueType.INT8: "b",
-    GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h",
-    GGUFValueType.UINT32: "I",
-    GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f",
-    GGUFValueType.BOOL: "?",
-    GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q",
-    GGUFValueType.FLOAT64: "d",
+MAGIC = b"GGUF"
+"""``gguf.GGUF_MAGIC`` as the file's first four bytes."""
+_SCALAR_FORMATS = {  # struct formats by ``gguf.GGUFValueType`` name
+    "UINT8": "B",
+    "INT8": "b",
+    "UINT16": "H",
+    "INT16": "h",
+    "UINT32": "I",
+    "INT32": "i",
+    "FLOAT32": "f",
+    "BOOL": "?",
+    "UINT64": "Q",
+    "INT64": "q",
+    "FLOAT64": "d",
 }
 
 Scalar = StrictBool | StrictInt | float | str
@@ -177,8 +187,25 @@ class _HeadEnded(Exception):
     pass
 
 
+@functools.cache
+def gguf_constants() -> ModuleType:
+    """``gguf.constants`` (value and quantization types, their block sizes, key names), run from its
+    file without the ``gguf`` package's ``__init__`` and its numpy; it imports nothing of ``gguf``."""
+    package = importlib.util.find_spec("gguf")
+    if package is None or package.origin is None:
+        raise ModuleNotFoundError("gpubox reads GGUF headers with the gguf package's constants: pip install gguf")
+    constants = Path(package.origin).with_name("constants.py")
+    spec = importlib.util.spec_from_file_location("gpubox._gguf_constants", constants)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class _Reader:
     def __init__(self, head: bytes, endian: str) -> None:
+        self.constants = gguf_constants()
+        self.types: type[GGUFValueType] = self.constants.GGUFValueType
         self.head = head
         self.endian = endian
         self.position = 0
@@ -199,22 +226,22 @@ class _Reader:
         return self.take(self.unpack("Q")).decode("utf-8", errors="replace")
 
     def value(self, value_type: GGUFValueType) -> MetadataValue:
-        if value_type == GGUFValueType.STRING:
+        if value_type == self.types.STRING:
             return self.string()
-        if value_type == GGUFValueType.ARRAY:
+        if value_type == self.types.ARRAY:
             return self.array()
-        scalar: Scalar = self.unpack(_SCALAR_FORMATS[value_type])
+        scalar: Scalar = self.unpack(_SCALAR_FORMATS[value_type.name])
         return scalar
 
     def array(self) -> list[Scalar] | ArraySummary:
-        element_type = GGUFValueType(self.unpack("I"))
+        element_type = self.types(self.unpack("I"))
         length = self.unpack("Q")
-        if length > MAX_KEPT_ARRAY_LENGTH or element_type == GGUFValueType.ARRAY:
+        if length > MAX_KEPT_ARRAY_LENGTH or element_type == self.types.ARRAY:
             self.skip_array(element_type, length)
             return ArraySummary(element_type=element_type.name, length=length)
-        if element_type == GGUFValueType.STRING:
+        if element_type == self.types.STRING:
             return [self.string() for _ in range(length)]
-        fmt = _SCALAR_FORMATS[element_type]
+        fmt = _SCALAR_FORMATS[element_type.name]
         values = struct.unpack(f"{self.endian}{length}{fmt}", self.take(length * struct.calcsize(fmt)))
         return list(values)
 
@@ -231,13 +258,13 @@ class _Reader:
         self.position = position
 
     def skip_array(self, element_type: GGUFValueType, length: int) -> None:
-        if element_type == GGUFValueType.STRING:
+        if element_type == self.types.STRING:
             self.skip_strings(length)
-        elif element_type == GGUFValueType.ARRAY:
+        elif element_type == self.types.ARRAY:
             for _ in range(length):
-                self.skip_array(GGUFValueType(self.unpack("I")), self.unpack("Q"))
+                self.skip_array(self.types(self.unpack("I")), self.unpack("Q"))
         else:
-            self.take(length * struct.calcsize(_SCALAR_FORMATS[element_type]))
+            self.take(length * struct.calcsize(_SCALAR_FORMATS[element_type.name]))
 
 
 def _endianness(head: bytes) -> str:
@@ -253,10 +280,10 @@ def _tensor_info(reader: _Reader) -> TensorInfo:
     type_id = reader.unpack("I")
     offset = reader.unpack("Q")
     try:
-        ggml_type = GGMLQuantizationType(type_id)
+        ggml_type = reader.constants.GGMLQuantizationType(type_id)
     except ValueError:
         return TensorInfo(name=name, shape=shape, ggml_type=f"UNKNOWN_{type_id}", offset=offset, n_bytes=None)
-    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    block_size, type_size = reader.constants.GGML_QUANT_SIZES[ggml_type]
     n_elements = 1
     for dim in shape:
         n_elements *= dim
@@ -271,6 +298,7 @@ def _tensor_info(reader: _Reader) -> TensorInfo:
 
 def _parse(head: bytes, file_size: int) -> GgufFile:
     reader = _Reader(head, _endianness(head))
+    keys = reader.constants.Keys.General
     reader.take(4)
     version = reader.unpack("I")
     if version not in (2, 3):
@@ -280,14 +308,14 @@ def _parse(head: bytes, file_size: int) -> GgufFile:
     metadata: dict[str, MetadataValue] = {}
     for _ in range(kv_count):
         key = reader.string()
-        metadata[key] = reader.value(GGUFValueType(reader.unpack("I")))
+        metadata[key] = reader.value(reader.types(reader.unpack("I")))
     tensors = [_tensor_info(reader) for _ in range(tensor_count)]
-    alignment = metadata.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
+    alignment = metadata.get(keys.ALIGNMENT, reader.constants.GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
-        raise GgufError(f"invalid {Keys.General.ALIGNMENT}: {alignment!r}")
+        raise GgufError(f"invalid {keys.ALIGNMENT}: {alignment!r}")
     data_offset = -(-reader.position // alignment) * alignment
-    architecture = metadata.get(Keys.General.ARCHITECTURE)
-    name = metadata.get(Keys.General.NAME)
+    architecture = metadata.get(keys.ARCHITECTURE)
+    name = metadata.get(keys.NAME)
     return GgufFile(
         version=version,
         file_size=file_size,
@@ -307,10 +335,10 @@ def parse_gguf_header(head: bytes, file_size: int) -> GgufFile:
     the end of the tensor data the header describes), GgufHeadTooShortError (the file goes on past
     ``head``: read more), or GgufError (an unsupported version, or garbage in the header).
     """
-    if len(head) < 8 or head[:4] != _MAGIC:
-        if len(head) < 4 and file_size == len(head) and _MAGIC.startswith(head):
+    if len(head) < 8 or head[:4] != MAGIC:
+        if len(head) < 4 and file_size == len(head) and MAGIC.startswith(head):
             raise TruncatedGgufError(f"file of {file_size} bytes is too short to be a GGUF")
-        raise NotGgufError(f"not a GGUF file: it starts with {head[:8]!r}, not {_MAGIC!r}")
+        raise NotGgufError(f"not a GGUF file: it starts with {head[:8]!r}, not {MAGIC!r}")
     try:
         header = _parse(head, file_size)
     except _HeadEnded:

@@ -50,9 +50,12 @@ def stamps_command(stamp_dir: str = STAMP_DIR, unit_dir: str = UNIT_DIR) -> str:
     return "; ".join([
         f"for stamp in {stamps}*.stamp",
         'do [ -f "$stamp" ] || continue',
-        'model=$(head -n 1 "$stamp")',
+        'IFS= read -r model < "$stamp"',  # its first line, by the shell itself (no process)
+        # a path a unit spells otherwise (`%`, `$`, `\`, `"`) is escaped by sed; any other is its own spelling
+        r'case "$model" in *[%\$\\\"]*) '
+        "escaped=$(printf '%s\\n' \"$model\" | sed -e 's/%/%%/g' -e 's/[$]/$$/g' -e 's/[\\\\\"]/\\\\&/g') ;; "
+        '*) escaped=$model ;; esac',
         'size=$(stat -L -c %s -- "$model" 2>/dev/null) || size=-',
-        "escaped=$(printf '%s\\n' \"$model\" | sed -e 's/%/%%/g' -e 's/[$]/$$/g' -e 's/[\\\\\"]/\\\\&/g')",
         f'users=$(grep -lF -e "$model" -e "$escaped" -- {units} 2>/dev/null | tr "\\n" " ")',
         "printf '%s\\t%s\\t%s\\t%s\\n' \"$stamp\" \"$size\" \"$users\" \"$model\"",
         "done",

@@ -18,10 +18,13 @@ def stale_probe_command(unit_name: str, unit_path: str, files: Sequence[str], bi
     """Prints one reason a line for the running process being stale; nothing when it is current or not running."""
     unit = shell_word(unit_name)
     return "\n".join([
-        f"pid=$(systemctl show --property MainPID --value {unit} 2>/dev/null || echo 0)",
+        "pid=0 reload=no",  # one systemctl for both (each costs ~10 ms on a small host): Key=value lines
+        f"for property in $(systemctl show --property MainPID --property NeedDaemonReload {unit} 2>/dev/null); do",
+        '  case "$property" in MainPID=*) pid=${property#*=} ;; NeedDaemonReload=*) reload=${property#*=} ;; esac',
+        "done",
         '[ "${pid:-0}" -gt 0 ] 2>/dev/null || exit 0',
         "started=$(stat -c %Y /proc/$pid)",
-        f'[ "$(systemctl show --property NeedDaemonReload --value {unit})" != yes ] || echo "unit not reloaded"',
+        '[ "$reload" != yes ] || echo "unit not reloaded"',
         f"for file in {shell_join([unit_path, *files])}; do",
         '  changed=$(stat -c %Z "$file" 2>/dev/null || echo 0)',
         '  [ "$changed" -le "$started" ] || echo "changed since start: $file"',

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
@@ -274,6 +273,9 @@ class SpecCounters(BaseModel):
 def unlabelled_samples(text: str) -> dict[str, float] | None:
     """The label-less samples of Prometheus text by sample name (a counter's keeps its ``_total``, and
     llama-server's names their ``llamacpp:``); later duplicates win. None when the text is malformed."""
+    # prometheus_client (~35 ms of imports) when a smoke test reads /metrics, not in every deploy that may run one
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         return {
             sample.name: sample.value

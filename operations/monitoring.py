@@ -1,6 +1,10 @@
 """Monitoring on a host: the distro's node-exporter and Prometheus (server on the monitor, agent elsewhere),
 Alertmanager, gpubox's GPU textfile timer, Grafana's provisioning files; all rendered from the Fleet
-(``gpubox.monitoring.files.host_files``)."""
+(``gpubox.monitoring.files.host_files``).
+
+The box deploy imports this module for its scrape keys (``scrape_keys``): the GPU textfile's module
+(prometheus_client) and Grafana's dashboards (its SDK), ~0.1 s of imports, are imported where their
+files are rendered, so a box deploy does not load them."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
 from gpubox.keys import chmod_mode, fact_mode
-from gpubox.monitoring import prometheus, textfile
+from gpubox.monitoring import prometheus
 from gpubox.monitoring.files import (
     PROMETHEUS_GROUP,
     HostFile,
@@ -146,6 +150,8 @@ def facts_read(fleet: Fleet, fleet_host: FleetHost, files: list[HostFile], grafa
     package manager (the distro is read in the same round trip; the other's reads come back empty).
     ``files``: the host's files as either manager's host renders them (only drop-in paths differ);
     ``grafana``: Grafana's files, on the monitor."""
+    from gpubox.monitoring import textfile  # with the monitoring's deploy, not the box's (the module's docstring)
+
     reads: list[FactRead] = [DISTRO_READ, *package_reads()]
     daemons = prometheus.daemons(fleet, fleet_host)
     paths = [host_file.path for host_file in files]
@@ -187,6 +193,8 @@ def observe(fleet: Fleet, host_name: str) -> None:
 
         monitoring.observe(fleet, host.name)
     """
+    from gpubox.monitoring import textfile  # (the module's docstring)
+
     fleet_host = fleet.host(host_name)
     base = inventory_base()
     planned, _ = planned_vram(fleet, default_headers_dir(base), base)

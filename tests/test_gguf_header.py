@@ -1,5 +1,6 @@
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -15,6 +16,7 @@ from gpubox.gguf_header import (
     NotGgufError,
     TruncatedGgufError,
     check_architecture,
+    gguf_constants,
     gguf_head_command,
     header_from_fact,
     parse_gguf_head_output,
@@ -44,6 +46,27 @@ def smollm2_path() -> Path:
 
 def smollm2_head() -> GgufFile:
     return parse_gguf_header(SMOLLM2_HEAD.read_bytes(), SMOLLM2_SIZE)
+
+
+def test_reading_a_header_loads_gguf_constants_alone_without_numpy() -> None:
+    """The gguf package's __init__ imports numpy (~0.1 s of every deploy that reads a header): the reader
+    takes the constants module alone, and a fresh interpreter that parsed a header has neither loaded."""
+    code = (
+        "import sys; from gpubox.gguf_header import parse_gguf_header; "
+        f"header = parse_gguf_header(open(sys.argv[1], 'rb').read(), {SMOLLM2_SIZE}); "
+        "print(header.architecture, len(header.tensors), sorted({'gguf', 'numpy'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(SMOLLM2_HEAD)], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["llama", str(len(smollm2_head().tensors)), "[]"]
+
+
+def test_the_constants_are_gguf_s_own() -> None:
+    constants = gguf_constants()
+    assert {kind.name: size for kind, size in constants.GGML_QUANT_SIZES.items()} == {
+        kind.name: size for kind, size in gguf.GGML_QUANT_SIZES.items()
+    }
+    assert constants.Keys.General.ARCHITECTURE == gguf.Keys.General.ARCHITECTURE
+    assert gguf_constants() is constants  # run once per process
 
 
 def test_vocab_gguf() -> None:

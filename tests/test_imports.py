@@ -4,6 +4,8 @@ operations and facts don't reach into the CLI, and the product doesn't import it
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,3 +222,29 @@ def test_no_module_outside_the_servers_compares_a_type_tag() -> None:
         for line in type_tag_comparisons(path, tags)
     ]
     assert not offenders, "a type tag compared outside gpubox/servers/:\n" + "\n".join(offenders)
+
+
+UNUSED_BY_A_BOX_DEPLOY = ("numpy", "gguf", "grafana_foundation_sdk", "prometheus_client")
+"""Packages a box deploy's no-op never calls, each 30-100 ms of imports: gguf's package (numpy with it;
+the header reader takes its constants module alone), Grafana's SDK and prometheus_client (the
+monitoring's own deploy renders their files)."""
+
+
+def test_the_box_deploy_loads_no_package_it_does_not_use() -> None:
+    """A no-op run of deploys/danarch4090.py is mostly imports: what it imports (and the inventory's
+    gpubox), imported in a fresh interpreter, loads none of UNUSED_BY_A_BOX_DEPLOY."""
+    known = {**_modules("operations"), **_modules("gpubox")}
+    deploy = REPO / "deploys" / "danarch4090.py"
+    modules = {_resolve(name, known) for name, _ in imported_names("deploys.danarch4090", deploy)}
+    imported = sorted({"gpubox", *(module for module in modules if module is not None)})
+    assert "operations.box_state" in imported and "operations.monitoring" in imported
+    code = (
+        "import importlib, sys\n"
+        "for name in sys.argv[2:]: importlib.import_module(name)\n"
+        "print(sorted(set(sys.argv[1].split(',')) & {name.split('.')[0] for name in sys.modules}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, ",".join(UNUSED_BY_A_BOX_DEPLOY), *imported],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert result.stdout.strip() == "[]"

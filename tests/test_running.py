@@ -40,7 +40,9 @@ def _probe(
 ) -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    systemctl = f'case "$3" in MainPID) echo {pid};; NeedDaemonReload) echo {need_reload};; esac\n'
+    # `systemctl show --property MainPID --property NeedDaemonReload UNIT`: one call, Key=value lines
+    systemctl = '[ "$1 $2 $3 $4 $5" = "show --property MainPID --property NeedDaemonReload" ] || exit 2\n'
+    systemctl += f"echo NeedDaemonReload={need_reload}; echo MainPID={pid}\n"
     _write_stub(bin_dir / "systemctl", systemctl)
     _write_stub(bin_dir / "stat", _stat_stub(ctimes))
     script = stale_probe_command("s.service", str(tmp_path / "s.service"), [str(file) for file in files], binary)

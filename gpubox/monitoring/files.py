@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from gpubox.keys import chmod_mode
-from gpubox.monitoring import dashboards, prometheus, rules, textfile
+from gpubox.monitoring import prometheus, rules
 from gpubox.monitoring.fleet import Fleet, FleetHost, planned_gpu_bytes
 
 PROMETHEUS_GROUP = "prometheus"
@@ -56,6 +56,8 @@ def _config(name: str, path: str, text: str, check: list[str], reloads: str) -> 
 
 def grafana_files(fleet: Fleet) -> list[HostFile]:
     """Grafana's provisioning files (under ``grafana_provisioning``) and the dashboard (where its provider reads)."""
+    from gpubox.monitoring import dashboards  # Grafana's SDK (~60 ms): for the monitor's files, not every deploy's
+
     files = dashboards.provisioning_files(fleet, prometheus_url=fleet.local_prometheus_url)
     provisioning = fleet.monitoring.grafana_provisioning
     return [
@@ -85,6 +87,8 @@ def host_files(
     fleet: Fleet, fleet_host: FleetHost, manager: Manager, planned: dict[str, dict[int, int]]
 ) -> list[HostFile]:
     """What monitoring writes on ``fleet_host``, in the order it is written (rules before the config naming them)."""
+    from gpubox.monitoring import textfile  # prometheus_client (~35 ms): for the monitoring's deploy, not the box's
+
     files = [
         HostFile(
             name=f"Flags of {daemon.unit(manager)}",
