@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import TYPE_CHECKING, Annotated, Self
 
 from pydantic import Field, SerializeAsAny, WrapValidator, field_validator, model_validator
@@ -21,6 +20,7 @@ from gpubox.spec import (
     Spec,
     Violation,
     WhisperCppBuild,
+    host_address,
     refuse,
 )
 
@@ -80,15 +80,7 @@ class Box(Spec):
     @field_validator("address")
     @classmethod
     def _ip_address(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            raise ValueError(
-                f"address is the host's IP address on the network it shares with its peers (e.g. '192.168.1.20'), "
-                f"got {value!r}"
-            ) from None
+        return host_address(value)
 
     @model_validator(mode="after")
     def _box_rules(self) -> Self:

@@ -13,7 +13,6 @@ whole gets a 413 naming the prefix route, an unknown model an OpenAI-style 404 l
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Self
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from gpubox.servers.base import network_entry
-from gpubox.spec import HostMonitoring, Problem, Spec, Violation, absolute_path, is_loopback, refuse
+from gpubox.spec import HostMonitoring, Problem, Spec, Violation, absolute_path, host_address, is_loopback, refuse
 
 if TYPE_CHECKING:
     from gpubox.box import Box
@@ -186,12 +185,7 @@ class Gateway(Spec):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            raise ValueError(f"address is this host's IP address (e.g. '192.168.1.10'), got {value!r}") from None
+        return host_address(value)
 
     @model_validator(mode="after")
     def _rules(self) -> Self:

@@ -577,6 +577,20 @@ class SmokeThresholds(Spec):
     )
 
 
+def host_address(value: str | None) -> str | None:
+    """A host's IP address on the network it shares with its peers (``Box.address``, ``Gateway.address``),
+    canonical; refused when it is no IP address."""
+    if value is None:
+        return value
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(
+            f"address is the host's IP address on the network it shares with its peers (e.g. '192.168.1.20'), "
+            f"got {value!r}"
+        ) from None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

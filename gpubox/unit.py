@@ -33,6 +33,31 @@ NVIDIA_SHARED_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm")
 # move_pages: those stay denied.
 SCHEDULING_SYSCALLS = ("sched_setaffinity", "sched_setscheduler", "setpriority")
 
+# The walls every unit gpubox writes or hardens has (its services', the gateway's HAProxy drop-in).
+KERNEL_WALLS = (
+    "ProtectKernelTunables=yes",
+    "ProtectKernelModules=yes",
+    "ProtectKernelLogs=yes",
+    "ProtectControlGroups=yes",
+    "ProtectClock=yes",
+    "ProtectHostname=yes",
+    "ProtectProc=invisible",
+)
+RESTRICTIONS = (
+    "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+    "RestrictNamespaces=yes",
+    "RestrictRealtime=yes",
+    "RestrictSUIDSGID=yes",
+    "LockPersonality=yes",
+)
+SYSCALL_WALLS = (
+    "RemoveIPC=yes",
+    "KeyringMode=private",
+    "SystemCallArchitectures=native",
+    "SystemCallFilter=@system-service",
+    "SystemCallFilter=~@privileged @resources",
+)
+
 # One restart policy for every server, written into the unit with its reason (RESTART_POLICY): a
 # long-running server has no exit that means "done", so every exit systemd did not ask for is an outage.
 # `on-failure` counts an exit 0 and a death by SIGHUP, SIGINT, SIGTERM or SIGPIPE as clean: a plain
@@ -185,35 +210,17 @@ def hardening(service: Service, gpus: Sequence[Gpu]) -> list[str]:
     ]
     if model_dirs:
         lines.append(f"ReadOnlyPaths={' '.join(path_list_entry(path) for path in model_dirs)}")
-    lines += [
-        "ProtectKernelTunables=yes",
-        "ProtectKernelModules=yes",
-        "ProtectKernelLogs=yes",
-        "ProtectControlGroups=yes",
-        "ProtectClock=yes",
-        "ProtectHostname=yes",
-        "ProtectProc=invisible",
-    ]
+    lines += KERNEL_WALLS
     if cpu_only:
         lines += ["ProcSubset=pid", "PrivateDevices=yes"]
     lines.append("DevicePolicy=closed")
     nodes = [*NVIDIA_SHARED_NODES, *(f"/dev/nvidia{gpu.minor_number}" for gpu in gpus)]
     lines += [f"DeviceAllow={unit_safe(node, 'a device node')} rw" for node in nodes] if gpus else []
-    lines += [
-        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
-        "RestrictNamespaces=yes",
-        "RestrictRealtime=yes",
-        "RestrictSUIDSGID=yes",
-        "LockPersonality=yes",
-    ]
+    lines += RESTRICTIONS
     if cpu_only:
         lines.append("MemoryDenyWriteExecute=yes")
     lines += [
-        "RemoveIPC=yes",
-        "KeyringMode=private",
-        "SystemCallArchitectures=native",
-        "SystemCallFilter=@system-service",
-        "SystemCallFilter=~@privileged @resources",
+        *SYSCALL_WALLS,
         f"SystemCallFilter={' '.join(SCHEDULING_SYSCALLS)}",
         "SystemCallErrorNumber=EPERM",
         "IPAddressDeny=any",

@@ -10,10 +10,8 @@ saves the servers' state (a drained backend stays drained) before each reload.
 
 from __future__ import annotations
 
-from io import StringIO
-
 from pyinfra import host
-from pyinfra.api import OperationError, deploy, operation
+from pyinfra.api import deploy, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.server import Command
 from pyinfra.operations import systemd
@@ -23,8 +21,10 @@ from gpubox.gateway import GATEWAY_DIR, Gateway
 from gpubox.gateway_keys import digest, environment_text
 from gpubox.haproxy import ADMIN_SOCKET, BACKEND_KEYS_ENV, CLIENT_KEYS_FILE, STATE_FILE
 from gpubox.quoting import exec_word, shell_word
+from gpubox.unit import KERNEL_WALLS, RESTRICTIONS, SYSCALL_WALLS
 
 from .failures import python_step
+from .host_commands import put_secret
 from .host_facts import FactRead, forget, read
 from .monitoring import packages
 from .service import api_key_script, running_and_enabled
@@ -54,25 +54,11 @@ HARDENING = (
     "PrivateDevices=yes",
     "PrivateMounts=yes",
     "DevicePolicy=closed",
-    "ProtectKernelTunables=yes",
-    "ProtectKernelModules=yes",
-    "ProtectKernelLogs=yes",
-    "ProtectControlGroups=yes",
-    "ProtectClock=yes",
-    "ProtectHostname=yes",
-    "ProtectProc=invisible",
+    *KERNEL_WALLS,
     "ProcSubset=pid",
-    "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
-    "RestrictNamespaces=yes",
-    "RestrictRealtime=yes",
-    "RestrictSUIDSGID=yes",
-    "LockPersonality=yes",
+    *RESTRICTIONS,
     "MemoryDenyWriteExecute=yes",
-    "RemoveIPC=yes",
-    "KeyringMode=private",
-    "SystemCallArchitectures=native",
-    "SystemCallFilter=@system-service",
-    "SystemCallFilter=~@privileged @resources",
+    *SYSCALL_WALLS,
     "SystemCallFilter=setrlimit",
     "SystemCallErrorNumber=EPERM",
 )
@@ -155,14 +141,8 @@ def client_keys(gateway: Gateway):  # type: ignore[no-untyped-def]
 def _put_secret(text: str, path: str) -> None:
     """Upload ``text`` to ``path`` (root only, 0600) through a staged file: nothing of it is printed."""
     staged = f"{path}.new"
-    if not host.put_file(StringIO(text), staged, print_output=False, print_input=False):
-        raise OperationError(f"could not upload {staged}")
-    succeeded, _ = host.run_shell_command(
-        f"chmod 0600 {shell_word(staged)} && mv -f {shell_word(staged)} {shell_word(path)}",
-        print_output=False, print_input=False,
-    )  # fmt: skip
-    if not succeeded:
-        raise OperationError(f"could not move {staged} over {path}")
+    then = f"chmod 0600 {shell_word(staged)} && mv -f {shell_word(staged)} {shell_word(path)}"
+    put_secret(text, staged, then, f"could not write {path}")
 
 
 @operation()

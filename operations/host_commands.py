@@ -8,6 +8,7 @@ their commands here, with the same `_sudo` & co. the operation was called with.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from io import StringIO
 from typing import Any
 
 from pyinfra import host
@@ -49,3 +50,14 @@ def run(script: str, arguments: Mapping[str, Any], *, show_output: bool = False)
     if not succeeded:
         raise OperationError("\n".join(output.stderr_lines[-30:]) or "the command failed")
     return output
+
+
+def put_secret(text: str, staged: str, then: str, failed: str) -> None:
+    """Upload ``text`` (a key) to ``staged`` on the host, then run ``then`` (which moves or appends it and removes
+    the staged file), printing nothing of either: the key is in no argv, no diff and no log. ``failed`` is the
+    error's message."""
+    if not host.put_file(StringIO(text), staged, print_output=False, print_input=False):
+        raise OperationError(f"{failed}: could not upload {staged}")
+    succeeded, _ = host.run_shell_command(StringCommand(then), print_output=False, print_input=False)
+    if not succeeded:
+        raise OperationError(failed)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from io import StringIO
 
 from pyinfra import host, state
 from pyinfra.api import OperationError, deploy, operation
@@ -35,6 +34,7 @@ from gpubox.unverified import Mark, mark_command
 
 from . import deploy_lock
 from .failures import python_step, refusals_fail_cleanly
+from .host_commands import put_secret
 from .host_facts import FactRead, forget, read
 from .text_files import is_current, log_diff, write_commands
 
@@ -293,15 +293,9 @@ def _line_digests_read(key_file: str) -> FactRead:
 def _append_secret(key: str, key_file: str) -> None:
     """Append ``key`` as a line of ``key_file`` (its owner and mode kept): uploaded, then appended on the host."""
     staged = f"{key_file}.gateway"
-    if not host.put_file(StringIO(f"{key}\n"), staged, print_output=False, print_input=False):
-        raise OperationError(f"could not upload {staged}")
     quoted, quoted_staged = shell_word(key_file), shell_word(staged)
-    succeeded, _ = host.run_shell_command(
-        f"sed -i -e '$a\\' {quoted} && cat {quoted_staged} >> {quoted}; rm -f {quoted_staged}",
-        print_output=False, print_input=False,
-    )  # fmt: skip
-    if not succeeded:
-        raise OperationError(f"could not add the gateway's key to {key_file}")
+    then = f"sed -i -e '$a\\' {quoted} && cat {quoted_staged} >> {quoted}; rm -f {quoted_staged}"
+    put_secret(f"{key}\n", staged, then, f"could not add the gateway's key to {key_file}")
 
 
 @operation()
