@@ -264,6 +264,16 @@ def test_layers_go_to_devices_as_llama_cpp_assigns_them() -> None:
     assert layer_devices(4, "all", (1.0,)) == [0, 0, 0, 0, 0]
 
 
+def test_the_log_parser_reads_the_real_rpc_buffer_lines() -> None:
+    """llama-server's lines with every layer on a ggml-rpc-server holding an H100 (docs/gpu-validation.md)."""
+    log = (ROOT / "tests" / "fixtures" / "llamacpp" / "rpc-client-buffers-h100-ctx65536.log").read_text()
+    breakdown = parse_memory_breakdown(log)
+    assert breakdown.total("model", "RPC0") == pytest.approx(92.17)
+    assert breakdown.total("KV", "RPC0") == pytest.approx(1440.0)
+    assert breakdown.total("compute", "RPC0") == pytest.approx(76.38)
+    assert breakdown.total("model", "CPU") == pytest.approx(28.69)
+
+
 def test_the_log_parser_reads_rpc_buffers() -> None:
     log = (
         "load_tensors:   RPC0[127.0.0.1:50052] model buffer size =    88.73 MiB\n"
