@@ -159,13 +159,13 @@ def test_a_rollout_under_load_restarts_each_node_once_and_fails_no_request(
         requests_ = load.stop()
         watch.stop()
     print(f"rollout {seconds:.0f} s, {len(requests_)} requests, pids {watch.pids(0)} {watch.pids(1)}, "
-          f"{len(watch.samples)} samples")  # fmt: skip
+          f"{len(watch.stats)} samples of show stat")  # fmt: skip
     assert result.returncode == 0, result.stdout[-5000:]
     assert len(requests_) >= 10
     assert not failed(requests_), failed(requests_)[:5]
     assert watch.restarts(0) == 1 and watch.restarts(1) == 1, (watch.pids(0), watch.pids(1))
-    assert watch.unread() <= len(watch.samples) // 10, "show stat could not be read in most samples"
-    assert watch.fewest_up() >= 1, [s.statuses for s in watch.samples]
+    assert watch.unread() <= len(watch.stats) // 10, "show stat could not be read in most samples"
+    assert watch.fewest_up() >= 1, [s.statuses for s in watch.stats]
     for node in (node1, node2):  # each was drained once
         assert "DRAIN" in watch.statuses(node) or "MAINT" in " ".join(watch.statuses(node)), watch.statuses(node)
     names = f"{node1.pyinfra_host_name()}, {node2.pyinfra_host_name()}"

@@ -44,6 +44,7 @@ from tests.testbed.rollout_load import (
     client_key,
     environment,
     failed,
+    failing_seconds,
     fleet_settings,
     gateway_url,
     node_key,
@@ -87,9 +88,10 @@ def under_load(
         "p50_during": percentile([r.seconds for r in during], 0.5),
         "p99_during": percentile([r.seconds for r in during], 0.99),
         "failed": len(misses),
+        "failing_s": failing_seconds(everything),
         "restarts": [watch.restarts(0), watch.restarts(1)],
         "fewest_up": watch.fewest_up(),
-        "samples": len(watch.samples),
+        "samples": len(watch.stats),
         "output_tail": result.stdout[-1500:],
     }
 
@@ -113,7 +115,8 @@ def gateway_overhead(env: dict[str, str], gateway: TestHost, node: TestHost, pai
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--baseline", type=float, default=20.0, help="seconds of load before any change")
+    parser.add_argument("--baseline", type=float, default=20.0, help="seconds of load before any change (after "
+                        "10 s of warm-up)")  # fmt: skip
     parser.add_argument("--pairs", type=int, default=30)
     parser.add_argument("--json", default=str(ROOT / ".cache" / "bench-rollout.json"))
     args = parser.parse_args()
@@ -134,10 +137,13 @@ def main() -> int:
         if result.returncode != 0:
             raise SystemExit((result.stdout + result.stderr)[-4000:])
         print(f"  {seconds:.0f} s", flush=True)
-        print(f"load alone for {args.baseline:.0f} s ...", flush=True)
+        print(f"load alone for {args.baseline:.0f} s (after 10 s of warm-up) ...", flush=True)
         load = Load(gateway_url(env), client_key(gateway), clients=args.clients).start()
+        time.sleep(10)  # the first requests page the model in
+        started = time.monotonic()
         time.sleep(args.baseline)
-        baseline = load.stop()
+        load.stop()
+        baseline = load.between(started, started + args.baseline)
         rows: dict[str, dict[str, object]] = {}
         print("gpubox rollout (ctx_size 2048 -> 4096) under load ...", flush=True)
         new = changed(env, ctx_sizes=[4096, 4096])
@@ -158,19 +164,19 @@ def main() -> int:
           f"{percentile(before, 0.5):.2f} / {percentile(before, 0.99):.2f} s")  # fmt: skip
     print()
     print("| change under load | exit | duration | requests during | p50 / p99 during | failed requests "
-          "| restarts n1, n2 | fewest UP in show stat |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| failing for | restarts n1, n2 | fewest UP in show stat (samples) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
         restarts = row["restarts"]
         assert isinstance(restarts, list)
         print(f"| {name} | {row['exit']} | {row['seconds']:.0f} s | {row['during']} | {row['p50_during']:.2f} / "
-              f"{row['p99_during']:.2f} s | {row['failed']} of {row['requests']} | {restarts[0]}, {restarts[1]} "
-              f"| {row['fewest_up']} |")  # fmt: skip
+              f"{row['p99_during']:.2f} s | {row['failed']} of {row['requests']} | {row['failing_s']:.1f} s "
+              f"| {restarts[0]}, {restarts[1]} | {row['fewest_up']} ({row['samples']}) |")  # fmt: skip
     print()
     added = overhead["gateway"] - overhead["direct"]
     print(f"gateway's added latency (median of {args.pairs}, 4-token completion, one at a time): direct "
-          f"{overhead['direct'] * 1000:.0f} ms, through the gateway {overhead['gateway'] * 1000:.0f} ms, "
-          f"added {added * 1000:.0f} ms")  # fmt: skip
+          f"{overhead['direct'] * 1000:.1f} ms, through the gateway {overhead['gateway'] * 1000:.1f} ms, "
+          f"added {added * 1000:.1f} ms")  # fmt: skip
     report = {
         "baseline": {"requests": len(baseline), "failed": len(failed(baseline)),
                      "p50": percentile(before, 0.5), "p99": percentile(before, 0.99)},

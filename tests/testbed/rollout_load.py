@@ -6,8 +6,8 @@ HAProxy's ``show stat`` while a rollout runs.
 - ``Load``: a few client threads, each looping over chat completions through the gateway with its client key,
   streamed and not in turn, each request on a new connection; every request is recorded (start, seconds, ok,
   why not). A request is ok when it answers 200 and, streamed, ends with ``data: [DONE]`` and no error event.
-- ``Watch``: every ``interval_s``, each node's ``systemctl show -p MainPID`` and the gateway's servers'
-  statuses (over its admin socket, through ``nsenter``: no SSH per sample).
+- ``Watch``: each node's ``systemctl show -p MainPID`` every ``interval_s``, and the gateway's servers'
+  statuses every ``stat_interval_s`` (over its admin socket; both through ``nsenter``: no SSH per sample).
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def fleet_settings(gateway: TestHost, nodes: Sequence[TestHost], commit: str, sm
         "llama_ports": [free_port() for _ in nodes],
         "port": free_port(),
         "stats_port": free_port(),
+        # the smoke test's floor: this shared 2-core machine under the clients' load measured 1.0 tok/s
+        "min_tokens_per_second": [0.1 for _ in nodes],
     }
 
 
@@ -171,6 +173,14 @@ def failed(requests_: Sequence[Request]) -> list[Request]:
     return [request for request in requests_ if not request.ok]
 
 
+def failing_seconds(requests_: Sequence[Request]) -> float:
+    """From the first failed request's start to the last one's end (0 when none failed)."""
+    misses = failed(requests_)
+    if not misses:
+        return 0.0
+    return max(r.started + r.seconds for r in misses) - min(r.started for r in misses)
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     """The nearest-rank percentile (``fraction`` 0.5 for p50); nan of nothing."""
     if not values:
@@ -183,6 +193,11 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 class Sample:
     at: float
     pids: tuple[str, ...]  # each node's MainPID ("" when it could not be read)
+
+
+@dataclass(frozen=True)
+class StatSample:
+    at: float
     statuses: dict[str, str] | None  # HAProxy's status by server name; None when show stat could not be read
 
 
@@ -201,34 +216,43 @@ def read_stats(gateway: TestHost) -> dict[str, str] | None:
 
 @dataclass
 class Watch:
-    """Samples each node's MainPID and the gateway's servers' statuses every ``interval_s`` until ``stop``."""
+    """Samples each node's MainPID every ``interval_s`` and, in another thread, the gateway's servers' statuses
+    every ``stat_interval_s``, until ``stop``."""
 
     gateway: TestHost
     nodes: Sequence[TestHost]
     interval_s: float = 0.5
+    stat_interval_s: float = 0.2
     samples: list[Sample] = field(default_factory=list)
+    stats: list[StatSample] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
 
-    def _loop(self) -> None:
+    def _pid_loop(self) -> None:
         while not self._stop.is_set():
             at = time.monotonic()
             pids = tuple(
                 node.nsenter(f"systemctl show -p MainPID --value {UNIT}", timeout=30).stdout.strip()
                 for node in self.nodes
             )
-            self.samples.append(Sample(at, pids, read_stats(self.gateway)))
+            self.samples.append(Sample(at, pids))
             self._stop.wait(self.interval_s)
 
+    def _stat_loop(self) -> None:
+        while not self._stop.is_set():
+            self.stats.append(StatSample(time.monotonic(), read_stats(self.gateway)))
+            self._stop.wait(self.stat_interval_s)
+
     def start(self) -> Watch:
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=loop, daemon=True) for loop in (self._pid_loop, self._stat_loop)]
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> Watch:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        for thread in self._threads:
+            thread.join(timeout=60)
         return self
 
     def pids(self, index: int) -> list[str]:
@@ -244,13 +268,13 @@ class Watch:
         return max(0, len(self.pids(index)) - 1)
 
     def statuses(self, node: TestHost) -> list[str]:
-        return [s.statuses.get(server_name(node), "missing") for s in self.samples if s.statuses is not None]
+        return [s.statuses.get(server_name(node), "missing") for s in self.stats if s.statuses is not None]
 
     def fewest_up(self) -> int:
         """The fewest servers taking requests (status UP, or UP going down) in any sample of show stat."""
         counts = [sum(status.startswith("UP") for status in s.statuses.values())
-                  for s in self.samples if s.statuses is not None]  # fmt: skip
+                  for s in self.stats if s.statuses is not None]  # fmt: skip
         return min(counts) if counts else -1
 
     def unread(self) -> int:
-        return sum(sample.statuses is None for sample in self.samples)
+        return sum(sample.statuses is None for sample in self.stats)
