@@ -325,6 +325,13 @@ def set_state_command(member: Member, state: ServerState) -> str:
     return f"set server {member.backend}/{haproxy_word(member.server, 'a backend')} state {state}"
 
 
+def recheck_command(member: Member) -> str:
+    """``set server group_x/host:service health down``: the server counts as down until ``rise`` checks pass
+    again. After a deploy, what the gateway says of a drained server is stale: it may not have checked the
+    restarted process yet (``DRAIN`` hides a failed check), and ``state ready`` would send it requests."""
+    return f"set server {member.backend}/{haproxy_word(member.server, 'a backend')} health down"
+
+
 def runtime_shell(command: str, socket: str = ADMIN_SOCKET) -> str:
     """The shell line that sends one runtime API command to HAProxy's admin socket and prints its answer."""
     if "\n" in command or ";" in command:

@@ -9,10 +9,11 @@
 Per step (a group's canary, a batch, a unit alone): wait until draining it keeps every group at
 ``min_healthy`` by the gateways' ``show stat`` (a backend already down counts), or stop naming those down;
 drain its backends (``state drain``); wait until their in-flight requests end, or the drain timeout; deploy
-each unit (the units of a batch at once); put each deployed unit's backends back (``state ready``) and wait
-until the gateway sees them ``UP``. A deploy that fails stops the rollout after its step: its backends go
-back only when the deploy rolled the host back and the gateway's checks pass; otherwise they stay drained
-and the summary says so.
+each unit (the units of a batch at once); mark its backends down until the gateway's checks pass again
+(``health down``: what ``show stat`` said before is stale); put each deployed unit's backends back
+(``state ready``) and wait until the gateway sees them ``UP``. A deploy that fails stops the rollout after
+its step: its backends go back only when the deploy rolled the host back and the gateway's checks pass;
+otherwise they stay drained and the summary says so.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from gpubox.rollout import (
     Step,
     Unit,
     parse_show_stat,
+    recheck_command,
     runtime_shell,
     set_state_command,
     short_groups,
@@ -53,6 +55,9 @@ class Shell(Protocol):
 class GatewayApi(Protocol):
     def stats(self) -> Stats: ...
     def set_state(self, member: Member, state: ServerState) -> None: ...
+    def recheck(self, member: Member) -> None:
+        """Down until its checks pass again (``rollout.recheck_command``)."""
+        ...
 
 
 class Deployer(Protocol):
@@ -97,7 +102,12 @@ class HaproxyRuntime:
             raise RuntimeApiError(f"{self.where}: {error}") from None
 
     def set_state(self, member: Member, state: ServerState) -> None:
-        command = set_state_command(member, state)
+        self._command(set_state_command(member, state))
+
+    def recheck(self, member: Member) -> None:
+        self._command(recheck_command(member))
+
+    def _command(self, command: str) -> None:
         answer = self.send(command).strip()
         if answer:  # HAProxy answers a successful `set server` with an empty line
             raise RuntimeApiError(f"{self.where}: HAProxy refused {command!r}: {answer}")
@@ -219,6 +229,9 @@ class Rollout:
                     self.gateways[member.gateway].set_state(member, "ready")
                 raise
         codes = self._deploy(step.units)
+        for member in members:  # the gateway's view predates the deploy: UP again only once its checks pass
+            self.gateways[member.gateway].recheck(member)
+            self.reporter.event(name, "recheck", f"{member}: down until the gateway's checks pass")
         failed: list[str] = []
         ready: list[Member] = []
         for unit in step.units:

@@ -27,6 +27,7 @@ from gpubox.rollout import (
     ServerState,
     parse_show_stat,
     plan_rollout,
+    recheck_command,
     runtime_shell,
     set_state_command,
 )
@@ -148,6 +149,7 @@ def test_show_stat_is_read_by_its_header() -> None:
 def test_runtime_commands_are_built_from_checked_words_and_reach_socat_whole() -> None:
     member = Member(gateway="gw", group="chat", server="alpha:chat", host="alpha")
     assert set_state_command(member, "drain") == "set server group_chat/alpha:chat state drain"
+    assert recheck_command(member) == "set server group_chat/alpha:chat health down"
     with pytest.raises(ValueError, match="HAProxy"):
         set_state_command(Member(gateway="gw", group="chat", server="a b;c", host="a"), "ready")
     with pytest.raises(ValueError):
@@ -179,6 +181,7 @@ class FakeGateway:
         self.up = {server: True for server in servers}
         self.in_flight = {server: 0 for server in servers}
         self.log = log
+        self.rechecked: list[str] = []
 
     def stats(self) -> dict[tuple[str, str], ServerStat]:
         stats = {}
@@ -193,6 +196,9 @@ class FakeGateway:
     def set_state(self, member: Member, state: ServerState) -> None:
         self.admin[str(member)] = state
         self.log.append((state, str(member)))
+
+    def recheck(self, member: Member) -> None:
+        self.rechecked.append(str(member))
 
 
 class FakeDeployer:
@@ -246,8 +252,10 @@ def _rollout(plan: Plan, deployer: FakeDeployer, gateway: FakeGateway) -> tuple[
 
 def test_each_host_is_drained_deployed_alone_and_put_back_in_order() -> None:
     log: list[tuple[str, str]] = []
-    result, recorder, _ = _rollout(_plan(), FakeDeployer(log), FakeGateway(SERVERS, log))
+    gateway = FakeGateway(SERVERS, log)
+    result, recorder, _ = _rollout(_plan(), FakeDeployer(log), gateway)
     assert result.ok
+    assert gateway.rechecked == [server for server in SERVERS]  # each drained one, once, after its deploy
     assert log == [
         ("drain", "group_chat/alpha:chat"), ("deploy", "alpha"), ("ready", "group_chat/alpha:chat"),
         ("drain", "group_chat/bravo:chat"), ("deploy", "bravo"), ("ready", "group_chat/bravo:chat"),

@@ -27,7 +27,7 @@ import pytest
 from gpubox.deploy_lock import Holder
 from gpubox.gateway import Backend, BackendRef, Gateway, GatewayTimeouts, ModelGroup
 from gpubox.haproxy import ADMIN_SOCKET, STATE_FILE, haproxy_config
-from gpubox.rollout import Group, Member, RolloutError, Step, Unit
+from gpubox.rollout import ROLLED_BACK, Group, Member, RolloutError, Step, Unit
 from gpubox.rollout import Plan as RolloutPlan
 from gpubox.rollout_io import FleetLock, LocalShell
 from gpubox.rollout_run import HaproxyRuntime, Rollout, Timing
@@ -53,12 +53,13 @@ def _free_port() -> int:
 
 class Stub:
     """A llama-server stand-in: ``/health`` answers 200 (unless ``healthy`` is off), a completion is counted and
-    answered after ``{"sleep": s}`` seconds."""
+    answered after ``{"sleep": s}`` seconds; while ``loading`` (a restarted llama-server) everything is 503."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.served = 0
         self.healthy = True
+        self.loading = False
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,13 +75,16 @@ class Stub:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
-                if self.path == "/health" and stub.healthy:
+                if self.path == "/health" and stub.healthy and not stub.loading:
                     self._answer(200, {"status": "ok"})
                 else:
                     self._answer(503, {"status": "unavailable"})
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+                if stub.loading:
+                    self._answer(503, {"error": {"message": "Loading model"}})
+                    return
                 time.sleep(float(body.get("sleep", 0)))
                 stub.served += 1
                 self._answer(200, {"served_by": stub.name})
@@ -240,6 +244,40 @@ def test_a_whole_rollout_keeps_requests_off_the_host_it_deploys(fleet: tuple[Gw,
     assert during == {"alpha": {"bravo"}, "bravo": {"alpha"}}
     assert result.hosts("new") == ["alpha", "bravo"]
     assert gw.status(alpha) == "UP" and gw.status(bravo) == "UP"
+
+
+def test_a_rolled_back_host_still_loading_is_not_put_back_before_its_checks_pass(
+    fleet: tuple[Gw, Stub, Stub],
+) -> None:
+    """The deploy's rollback restarted the previous unit and exited: the gateway has not checked the new process
+    yet and ``show stat`` still says DRAIN. The rollout marks it down (``health down``) and puts it back only
+    once its checks pass: no request meets the loading server."""
+    gw, alpha, bravo = fleet
+
+    class Deployer:
+        def deploy(self, hosts: Sequence[str], say: Callable[[str], None]) -> int:
+            alpha.loading = True  # restarted on the previous unit; loads for a second
+            threading.Timer(1.0, lambda: setattr(alpha, "loading", False)).start()
+            say(f"The previous unit (/etc/systemd/system/alpha.service.prev) {ROLLED_BACK}, and it restarted on it.")
+            return 1
+
+    class Quiet:
+        def event(self, unit: str, step: str, detail: str = "") -> None:
+            pass
+
+        def output(self, unit: str, line: str) -> None:
+            pass
+
+    group = Group(gateway="gw", name="chat", min_healthy=1, servers=("alpha:chat", "bravo:chat"),
+                  hosts=("alpha", "bravo"))  # fmt: skip
+    unit = Unit(hosts=("alpha",), members=(gw.member(alpha),))
+    plan = RolloutPlan(steps=(Step("canary", group, (unit,)),), groups=(group,), lock_host="gw", gateways=("gw",))
+    result = Rollout(plan, {"gw": gw.api}, Deployer(), Quiet(), Timing(drain_timeout_s=5, ready_timeout_s=15,
+                     health_wait_s=15, poll_s=0.05)).run()  # fmt: skip
+    assert not result.ok and result.results[0].outcome == "rolled back" and result.results[0].serving
+    assert not alpha.loading  # put back only once it serves
+    assert gw.status(alpha) == "UP"
+    assert {gw.ask() for _ in range(8)} == {"alpha", "bravo"}
 
 
 def _holder(pid: int) -> Holder:
