@@ -22,71 +22,20 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from gpubox import deploy_lock
 from gpubox.deploy_lock import Holder, Verdict
+from gpubox.held_process import HolderSilent, LocalProcess, Process, SshProcess, read_until
 from gpubox.rollout import LOCK_NAME, RolloutError
 
 COMMAND_TIMEOUT_S = 60.0
 _DROP = ("_get_pty", "_timeout", "_stdin", "_success_exit_codes")
 
 
-class Process(Protocol):
-    """A long-lived command: its stdout to read, its stdin to write, its end."""
-
-    def readline(self) -> str: ...
-    def send(self, text: str) -> None: ...
-    def close(self) -> None: ...
-
-
 class LockShell(Protocol):
     def run(self, command: str) -> tuple[int, str, str]: ...
     def start(self, command: str) -> Process: ...
-
-
-class _LocalProcess:
-    def __init__(self, command: str) -> None:
-        self._process = subprocess.Popen(
-            command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
-
-    def _stream(self, name: str) -> IO[str]:
-        stream: IO[str] | None = getattr(self._process, name)
-        assert stream is not None
-        return stream
-
-    def readline(self) -> str:
-        return self._stream("stdout").readline()
-
-    def send(self, text: str) -> None:
-        self._stream("stdin").write(text)
-        self._stream("stdin").flush()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._stream("stdin").close()
-        try:
-            self._process.wait(timeout=COMMAND_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-
-
-class _SshProcess:
-    def __init__(self, client: Any, command: str) -> None:
-        self._stdin, self._stdout, _ = client.exec_command(command)
-        self._stdout.channel.settimeout(COMMAND_TIMEOUT_S)
-
-    def readline(self) -> str:
-        line: str = self._stdout.readline()
-        return line
-
-    def send(self, text: str) -> None:
-        self._stdin.write(text)
-        self._stdin.flush()
-
-    def close(self) -> None:
-        self._stdout.channel.close()
 
 
 class LocalShell:
@@ -102,7 +51,7 @@ class LocalShell:
         return done.returncode, done.stdout, done.stderr
 
     def start(self, command: str) -> Process:
-        return _LocalProcess(self._wrap(command))
+        return LocalProcess(self._wrap(command), COMMAND_TIMEOUT_S)
 
 
 class PyinfraShell:
@@ -131,7 +80,9 @@ class PyinfraShell:
     def start(self, command: str) -> Process:
         raw = self._raw(command)
         client = getattr(self.host.connector, "client", None)
-        return _SshProcess(client, raw) if client is not None else _LocalProcess(raw)
+        if client is not None:
+            return SshProcess(client, raw, COMMAND_TIMEOUT_S)
+        return LocalProcess(raw, COMMAND_TIMEOUT_S)
 
 
 class PyinfraConnections:
@@ -172,18 +123,10 @@ class PyinfraConnections:
 
 
 def _read_until(process: Process, last: str, where: str) -> list[str]:
-    lines = []
     try:
-        while True:
-            line = process.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
-            if line.rstrip("\n") == last:
-                break
-    except (OSError, TimeoutError) as error:
+        return read_until(process, last)
+    except HolderSilent as error:
         raise RolloutError(f"{where}: no answer from the rollout lock's holder: {error}") from error
-    return lines
 
 
 class FleetLock:

@@ -25,10 +25,8 @@ import getpass
 import os
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any, Protocol
 
 from pyinfra import host, logger, state
 from pyinfra.api.exceptions import DeployError
@@ -37,6 +35,7 @@ from pyinfra.api.state import State
 
 from gpubox import deploy_lock
 from gpubox.deploy_lock import Holder, Verdict
+from gpubox.held_process import HolderSilent, LocalProcess, Process, SshProcess, read_until
 
 from .pyinfra_internals import host_command, on_host_disconnect
 
@@ -49,77 +48,11 @@ class DeployLockError(DeployError):
     """Another run holds the host's lock (or it could not be taken): this run stops before it starts."""
 
 
-class _Process(Protocol):
-    """The holder's process on the host: its stdout to read, its stdin to write, its end."""
-
-    def readline(self) -> str: ...
-    def send(self, text: str) -> None: ...
-    def stderr(self) -> str: ...
-    def close(self) -> None: ...
-
-
-class _SshProcess:
-    """A command on its own channel of the host's SSH connection (pyinfra's paramiko client)."""
-
-    def __init__(self, client: Any, command: str) -> None:
-        self._stdin, self._stdout, self._stderr = client.exec_command(command)
-        self._stdout.channel.settimeout(ANSWER_TIMEOUT_S)
-
-    def readline(self) -> str:
-        line: str = self._stdout.readline()
-        return line
-
-    def send(self, text: str) -> None:
-        self._stdin.write(text)
-        self._stdin.flush()
-
-    def stderr(self) -> str:
-        channel = self._stdout.channel
-        deadline = time.monotonic() + 5
-        while not channel.exit_status_ready() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        text: str = self._stderr.read().decode(errors="replace") if channel.exit_status_ready() else ""
-        return text
-
-    def close(self) -> None:
-        self._stdout.channel.close()
-
-
-class _LocalProcess:
-    """A command on the controller itself (pyinfra's @local connector)."""
-
-    def __init__(self, command: str) -> None:
-        self._process = subprocess.Popen(
-            command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-
-    def _stream(self, name: str) -> IO[str]:
-        stream: IO[str] | None = getattr(self._process, name)
-        assert stream is not None
-        return stream
-
-    def readline(self) -> str:
-        return self._stream("stdout").readline()
-
-    def send(self, text: str) -> None:
-        self._stream("stdin").write(text)
-        self._stream("stdin").flush()
-
-    def stderr(self) -> str:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._process.wait(timeout=5)
-        return self._stream("stderr").read() if self._process.poll() is not None else ""
-
-    def close(self) -> None:
-        self._stream("stdin").close()
-        self._process.wait(timeout=ANSWER_TIMEOUT_S)
-
-
 @dataclass
 class _Held:
     name: str
     holder: Holder
-    process: _Process
+    process: Process
 
 
 def _held(run_state: State, create: bool = False) -> dict[tuple[str, str], _Held]:
@@ -134,31 +67,23 @@ def _held(run_state: State, create: bool = False) -> dict[tuple[str, str], _Held
     return held
 
 
-def _start(command: str) -> _Process:
+def _start(command: str) -> Process:
     """Run the holder over this host's connection, as the run's operations run their commands (sudo & co.)."""
     raw = host_command(state, host, command, drop=("_get_pty", "_timeout", "_stdin", "_success_exit_codes"))
     client = getattr(host.connector, "client", None)
     if client is not None:
-        return _SshProcess(client, raw)
+        return SshProcess(client, raw, ANSWER_TIMEOUT_S)
     if type(host.connector).__name__ == "LocalConnector":
-        return _LocalProcess(raw)
+        return LocalProcess(raw, ANSWER_TIMEOUT_S)
     raise DeployLockError(f"{host.name}: the deploy lock needs an SSH (or @local) connection, not {host.connector!r}")
 
 
-def _read_until(process: _Process, last: str, where: str) -> list[str]:
+def _read_until(process: Process, last: str, where: str) -> list[str]:
     """The holder's lines up to `last` (or its end); `where`: the host, for an error."""
-    lines = []
     try:
-        while True:
-            line = process.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
-            if line.rstrip("\n") == last:
-                break
-    except (OSError, TimeoutError) as error:  # socket.timeout is a TimeoutError
+        return read_until(process, last)
+    except HolderSilent as error:
         raise DeployLockError(f"{where}: no answer from the lock holder: {error}") from error
-    return lines
 
 
 def this_run() -> Holder:
