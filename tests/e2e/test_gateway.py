@@ -10,8 +10,6 @@ key is refused, an unknown model gets a 404; no key appears in the deploy's outp
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -20,17 +18,21 @@ from pathlib import Path
 import pytest
 import requests
 
-from gpubox.bench import free_port
 from gpubox.gateway_keys import STORE_ENV
-from tests.e2e.conftest import CCACHE_MOUNT, LLAMA_REPO_MOUNT
-from tests.e2e.test_deploy import FULL, PYINFRA, ROOT, ops_reporting, plain
-from tests.e2e.test_observability import APT_ARCHIVES
-from tests.testbed import TestHost, booted_host, cache_dir
+from tests.e2e.test_deploy import FULL, PYINFRA, ops_reporting, plain
+from tests.testbed import TestHost
+from tests.testbed.rollout_load import (
+    INVENTORY,
+    client_key,
+    fleet_hosts,
+    fleet_settings,
+    gateway_url,
+)
+from tests.testbed.rollout_load import environment as fleet_environment
+from tests.testbed.rollout_load import run as fleet_run
 
 pytestmark = pytest.mark.e2e
 
-INVENTORY = "tests/fixtures/inventories/gateway_fleet.py"
-FLEET_KEY = "GPUBOX_GATEWAY_FLEET"
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +40,8 @@ def hosts(
     can_boot_hosts: None, llama_repo: tuple[Path, str], shared_ccache: Path
 ) -> Iterator[tuple[TestHost, TestHost, TestHost]]:
     """(gateway, node1, node2): the nodes with the llama.cpp repo and ccache, the gateway with the apt cache."""
-    repo, _ = llama_repo
-    archives = cache_dir() / "apt-archives"
-    (archives / "partial").mkdir(parents=True, exist_ok=True)
-    nodes = {"binds_ro": [(repo, LLAMA_REPO_MOUNT)], "binds": [(shared_ccache, CCACHE_MOUNT)]}
-    with (
-        booted_host(binds=[(archives, APT_ARCHIVES)]) as gateway,
-        booted_host(**nodes) as node1,  # type: ignore[arg-type]
-        booted_host(**nodes) as node2,  # type: ignore[arg-type]
-    ):
-        yield gateway, node1, node2
+    with fleet_hosts(llama_repo[0], shared_ccache) as booted:
+        yield booted
 
 
 @pytest.fixture(scope="module")
@@ -56,34 +50,17 @@ def environment(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, str]:  # fmt: skip
     gateway, *nodes = hosts
-    fleet = {
-        "gateway": {"name": gateway.pyinfra_host_name(), "data": gateway.pyinfra_host_data()},
-        "nodes": [{"name": node.pyinfra_host_name(), "data": node.pyinfra_host_data()} for node in nodes],
-        "repo": LLAMA_REPO_MOUNT,
-        "commit": llama_repo[1],
-        "ccache_dir": CCACHE_MOUNT,
-        "model_source": str(smollm2),
-        "model_sha256": hashlib.sha256(smollm2.read_bytes()).hexdigest(),
-        "llama_ports": [free_port(), free_port()],
-        "port": free_port(),
-        "stats_port": free_port(),
-    }
-    store = tmp_path_factory.mktemp("key-store")
-    return {**os.environ, FLEET_KEY: json.dumps(fleet), STORE_ENV: str(store), "COLUMNS": "200"}
+    settings = fleet_settings(gateway, nodes, llama_repo[1], smollm2)
+    return fleet_environment(settings, tmp_path_factory.mktemp("key-store"), dict(os.environ))
 
 
 def run(environment: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1800, check=False)
-    print(result.stdout[-6000:], result.stderr[-8000:], sep="\n")
+    result, _ = fleet_run(environment, *argv)
     return result
 
 
 def url(environment: dict[str, str]) -> str:
-    return f"http://127.0.0.1:{json.loads(environment[FLEET_KEY])['port']}"
-
-
-def client_key(gateway: TestHost) -> str:
-    return gateway.run("head -n1 /etc/gpubox/gateway/client.key", check=True).stdout.strip()
+    return gateway_url(environment)
 
 
 def group_key(environment: dict[str, str], gateway: TestHost) -> str:

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed import TestHost, booted_host, cache_dir
+from tests.testbed import TestHost
 from tests.testbed.rollout_load import (
-    CCACHE_MOUNT,
     FULL,
     GPUBOX,
     INVENTORY,
-    LLAMA_REPO_MOUNT,
     PYINFRA,
     ROOT,
     Load,
@@ -35,6 +33,7 @@ from tests.testbed.rollout_load import (
     client_key,
     environment,
     failed,
+    fleet_hosts,
     fleet_settings,
     gateway_url,
     run,
@@ -44,7 +43,6 @@ from tests.testbed.rollout_load import (
 
 pytestmark = pytest.mark.e2e
 
-APT_ARCHIVES = "/var/cache/apt/archives"
 NEW_CTX = [4096, 4096]
 HOLD_LOCK = """
 import sys
@@ -62,17 +60,9 @@ connections.close()
 def hosts(
     can_boot_hosts: None, llama_repo: tuple[Path, str], shared_ccache: Path
 ) -> Iterator[tuple[TestHost, TestHost, TestHost]]:
-    """(gateway, node1, node2): the nodes with the llama.cpp repo and ccache, the gateway with the apt cache."""
-    repo, _ = llama_repo
-    archives = cache_dir() / "apt-archives"
-    (archives / "partial").mkdir(parents=True, exist_ok=True)
-    nodes = {"binds_ro": [(repo, LLAMA_REPO_MOUNT)], "binds": [(shared_ccache, CCACHE_MOUNT)]}
-    with (
-        booted_host(binds=[(archives, APT_ARCHIVES)]) as gateway,
-        booted_host(**nodes) as node1,  # type: ignore[arg-type]
-        booted_host(**nodes) as node2,  # type: ignore[arg-type]
-    ):
-        yield gateway, node1, node2
+    """(gateway, node1, node2), as tests/e2e/test_gateway.py boots them."""
+    with fleet_hosts(llama_repo[0], shared_ccache) as booted:
+        yield booted
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.testbed import booted_host, cache_dir, ccache_dir, llama_cpp_repo, smollm2_gguf
+from tests.testbed import ccache_dir, llama_cpp_repo, smollm2_gguf
 from tests.testbed.host import TestHost
 from tests.testbed.rollout_load import (
-    CCACHE_MOUNT,
     FULL,
     GPUBOX,
     INVENTORY,
-    LLAMA_REPO_MOUNT,
     PYINFRA,
     ROOT,
     Load,
@@ -45,6 +43,7 @@ from tests.testbed.rollout_load import (
     environment,
     failed,
     failing_seconds,
+    fleet_hosts,
     fleet_settings,
     gateway_url,
     node_key,
@@ -121,14 +120,9 @@ def main() -> int:
     parser.add_argument("--json", default=str(ROOT / ".cache" / "bench-rollout.json"))
     args = parser.parse_args()
     repo, commit = llama_cpp_repo()
-    archives = cache_dir() / "apt-archives"
-    (archives / "partial").mkdir(parents=True, exist_ok=True)
-    nodes_binds = {"binds_ro": [(repo, LLAMA_REPO_MOUNT)], "binds": [(ccache_dir(), CCACHE_MOUNT)]}
     with (
         tempfile.TemporaryDirectory() as store,
-        booted_host(binds=[(archives, "/var/cache/apt/archives")]) as gateway,
-        booted_host(**nodes_binds) as node1,  # type: ignore[arg-type]
-        booted_host(**nodes_binds) as node2,  # type: ignore[arg-type]
+        fleet_hosts(repo, ccache_dir()) as (gateway, node1, node2),
     ):
         nodes = (node1, node2)
         env = environment(fleet_settings(gateway, nodes, commit, smollm2_gguf()), Path(store), dict(os.environ))

@@ -1,7 +1,8 @@
-"""What tests/e2e/test_rollout.py and the rollout benchmark (tests/testbed/bench_rollout.py) share: the
-three-host gateway fleet's settings (tests/fixtures/inventories/gateway_fleet.py, ``GPUBOX_GATEWAY_FLEET``), a
-bounded load generator through the gateway, and a watcher that samples each node's llama-server MainPID and
-HAProxy's ``show stat`` while a rollout runs.
+"""What tests/e2e/test_gateway.py, tests/e2e/test_rollout.py and the rollout benchmark
+(tests/testbed/bench_rollout.py) share: the three-host gateway fleet (``fleet_hosts``, booted; its settings for
+tests/fixtures/inventories/gateway_fleet.py, ``GPUBOX_GATEWAY_FLEET``), a bounded load generator through the
+gateway, and a watcher that samples each node's llama-server MainPID and HAProxy's ``show stat`` while a rollout
+runs.
 
 - ``Load``: a few client threads, each looping over chat completions through the gateway with its client key,
   streamed and not in turn, each request on a new connection; every request is recorded (start, seconds, ok,
@@ -19,7 +20,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from gpubox.bench import free_port
 from gpubox.gateway_keys import STORE_ENV
 from gpubox.haproxy import ADMIN_SOCKET
 from gpubox.rollout import SHOW_STAT, parse_show_stat
-from tests.testbed.host import TestHost
+from tests.testbed.assets import cache_dir
+from tests.testbed.host import TestHost, booted_host
 
 ROOT = Path(__file__).resolve().parents[2]
 INVENTORY = "tests/fixtures/inventories/gateway_fleet.py"
@@ -41,6 +44,24 @@ PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 GPUBOX = str(Path(sys.executable).with_name("gpubox"))
 LLAMA_REPO_MOUNT = "/srv/llama.cpp.git"
 CCACHE_MOUNT = "/var/cache/ccache-shared"
+
+
+APT_ARCHIVES = "/var/cache/apt/archives"
+
+
+@contextmanager
+def fleet_hosts(repo: Path, ccache: Path) -> Iterator[tuple[TestHost, TestHost, TestHost]]:
+    """Three booted hosts (gateway, node1, node2): the nodes with the llama.cpp repo and the shared ccache, the
+    gateway with the apt archive cache (HAProxy's packages download once)."""
+    archives = cache_dir() / "apt-archives"
+    (archives / "partial").mkdir(parents=True, exist_ok=True)
+    nodes = {"binds_ro": [(repo, LLAMA_REPO_MOUNT)], "binds": [(ccache, CCACHE_MOUNT)]}
+    with (
+        booted_host(binds=[(archives, APT_ARCHIVES)]) as gateway,
+        booted_host(**nodes) as node1,  # type: ignore[arg-type]
+        booted_host(**nodes) as node2,  # type: ignore[arg-type]
+    ):
+        yield gateway, node1, node2
 
 
 def fleet_settings(gateway: TestHost, nodes: Sequence[TestHost], commit: str, smollm2: Path) -> dict[str, object]:
