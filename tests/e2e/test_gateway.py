@@ -5,13 +5,15 @@ a generated key). The inventory is tests/fixtures/inventories/gateway_fleet.py (
 In file order, on the same hosts: one deploy converges the nodes and the gateway (HAProxy from the distro,
 its config checked, its unit hardened); a completion through the gateway with the gateway's key reaches a
 node, which got the gateway's key for its group (not the client's); both nodes serve; a request without the
-key is refused, an unknown model gets a 404; no key appears in the deploy's output; a rerun changes nothing.
+key is refused, an unknown model gets a 404; no key appears in the deploy's output; a rerun changes nothing;
+a drained backend stays drained across a reload.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import requests
 
 from gpubox.gateway_keys import STORE_ENV
+from gpubox.haproxy import ADMIN_SOCKET
 from tests.e2e.test_deploy import FULL, PYINFRA, ops_reporting, plain
 from tests.testbed import TestHost
 from tests.testbed.rollout_load import (
@@ -27,6 +30,8 @@ from tests.testbed.rollout_load import (
     fleet_hosts,
     fleet_settings,
     gateway_url,
+    read_stats,
+    server_name,
 )
 from tests.testbed.rollout_load import environment as fleet_environment
 from tests.testbed.rollout_load import run as fleet_run
@@ -136,3 +141,23 @@ def test_a_rerun_changes_nothing(environment: dict[str, str]) -> None:
     assert result.returncode == 0, output[-4000:]
     changed = [(name, outcome) for name, outcome in ops_reporting(output) if outcome not in ("No changes", "Skipped")]
     assert not changed, f"operations changed on converged hosts: {changed}"
+
+
+def test_a_drained_backend_stays_drained_across_a_reload(hosts: tuple[TestHost, TestHost, TestHost]) -> None:
+    """The drop-in's ExecReload saves the servers' state before HAProxy reloads (``server-state-file``)."""
+    gateway, node1, _ = hosts
+    server = f"group_smol/{server_name(node1)}"
+    admin = f"socat -t 5 stdio UNIX-CONNECT:{ADMIN_SOCKET}"
+    gateway.run(f"echo 'set server {server} state drain' | {admin}", check=True)
+    try:
+        assert read_stats(gateway) is not None and read_stats(gateway)[server_name(node1)] == "DRAIN"  # type: ignore[index]
+        gateway.run("systemctl reload haproxy.service", check=True)
+        stats = None
+        for _ in range(20):  # the new worker answers on the socket once it has loaded
+            stats = read_stats(gateway)
+            if stats:
+                break
+            time.sleep(0.5)
+        assert stats is not None and stats[server_name(node1)] == "DRAIN", stats
+    finally:
+        gateway.run(f"echo 'set server {server} state ready' | {admin}", check=True)
