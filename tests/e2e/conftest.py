@@ -65,3 +65,29 @@ def test_host(can_boot_hosts: None, llama_repo: tuple[Path, str], shared_ccache:
         binds=[(shared_ccache, CCACHE_MOUNT)],
     ) as host:
         yield host
+
+
+@pytest.fixture(scope="module")
+def gateway_fleet(
+    can_boot_hosts: None, llama_repo: tuple[Path, str], shared_ccache: Path
+) -> Iterator[tuple[TestHost, TestHost, TestHost]]:
+    """The three-host gateway fleet (gateway, node1, node2) of tests/e2e/test_gateway.py and test_rollout.py, one
+    per module (``tests.testbed.rollout_load.fleet_hosts``)."""
+    from tests.testbed.rollout_load import fleet_hosts
+
+    with fleet_hosts(llama_repo[0], shared_ccache) as booted:
+        yield booted
+
+
+@pytest.fixture(scope="module")
+def gateway_fleet_env(
+    gateway_fleet: tuple[TestHost, TestHost, TestHost], llama_repo: tuple[Path, str], smollm2: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, str]:  # fmt: skip
+    """The environment that points tests/fixtures/inventories/gateway_fleet.py at ``gateway_fleet`` (its own key
+    store: the gateway's group keys)."""
+    from tests.testbed.rollout_load import environment, fleet_settings
+
+    gateway, *nodes = gateway_fleet
+    settings = fleet_settings(gateway, nodes, llama_repo[1], smollm2)
+    return environment(settings, tmp_path_factory.mktemp("key-store"), dict(os.environ))

@@ -1,8 +1,8 @@
-"""End to end: one endpoint in front of two test hosts that serve one model, through Debian's HAProxy.
+"""End to end: one endpoint in front of two test gateway_fleet that serve one model, through Debian's HAProxy.
 
-Three booted hosts: ``gw`` runs only the gateway, ``n1`` and ``n2`` a llama-server each (SmolLM2 on the CPU,
+Three booted gateway_fleet: ``gw`` runs only the gateway, ``n1`` and ``n2`` a llama-server each (SmolLM2 on the CPU,
 a generated key). The inventory is tests/fixtures/inventories/gateway_fleet.py (``GPUBOX_GATEWAY_FLEET``).
-In file order, on the same hosts: one deploy converges the nodes and the gateway (HAProxy from the distro,
+In file order, on the same gateway_fleet: one deploy converges the nodes and the gateway (HAProxy from the distro,
 its config checked, its unit hardened); a completion through the gateway with the gateway's key reaches a
 node, which got the gateway's key for its group (not the client's); both nodes serve; a request without the
 key is refused, an unknown model gets a 404; no key appears in the deploy's output; a rerun changes nothing;
@@ -11,10 +11,8 @@ a drained backend stays drained across a reload.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,86 +25,63 @@ from tests.testbed import TestHost
 from tests.testbed.rollout_load import (
     INVENTORY,
     client_key,
-    fleet_hosts,
-    fleet_settings,
     gateway_url,
     read_stats,
     server_name,
 )
-from tests.testbed.rollout_load import environment as fleet_environment
 from tests.testbed.rollout_load import run as fleet_run
 
 pytestmark = pytest.mark.e2e
 
 
-
-@pytest.fixture(scope="module")
-def hosts(
-    can_boot_hosts: None, llama_repo: tuple[Path, str], shared_ccache: Path
-) -> Iterator[tuple[TestHost, TestHost, TestHost]]:
-    """(gateway, node1, node2): the nodes with the llama.cpp repo and ccache, the gateway with the apt cache."""
-    with fleet_hosts(llama_repo[0], shared_ccache) as booted:
-        yield booted
-
-
-@pytest.fixture(scope="module")
-def environment(
-    hosts: tuple[TestHost, TestHost, TestHost], llama_repo: tuple[Path, str], smollm2: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> dict[str, str]:  # fmt: skip
-    gateway, *nodes = hosts
-    settings = fleet_settings(gateway, nodes, llama_repo[1], smollm2)
-    return fleet_environment(settings, tmp_path_factory.mktemp("key-store"), dict(os.environ))
-
-
-def run(environment: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
-    result, _ = fleet_run(environment, *argv)
+def run(gateway_fleet_env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    result, _ = fleet_run(gateway_fleet_env, *argv)
     return result
 
 
-def url(environment: dict[str, str]) -> str:
-    return gateway_url(environment)
+def url(gateway_fleet_env: dict[str, str]) -> str:
+    return gateway_url(gateway_fleet_env)
 
 
-def group_key(environment: dict[str, str], gateway: TestHost) -> str:
-    return (Path(environment[STORE_ENV]) / gateway.pyinfra_host_name() / "smol.key").read_text().strip()
+def group_key(gateway_fleet_env: dict[str, str], gateway: TestHost) -> str:
+    return (Path(gateway_fleet_env[STORE_ENV]) / gateway.pyinfra_host_name() / "smol.key").read_text().strip()
 
 
 DEPLOY_OUTPUT: list[str] = []
 
 
 def test_one_deploy_converges_the_nodes_and_the_gateway(
-    environment: dict[str, str], hosts: tuple[TestHost, TestHost, TestHost]
+    gateway_fleet_env: dict[str, str], gateway_fleet: tuple[TestHost, TestHost, TestHost]
 ) -> None:
-    gateway, node1, node2 = hosts
-    result = run(environment, PYINFRA, "-y", "-v", INVENTORY, FULL)
+    gateway, node1, node2 = gateway_fleet
+    result = run(gateway_fleet_env, PYINFRA, "-y", "-v", INVENTORY, FULL)
     output = plain(result.stdout + result.stderr)
     DEPLOY_OUTPUT.append(output)
     journal = gateway.run("journalctl -u haproxy.service --no-pager | tail -n 30").stdout
     assert result.returncode == 0, output[-5000:] + journal
     assert gateway.run("systemctl is-active haproxy.service").stdout.strip() == "active"
     assert gateway.run("systemctl show -p User --value haproxy.service").stdout.strip() == "haproxy"
-    key = group_key(environment, gateway)
+    key = group_key(gateway_fleet_env, gateway)
     for node in (node1, node2):  # the gateway's key for the group is a line of each node's key file
         lines = node.run("cat /etc/gpubox/keys/llama.key", check=True).stdout.split()
         assert len(lines) == 2 and lines[1] == key and lines[0] != key
 
 
 def test_a_completion_through_the_gateway_reaches_both_nodes(
-    environment: dict[str, str], hosts: tuple[TestHost, TestHost, TestHost]
+    gateway_fleet_env: dict[str, str], gateway_fleet: tuple[TestHost, TestHost, TestHost]
 ) -> None:
-    gateway, *_ = hosts
+    gateway, *_ = gateway_fleet
     headers = {"Authorization": f"Bearer {client_key(gateway)}"}
     body = {"model": "smol", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
-    answers = [requests.post(f"{url(environment)}/v1/chat/completions", json=body, headers=headers, timeout=120)
+    answers = [requests.post(f"{url(gateway_fleet_env)}/v1/chat/completions", json=body, headers=headers, timeout=120)
                for _ in range(4)]  # fmt: skip
     assert all(answer.status_code == 200 for answer in answers), [answer.text[:200] for answer in answers]
     assert all(answer.json()["choices"][0]["message"]["content"] for answer in answers)
-    prefixed = requests.post(f"{url(environment)}/smol/v1/chat/completions", json=body, headers=headers, timeout=120)
+    prefixed = requests.post(
+        f"{url(gateway_fleet_env)}/smol/v1/chat/completions", json=body, headers=headers, timeout=120
+    )
     assert prefixed.status_code == 200
-    stats = gateway.run(
-        "echo 'show stat' | socat stdio /run/haproxy/gpubox-admin.sock", check=True
-    ).stdout.splitlines()
+    stats = gateway.run("echo 'show stat' | socat stdio /run/haproxy/gpubox-admin.sock", check=True).stdout.splitlines()
     header = stats[0].lstrip("# ").split(",")
     rows = [dict(zip(header, line.split(","), strict=False)) for line in stats[1:] if line.startswith("group_smol,")]
     served = {row["svname"]: int(row["stot"]) for row in rows if row["svname"] not in ("BACKEND", "FRONTEND")}
@@ -114,20 +89,24 @@ def test_a_completion_through_the_gateway_reaches_both_nodes(
     assert len(served) == 2 and all(count >= 1 for count in served.values()), served
 
 
-def test_the_gateway_refuses_what_it_should(environment: dict[str, str], hosts: tuple[TestHost, ...]) -> None:
-    gateway, *_ = hosts
+def test_the_gateway_refuses_what_it_should(
+    gateway_fleet_env: dict[str, str], gateway_fleet: tuple[TestHost, ...]
+) -> None:
+    gateway, *_ = gateway_fleet
     body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}]}
-    assert requests.post(f"{url(environment)}/v1/chat/completions", json=body, timeout=30).status_code == 401
+    assert requests.post(f"{url(gateway_fleet_env)}/v1/chat/completions", json=body, timeout=30).status_code == 401
     headers = {"Authorization": f"Bearer {client_key(gateway)}"}
-    unknown = requests.post(f"{url(environment)}/v1/chat/completions", json={**body, "model": "x"}, headers=headers,
-                            timeout=30)  # fmt: skip
+    completions = f"{url(gateway_fleet_env)}/v1/chat/completions"
+    unknown = requests.post(completions, json={**body, "model": "x"}, headers=headers, timeout=30)
     assert unknown.status_code == 404 and "smol" in unknown.json()["error"]["message"]
-    assert requests.get(f"{url(environment)}/smol/metrics", headers=headers, timeout=30).status_code == 403
+    assert requests.get(f"{url(gateway_fleet_env)}/smol/metrics", headers=headers, timeout=30).status_code == 403
 
 
-def test_no_key_appears_in_the_deploys_output(environment: dict[str, str], hosts: tuple[TestHost, ...]) -> None:
-    gateway, node1, _ = hosts
-    keys = [client_key(gateway), group_key(environment, gateway)]
+def test_no_key_appears_in_the_deploys_output(
+    gateway_fleet_env: dict[str, str], gateway_fleet: tuple[TestHost, ...]
+) -> None:
+    gateway, node1, _ = gateway_fleet
+    keys = [client_key(gateway), group_key(gateway_fleet_env, gateway)]
     keys.append(node1.run("head -n1 /etc/gpubox/keys/llama.key", check=True).stdout.strip())
     assert DEPLOY_OUTPUT, "the deploy did not run"
     for key in keys:
@@ -135,17 +114,17 @@ def test_no_key_appears_in_the_deploys_output(environment: dict[str, str], hosts
     assert key not in gateway.run("cat /etc/gpubox/gateway/haproxy.cfg", check=True).stdout
 
 
-def test_a_rerun_changes_nothing(environment: dict[str, str]) -> None:
-    result = run(environment, PYINFRA, "-y", "-v", INVENTORY, FULL)
+def test_a_rerun_changes_nothing(gateway_fleet_env: dict[str, str]) -> None:
+    result = run(gateway_fleet_env, PYINFRA, "-y", "-v", INVENTORY, FULL)
     output = plain(result.stdout + result.stderr)
     assert result.returncode == 0, output[-4000:]
     changed = [(name, outcome) for name, outcome in ops_reporting(output) if outcome not in ("No changes", "Skipped")]
-    assert not changed, f"operations changed on converged hosts: {changed}"
+    assert not changed, f"operations changed on converged gateway_fleet: {changed}"
 
 
-def test_a_drained_backend_stays_drained_across_a_reload(hosts: tuple[TestHost, TestHost, TestHost]) -> None:
+def test_a_drained_backend_stays_drained_across_a_reload(gateway_fleet: tuple[TestHost, TestHost, TestHost]) -> None:
     """The drop-in's ExecReload saves the servers' state before HAProxy reloads (``server-state-file``)."""
-    gateway, node1, _ = hosts
+    gateway, node1, _ = gateway_fleet
     server = f"group_smol/{server_name(node1)}"
     admin = f"socat -t 5 stdio UNIX-CONNECT:{ADMIN_SOCKET}"
     gateway.run(f"echo 'set server {server} state drain' | {admin}", check=True)

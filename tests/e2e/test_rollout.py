@@ -1,8 +1,8 @@
-"""End to end: `gpubox rollout` of two llama-servers behind the gateway, under load, on three test hosts.
+"""End to end: `gpubox rollout` of two llama-servers behind the gateway, under load, on three test gateway_fleet.
 
 The fleet of tests/e2e/test_gateway.py (tests/fixtures/inventories/gateway_fleet.py: ``gw`` runs only the
 gateway, ``n1`` and ``n2`` a llama-server each, SmolLM2 on the CPU), its settings changed between runs through
-``GPUBOX_GATEWAY_FLEET`` (``ctx_sizes``, ``min_tokens_per_second``). In file order, on the same hosts: one
+``GPUBOX_GATEWAY_FLEET`` (``ctx_sizes``, ``min_tokens_per_second``). In file order, on the same gateway_fleet: one
 deploy converges them; ``--dry`` with a changed ctx_size prints the order (n1 the canary, then n2) and touches
 nothing; a rollout while another holds the fleet lock is refused naming the holder; with three clients
 sending completions through the gateway (streamed and not), a rollout of the new ctx_size restarts each
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -31,10 +29,7 @@ from tests.testbed.rollout_load import (
     Watch,
     changed,
     client_key,
-    environment,
     failed,
-    fleet_hosts,
-    fleet_settings,
     gateway_url,
     run,
     server_name,
@@ -56,45 +51,26 @@ connections.close()
 """
 
 
-@pytest.fixture(scope="module")
-def hosts(
-    can_boot_hosts: None, llama_repo: tuple[Path, str], shared_ccache: Path
-) -> Iterator[tuple[TestHost, TestHost, TestHost]]:
-    """(gateway, node1, node2), as tests/e2e/test_gateway.py boots them."""
-    with fleet_hosts(llama_repo[0], shared_ccache) as booted:
-        yield booted
-
-
-@pytest.fixture(scope="module")
-def env(
-    hosts: tuple[TestHost, TestHost, TestHost], llama_repo: tuple[Path, str], smollm2: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> dict[str, str]:  # fmt: skip
-    import os
-
-    gateway, *nodes = hosts
-    settings = fleet_settings(gateway, nodes, llama_repo[1], smollm2)
-    return environment(settings, tmp_path_factory.mktemp("key-store"), dict(os.environ))
-
-
 def main_pid(node: TestHost) -> str:
     return node.run("systemctl show -p MainPID --value llama.service", check=True).stdout.strip()
 
 
-def test_one_deploy_converges_the_fleet(env: dict[str, str], hosts: tuple[TestHost, TestHost, TestHost]) -> None:
-    result, seconds = run(env, PYINFRA, "-y", INVENTORY, FULL, echo=False)
+def test_one_deploy_converges_the_fleet(
+    gateway_fleet_env: dict[str, str], gateway_fleet: tuple[TestHost, TestHost, TestHost]
+) -> None:
+    result, seconds = run(gateway_fleet_env, PYINFRA, "-y", INVENTORY, FULL, echo=False)
     print(f"converged in {seconds:.0f} s")
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    for node in hosts[1:]:
+    for node in gateway_fleet[1:]:
         assert "--ctx-size 2048" in unit_text(node)
 
 
 def test_dry_shows_the_order_and_touches_nothing(
-    env: dict[str, str], hosts: tuple[TestHost, TestHost, TestHost]
+    gateway_fleet_env: dict[str, str], gateway_fleet: tuple[TestHost, TestHost, TestHost]
 ) -> None:
-    gateway, node1, node2 = hosts
+    gateway, node1, node2 = gateway_fleet
     before = [main_pid(node) for node in (node1, node2)]
-    result, _ = run(changed(env, ctx_sizes=NEW_CTX), GPUBOX, "rollout", INVENTORY, FULL, "--dry")
+    result, _ = run(changed(gateway_fleet_env, ctx_sizes=NEW_CTX), GPUBOX, "rollout", INVENTORY, FULL, "--dry")
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     assert any("canary" in line and node1.pyinfra_host_name() in line for line in lines), result.stdout
@@ -109,12 +85,12 @@ def test_dry_shows_the_order_and_touches_nothing(
 
 
 def test_a_second_rollout_is_refused_naming_the_holder(
-    env: dict[str, str], hosts: tuple[TestHost, TestHost, TestHost]
+    gateway_fleet_env: dict[str, str], gateway_fleet: tuple[TestHost, TestHost, TestHost]
 ) -> None:
-    gateway, node1, node2 = hosts
+    gateway, node1, node2 = gateway_fleet
     before = [main_pid(node) for node in (node1, node2)]
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, INVENTORY, gateway.pyinfra_host_name()], cwd=ROOT, env=env,
+        [sys.executable, "-c", HOLD_LOCK, INVENTORY, gateway.pyinfra_host_name()], cwd=ROOT, env=gateway_fleet_env,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -122,7 +98,7 @@ def test_a_second_rollout_is_refused_naming_the_holder(
         said = holder.stdout.readline()
         assert "holds the 'rollout' lock" in said, said + (holder.stderr.read() if holder.poll() is not None
                                                            and holder.stderr else "")  # fmt: skip
-        result, _ = run(changed(env, ctx_sizes=NEW_CTX), GPUBOX, "rollout", INVENTORY, FULL)
+        result, _ = run(changed(gateway_fleet_env, ctx_sizes=NEW_CTX), GPUBOX, "rollout", INVENTORY, FULL)
         text = " ".join(result.stdout.split())
         assert result.returncode == 2, text[-3000:]
         assert "another rollout of this fleet holds the 'rollout' lock" in text
@@ -137,13 +113,13 @@ def test_a_second_rollout_is_refused_naming_the_holder(
 
 
 def test_a_rollout_under_load_restarts_each_node_once_and_fails_no_request(
-    env: dict[str, str], hosts: tuple[TestHost, TestHost, TestHost]
+    gateway_fleet_env: dict[str, str], gateway_fleet: tuple[TestHost, TestHost, TestHost]
 ) -> None:
-    gateway, node1, node2 = hosts
+    gateway, node1, node2 = gateway_fleet
     watch = Watch(gateway, (node1, node2)).start()
-    load = Load(gateway_url(env), client_key(gateway)).start()
+    load = Load(gateway_url(gateway_fleet_env), client_key(gateway)).start()
     try:
-        result, seconds = run(changed(env, ctx_sizes=NEW_CTX), GPUBOX, "rollout", INVENTORY, FULL,
+        result, seconds = run(changed(gateway_fleet_env, ctx_sizes=NEW_CTX), GPUBOX, "rollout", INVENTORY, FULL,
                               "--drain-timeout", "120")  # fmt: skip
     finally:
         requests_ = load.stop()
@@ -164,13 +140,13 @@ def test_a_rollout_under_load_restarts_each_node_once_and_fails_no_request(
 
 
 def test_a_canary_missing_its_smoke_test_is_rolled_back_and_stops_the_rollout(
-    env: dict[str, str], hosts: tuple[TestHost, TestHost, TestHost]
+    gateway_fleet_env: dict[str, str], gateway_fleet: tuple[TestHost, TestHost, TestHost]
 ) -> None:
-    gateway, node1, node2 = hosts
-    bad = changed(env, ctx_sizes=[3072, 3072], min_tokens_per_second=[1_000_000, 1_000_000])
+    gateway, node1, node2 = gateway_fleet
+    bad = changed(gateway_fleet_env, ctx_sizes=[3072, 3072], min_tokens_per_second=[1_000_000, 1_000_000])
     before = main_pid(node2)
     watch = Watch(gateway, (node1, node2)).start()
-    load = Load(gateway_url(env), client_key(gateway)).start()
+    load = Load(gateway_url(gateway_fleet_env), client_key(gateway)).start()
     try:
         result, seconds = run(bad, GPUBOX, "rollout", INVENTORY, FULL, "--drain-timeout", "120")
     finally:
