@@ -28,10 +28,11 @@ from gpubox.tables import explain_terms, gpu_table, mib, print_refusal, problems
 from gpubox.vram import (
     HEADERS_DIR_NAME,
     BoxPlan,
-    GpuShare,
+    LentDevice,
     VramInputs,
     default_headers_dir,
     headers_for_box,
+    lent_devices,
     lent_shares,
     plan_box,
     whisper_headers_for_box,
@@ -82,44 +83,20 @@ def plan_json(host: str, plan: BoxPlan | None, problems: list[dict[str, str | No
     return {"host": host, "fits": fits, "gpus": gpus, "problems": problems}
 
 
-def _valid_boxes(boxes: list[HostBox]) -> dict[str, Box]:
-    return {host_box.host: host_box.box for host_box in boxes if host_box.box is not None and not host_box.problems}
-
-
-def _lent(boxes: list[HostBox], headers: Path, base: Path) -> dict[str, list[tuple[int, GpuShare]]]:
-    """What each host's GPUs hold for llama-servers on other hosts (through its RPC servers)."""
-    valid = _valid_boxes(boxes)
-    inputs = {name: VramInputs(headers=headers_for_box(box, headers, base)[0]) for name, box in valid.items()
-              if has_peers(box)}  # fmt: skip
-    return lent_shares(valid, inputs) if inputs else {}
-
-
-def _remote_devices(host: str, box: Box, boxes: list[HostBox], headers: Path, base: Path) -> list[dict[str, Any]]:
-    """The devices other hosts lend ``host``'s llama-servers: the RPC server, where it runs (a GPU, or the CPU),
-    the terms (bytes) the client puts there (``plan --json``'s ``remote_devices``)."""
-    if not has_peers(box):
-        return []
-    valid = _valid_boxes(boxes)
-    inputs = VramInputs(headers=headers_for_box(box, headers, base)[0])
-    devices: list[dict[str, Any]] = []
-    for position, server in enumerate(box.services):
-        priced = server.vram(inputs, f"services.{position}") if server.peer_refs() else None
-        for remote in priced.remote if priced is not None else ():
-            lender = valid.get(remote.host)
-            served = [s for s in lender.services if s.name == remote.service] if lender is not None else []
-            placement = served[0].placement if served else ()
-            devices.append({
-                "service": server.name,
-                "rpc": f"{remote.service}@{remote.host}",
-                "device": f"GPU {placement[0]}" if placement else "CPU",
-                "terms_bytes": {_term_key(name): value for name, value in remote.terms.items()},
-                "total_bytes": remote.total,
-            })  # fmt: skip
-    return devices
-
-
-def _remote_json(remote: list[dict[str, Any]]) -> dict[str, Any]:
-    """``remote_devices``, on a host whose llama-servers use other hosts' devices only."""
+def _remote_json(devices: list[LentDevice], host: str) -> dict[str, Any]:
+    """``remote_devices``, on a host whose llama-servers use other hosts' devices only: the RPC server, where it
+    runs (a GPU, or the CPU), the terms (bytes) the client puts there."""
+    remote = [
+        {
+            "service": device.service,
+            "rpc": f"{device.rpc}@{device.lender}",
+            "device": "CPU" if device.gpu is None else f"GPU {device.gpu}",
+            "terms_bytes": {_term_key(name): value for name, value in device.terms.items()},
+            "total_bytes": device.total,
+        }
+        for device in devices
+        if device.client == host
+    ]
     return {"remote_devices": remote} if remote else {}
 
 
@@ -151,29 +128,29 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
             plan_json(host_box.host, None, [_problem_json(problem) for problem in host_box.problems])
             for host_box in refused_boxes
         ]
-    lent = _lent(boxes, headers_dir(args), base)
-    for host_box in boxes:
-        box = host_box.box
-        if box is None or host_box.problems:
-            continue
-        remote = _remote_devices(host_box.host, box, boxes, headers_dir(args), base)
-        if remote and not as_json:
-            for device in remote:
-                console.print(
-                    f"{host_box.host}: {device['service']} puts {mib(device['total_bytes'])} MiB on "
-                    f"{device['rpc']} ({device['device']})",
-                    highlight=False,
-                )
+    valid = {host_box.host: host_box.box for host_box in boxes if host_box.box is not None and not host_box.problems}
+    # each header read once: for a host's own plan, and for what its llama-servers put on other hosts' devices
+    headers_read = {name: headers_for_box(box, headers_dir(args), base) for name, box in valid.items()
+                    if box.expected_gpus or has_peers(box)}  # fmt: skip
+    devices = lent_devices(valid, {name: VramInputs(headers=read[0]) for name, read in headers_read.items()})
+    lent = lent_shares(devices)
+    for name, box in valid.items():
+        for device in devices:
+            if device.client == name and not as_json:
+                where = "CPU" if device.gpu is None else f"GPU {device.gpu}"
+                console.print(f"{name}: {device.service} puts {mib(device.total)} MiB on {device.rpc}@"
+                              f"{device.lender} ({where})", highlight=False)  # fmt: skip
         if not box.expected_gpus:
             if not as_json:
-                console.print(f"{host_box.host}: no expected_gpus: nothing to budget against", highlight=False)
-            hosts.append(plan_json(host_box.host, None, []) | {"fits": True} | _remote_json(remote))
+                console.print(f"{name}: no expected_gpus: nothing to budget against", highlight=False)
+            hosts.append(plan_json(name, None, []) | {"fits": True} | _remote_json(devices, name))
             continue
-        headers, missing = headers_for_box(box, headers_dir(args), base)
+        headers, missing = headers_read[name]
+        missing = list(missing)
         whisper_headers, unreadable = whisper_headers_for_box(box, base)
         missing += unreadable
         gpus = [(gpu.index, gpu.memory_total_mib) for gpu in box.expected_gpus]
-        plan = plan_box(box, headers, gpus, whisper_headers=whisper_headers, lent=lent.get(host_box.host, []))
+        plan = plan_box(box, headers, gpus, whisper_headers=whisper_headers, lent=lent.get(name, []))
         if missing or not plan.fits:
             code = EXIT_REFUSED
         if as_json:
@@ -181,11 +158,10 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
                 {"field": None, "message": text} for text in (*missing, *plan.problems)
             ]
             hosts.append(
-                plan_json(host_box.host, plan, problems + [_problem_json(p) for p in plan.refused])
-                | _remote_json(remote)
+                plan_json(name, plan, problems + [_problem_json(p) for p in plan.refused]) | _remote_json(devices, name)
             )
             continue
-        print_plan(console, host_box.host, box, plan, headers, missing)
+        print_plan(console, name, box, plan, headers, missing)
     if as_json:
         print(json.dumps({"hosts": hosts}, indent=2))
     return code

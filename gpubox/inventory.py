@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from traceback import walk_tb
@@ -185,8 +185,9 @@ def box_of(host: InventoryHost) -> HostBox | None:
     return HostBox(host=host.name, box=box, problems=[])
 
 
-def gateway_of(name: str, data: dict[str, Any]) -> HostGateway | None:
-    """Validate a host's ``gateway`` data (its backends not resolved yet); None when it carries none."""
+def gateway_of(name: str, data: Mapping[str, Any]) -> HostGateway | None:
+    """Validate a host's ``gateway`` data (its backends not resolved yet); None when it carries none. ``data``:
+    anything with ``get`` (a dict, pyinfra's host data)."""
     value = data.get(GATEWAY_KEY)
     if value is None:
         return None

@@ -66,10 +66,3 @@ def has_peers(box: Box) -> bool:
 def peer_hosts(box: Box) -> list[str]:
     """The hosts whose services ``box``'s services use, in first-use order."""
     return list(dict.fromkeys(host for service in box.services for host, _ in service.peer_refs()))
-
-
-def clients_of(boxes: Mapping[str, Box], host: str, service: str) -> list[tuple[str, str]]:
-    """The (host, service) pairs of the inventory that use ``service`` on ``host``."""
-    return [
-        (name, user.name) for name, box in boxes.items() for user in box.services if (host, service) in user.peer_refs()
-    ]

@@ -959,26 +959,52 @@ def plan_box(
     return BoxPlan(services=tuple(plans), gpus=budgets, problems=tuple(problems), refused=tuple(refused))
 
 
-def lent_shares(
-    boxes: Mapping[str, Box], inputs: Mapping[str, VramInputs]
-) -> dict[str, list[tuple[int, GpuShare]]]:
-    """What llama-servers put on other hosts' GPUs through their RPC servers, by the lending host: (GPU index,
-    share named ``client@host via rpc``), the RPC server's own CUDA context included. An RPC server on the
-    CPU lends no GPU: nothing is budgeted there. ``inputs``: each client host's headers."""
-    lent: dict[str, list[tuple[int, GpuShare]]] = {name: [] for name in boxes}
-    for client_host, box in boxes.items():
+@dataclass(frozen=True)
+class LentDevice:
+    """What a llama-server (``service`` on ``client``) puts on a device another host lends it: ``rpc`` on
+    ``lender``, its GPU (None: the CPU, no VRAM), the terms the client puts there."""
+
+    client: str
+    service: str
+    lender: str
+    rpc: str
+    gpu: int | None
+    terms: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+
+def lent_devices(boxes: Mapping[str, Box], inputs: Mapping[str, VramInputs]) -> list[LentDevice]:
+    """Every device the inventory's hosts lend to llama-servers on other hosts, priced once from each client
+    host's ``inputs`` (its headers)."""
+    devices: list[LentDevice] = []
+    for client, box in boxes.items():
         for position, server in enumerate(box.services):
-            if not server.peer_refs() or client_host not in inputs:
+            if not server.peer_refs() or client not in inputs:
                 continue
-            priced = server.vram(inputs[client_host], f"services.{position}")
+            priced = server.vram(inputs[client], f"services.{position}")
             for remote in priced.remote if priced is not None else ():
                 lender = boxes.get(remote.host)
                 served = [s for s in lender.services if s.name == remote.service] if lender is not None else []
-                if not served or not served[0].placement:
-                    continue
-                terms = {**remote.terms, "headroom": CUDA_CONTEXT_MIB * MIB}
-                name = f"{server.name}@{client_host} via {remote.service}"
-                lent[remote.host].append((served[0].placement[0], GpuShare(service=name, terms=terms)))
+                gpu = served[0].placement[0] if served and served[0].placement else None
+                devices.append(LentDevice(client=client, service=server.name, lender=remote.host,
+                                          rpc=remote.service, gpu=gpu, terms=dict(remote.terms)))  # fmt: skip
+    return devices
+
+
+def lent_shares(devices: Sequence[LentDevice]) -> dict[str, list[tuple[int, GpuShare]]]:
+    """What each lending host's GPUs hold for llama-servers on other hosts: (GPU index, share named
+    ``client@host via rpc``), the RPC server's own CUDA context included. An RPC server on the CPU lends no
+    GPU: nothing is budgeted there."""
+    lent: dict[str, list[tuple[int, GpuShare]]] = {}
+    for device in devices:
+        if device.gpu is None:
+            continue
+        terms = {**device.terms, "headroom": CUDA_CONTEXT_MIB * MIB}
+        share = GpuShare(service=f"{device.service}@{device.client} via {device.rpc}", terms=terms)
+        lent.setdefault(device.lender, []).append((device.gpu, share))
     return lent
 
 

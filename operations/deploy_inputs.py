@@ -7,20 +7,26 @@ traceback, so these raise ``DeployError`` with the message gpubox's own refusals
 
 from __future__ import annotations
 
-from pydantic import ValidationError
 from pyinfra import host, inventory, logger, state
 from pyinfra.api.exceptions import DeployError
 from pyinfra.context import ctx_inventory
 
 from gpubox.box import Box
-from gpubox.gateway import GATEWAY_KEY, Gateway, resolve_backends
+from gpubox.gateway import GATEWAY_KEY, Gateway
 from gpubox.gateway_keys import group_key
 from gpubox.haproxy import haproxy_config
-from gpubox.inventory import BOX_KEY, InventoryError, box_from_host_data, no_box_message, refusal_text
+from gpubox.inventory import (
+    BOX_KEY,
+    InventoryError,
+    box_from_host_data,
+    gateway_of,
+    no_box_message,
+    refusal_text,
+    with_backends,
+)
 from gpubox.monitoring.fleet import MONITORING_KEY, Fleet, FleetError, build_fleet
 from gpubox.peers import has_peers, peer_hosts, resolve_peers
 from gpubox.servers.base import Service
-from gpubox.spec import problems_from
 
 
 def host_box() -> Box:
@@ -36,18 +42,26 @@ def host_box() -> Box:
     return _with_peers(box) if has_peers(box) else box
 
 
-def _with_peers(box: Box) -> Box:
+def _inventory_boxes(own: Box | None = None) -> dict[str, Box]:
+    """Every box of the inventory, validated (``own``: this host's, validated already); a refused one is a
+    DeployError naming its host."""
     boxes: dict[str, Box] = {}
     for other in inventory:
         data = other.data.get(BOX_KEY)
         if data is None:
             continue
+        if own is not None and other.name == host.name:
+            boxes[other.name] = own
+            continue
         try:
-            boxes[other.name] = box if other.name == host.name else box_from_host_data(data, other.name)
+            boxes[other.name] = box_from_host_data(data, other.name)
         except InventoryError as error:
-            raise DeployError(f"{host.name} uses services on {other.name}, whose box is refused: "
-                              f"{refusal_text(error)}") from None
-    resolved, problems = resolve_peers(boxes)
+            raise DeployError(f"{host.name} uses {other.name}'s box, which is refused: {refusal_text(error)}") from None
+    return boxes
+
+
+def _with_peers(box: Box) -> Box:
+    resolved, problems = resolve_peers(_inventory_boxes(box))
     if problems[host.name]:
         lines = [f"{host.name}: what it uses on other hosts is refused:"]
         lines += [f"    {problem.field}: {problem.message}" for problem in problems[host.name]]
@@ -117,37 +131,17 @@ def gateway_only() -> bool:
     return host.data.get(BOX_KEY) is None and host.data.get(GATEWAY_KEY) is not None
 
 
-def _inventory_boxes() -> dict[str, Box]:
-    boxes: dict[str, Box] = {}
-    for other in inventory:
-        data = other.data.get(BOX_KEY)
-        if data is not None:
-            try:
-                boxes[other.name] = box_from_host_data(data, other.name)
-            except InventoryError as error:
-                raise DeployError(refusal_text(error)) from None
-    return boxes
-
-
-def _gateway(data: object) -> Gateway:
-    try:
-        return data if isinstance(data, Gateway) else Gateway.model_validate(data)
-    except ValidationError as error:
-        lines = "; ".join(f"{problem.field}: {problem.message}" for problem in problems_from(error))
-        raise DeployError(f"{host.name}: its gateway is refused: {lines}") from None
-
-
 def host_gateway() -> tuple[Gateway, str, list[str]] | None:
     """The host's gateway, its HAProxy config (its backends resolved from every box of the inventory) and each
     group's backend key (from the controller's store); None when the host runs none. Refused: DeployError."""
-    data = host.data.get(GATEWAY_KEY)
-    if data is None:
+    found = gateway_of(host.name, host.data)
+    if found is None:
         return None
-    spec = _gateway(data)
-    backends, problems = resolve_backends(host.name, spec, _inventory_boxes())
-    if problems:
-        lines = [f"{host.name}: its gateway is refused:", *(f"    {p.field}: {p.message}" for p in problems)]
+    (resolved,) = with_backends([found], dict(_inventory_boxes()))
+    if resolved.gateway is None or resolved.problems:
+        lines = [f"{host.name}: its gateway is refused:", *(f"    {p.field}: {p.message}" for p in resolved.problems)]
         raise DeployError("\n".join(lines))
+    spec, backends = resolved.gateway, resolved.backends
     keyed = {name for name, group in backends.items() if any(backend.key_file for backend in group)}
     keys = [group_key(host.name, group.name) for group in spec.groups]
     return spec, haproxy_config(spec, backends, keyed_groups=keyed), keys
@@ -160,15 +154,14 @@ def gateway_keys_for(box: Box) -> dict[str, list[str]]:
     if not ctx_inventory.isset():  # a deploy run outside an inventory (the operation tests): no gateway
         return keys
     for other in inventory:
-        data = other.data.get(GATEWAY_KEY)
-        if data is None:
+        found = gateway_of(other.name, other.data)
+        if found is None or found.gateway is None:  # a refused gateway is refused by its own host's deploy
             continue
-        spec = _gateway(data)
-        for group in spec.groups:
+        for group in found.gateway.groups:
             for ref in group.backends:
                 if ref.host != host.name:
                     continue
                 served: list[Service] = [service for service in box.services if service.name == ref.service]
                 if served and served[0].key_file is not None:
-                    keys.setdefault(ref.service, []).append(group_key(other.name, group.name))
+                    keys.setdefault(ref.service, []).append(group_key(found.host, group.name))
     return keys
