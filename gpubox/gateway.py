@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Self
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from gpubox.servers.base import network_entry
+from gpubox.servers.base import any_alone, listener_allow_from, network_entry
 from gpubox.spec import HostMonitoring, Problem, Spec, Violation, absolute_path, host_address, is_loopback, refuse
 
 if TYPE_CHECKING:
@@ -182,6 +182,11 @@ class Gateway(Spec):
     def _absolute(cls, value: str | None) -> str | None:
         return None if value is None else absolute_path(value, "a gateway file")
 
+    @field_validator("allow_from")
+    @classmethod
+    def _any_alone(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return any_alone(value)
+
     @field_validator("address")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
@@ -200,14 +205,7 @@ class Gateway(Spec):
         if not loopback and self.api_key_file is None:
             problems.append((("api_key_file",), f"host={self.host!r} listens beyond this machine: set "
                              'api_key_file="generate" (clients present the gateway\'s own key)', None))
-        if not loopback and not self.allow_from:
-            problems.append((("allow_from",), f"host={self.host!r} listens beyond this machine: say who may "
-                             "connect, e.g. allow_from=('192.168.1.0/24',), or ('any',)", ()))
-        if loopback and self.allow_from:
-            problems.append((("allow_from",), f"host={self.host!r} is loopback, which only this machine reaches: "
-                             "remove allow_from, or listen beyond it", list(self.allow_from)))
-        if "any" in self.allow_from and len(self.allow_from) > 1:
-            problems.append((("allow_from",), "allow_from is 'any' alone or a list of networks", list(self.allow_from)))
+        problems += listener_allow_from(self.host, self.allow_from, required=True)
         if self.stats_port == self.port:
             problems.append((("stats_port",), f"port {self.port} is the gateway's own: give the exporter another",
                              self.stats_port))

@@ -253,9 +253,7 @@ class Service(Spec):
     @field_validator("allow_from")
     @classmethod
     def _allow_from(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if "any" in value and len(value) > 1:
-            raise ValueError(f"allow_from is 'any' alone or a list of networks, got {list(value)}")
-        return value
+        return any_alone(value)
 
     @model_validator(mode="after")
     def _rules(self) -> Self:
@@ -508,21 +506,37 @@ def unauthenticated_stays_on_loopback(service: Service) -> Iterable[Violation]:
 
 def allow_from_rule(service: Service) -> Iterable[Violation]:
     """A listener beyond loopback says who may connect; on loopback nobody else can, so it says nothing."""
-    loopback = is_loopback(service.host)
-    if not loopback and not service.allow_from and service.AUTHENTICATES:  # else `host` is refused already
-        yield (
+    # without authentication, beyond loopback `host` is refused already (or its type names its clients)
+    return listener_allow_from(service.host, service.allow_from, required=service.AUTHENTICATES)
+
+
+def any_alone(allow_from: tuple[str, ...]) -> tuple[str, ...]:
+    """``allow_from`` is ``'any'`` alone or a list of networks (a field validator's check)."""
+    if "any" in allow_from and len(allow_from) > 1:
+        raise ValueError(f"allow_from is 'any' alone or a list of networks, got {list(allow_from)}")
+    return allow_from
+
+
+def listener_allow_from(host: str, allow_from: tuple[str, ...], *, required: bool) -> list[Violation]:
+    """The ``allow_from`` rules of any listener (a service, the gateway): beyond loopback it says who may connect
+    (when ``required``); on loopback, which only this machine reaches, it says nothing."""
+    loopback = is_loopback(host)
+    problems: list[Violation] = []
+    if not loopback and not allow_from and required:
+        problems.append((
             ("allow_from",),
-            f"host={service.host!r} listens beyond this machine: say who may connect, e.g. "
+            f"host={host!r} listens beyond this machine: say who may connect, e.g. "
             f"allow_from=('192.168.1.0/24',), or allow_from=('any',) for every address (the unit denies the rest)",
             (),
-        )
-    if loopback and service.allow_from:
-        yield (
+        ))  # fmt: skip
+    if loopback and allow_from:
+        problems.append((
             ("allow_from",),
-            f"host={service.host!r} is loopback, which only this machine reaches: remove allow_from, or listen "
+            f"host={host!r} is loopback, which only this machine reaches: remove allow_from, or listen "
             f"beyond it (e.g. host='0.0.0.0' with api_key_file)",
-            list(service.allow_from),
-        )
+            list(allow_from),
+        ))  # fmt: skip
+    return problems
 
 
 def extra_args_rule(service: Service) -> Iterable[Violation]:
