@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 DEFAULT_HEAD_BYTES = 32 * 1024 * 1024
 """Enough for the header of models with a 262k-token vocabulary (several MB of token strings)."""
 
+LOCAL_FIRST_READ = 4 * 1024 * 1024
+"""A local file's first read: most headers fit (SmolLM2's is 1.7 MiB); a longer one is read on, doubling.
+Reading all 32 MiB at once took 34 ms of SmolLM2's 35 ms parse in every deploy run's VRAM check; 4 MiB 16 ms."""
+
 MAX_KEPT_ARRAY_LENGTH = 512
 """Longer arrays (tokens, scores, merges) are kept as their length only; per-layer arrays fit."""
 
@@ -361,7 +365,7 @@ def parse_gguf_header(head: bytes, file_size: int) -> GgufFile:
     return header
 
 
-def read_gguf_header(path: str | Path, head_bytes: int = DEFAULT_HEAD_BYTES) -> GgufFile:
+def read_gguf_header(path: str | Path, head_bytes: int = LOCAL_FIRST_READ) -> GgufFile:
     """Parse the header of a local GGUF file, reading only its head (more only if the header needs it)."""
     file_size = Path(path).stat().st_size
     with open(path, "rb") as file:

@@ -12,8 +12,8 @@ full deploy reads every check's fact that way (`operations.box_state`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar, cast
 
 from pyinfra import host, state
 from pyinfra.api.facts import FactBase
@@ -83,21 +83,52 @@ def read(fact_read: FactRead) -> Any:
     return fact_once(fact, **arguments)
 
 
+class MergedFact(Protocol):
+    """A fact whose reads with different arguments `prefetch` loads as one (``facts.systemd.UnitStates``:
+    every unit in one ``systemctl show``), each read then given its own part of the value."""
+
+    @staticmethod
+    def merged(reads: Sequence[Mapping[str, Any]]) -> dict[str, Any]: ...
+
+    @staticmethod
+    def share(value: Any, read: Mapping[str, Any]) -> Any: ...
+
+
+def _merged_reads(reads: Sequence[FactRead]) -> tuple[list[FactRead], dict[int, list[FactRead]]]:
+    """``reads`` with each `MergedFact`'s reads made one; which reads each merged one stands for, by its index."""
+    loads: list[FactRead] = []
+    stands_for: dict[int, list[FactRead]] = {}
+    grouped: dict[type[FactBase[Any]], list[FactRead]] = {}
+    for fact, arguments in reads:
+        if hasattr(fact, "merged"):
+            grouped.setdefault(fact, []).append((fact, arguments))
+        else:
+            loads.append((fact, arguments))
+    for fact, group in grouped.items():
+        merging = cast(MergedFact, fact)
+        stands_for[len(loads)] = group
+        loads.append((fact, merging.merged([arguments for _, arguments in group])))
+    return loads, stands_for
+
+
 def prefetch(reads: Sequence[FactRead]) -> None:
     """Load every fact of `reads` not loaded yet in one round trip; `fact_once` then answers from it.
 
     The arguments must be the very ones the operations pass to `fact_once` (a fact read with others
-    is loaded on its own, as before: slower, never wrong).
+    is loaded on its own, as before: slower, never wrong). A `MergedFact`'s reads are loaded as one.
     """
     loaded = _loaded()
-    todo = list({_fact_key(fact, arguments): (fact, arguments) for fact, arguments in reads}.items())
-    todo = [(key, fact_read) for key, fact_read in todo if (host.name, key) not in loaded]
+    todo = list({_fact_key(fact, arguments): (fact, arguments) for fact, arguments in reads}.values())
+    todo = [(fact, arguments) for fact, arguments in todo if (host.name, _fact_key(fact, arguments)) not in loaded]
     if not todo:
         return
-    requests = tuple((fact_name(fact), tuple(sorted(arguments.items()))) for _, (fact, arguments) in todo)
+    loads, stands_for = _merged_reads(todo)
+    requests = tuple((fact_name(fact), tuple(sorted(arguments.items()))) for fact, arguments in loads)
     found = batch.values(requests, host.get_fact(batch.Facts, requests=requests))
-    for (key, _), value in zip(todo, found, strict=True):
-        loaded[(host.name, key)] = value
+    for index, ((fact, arguments), value) in enumerate(zip(loads, found, strict=True)):
+        for part_fact, part_arguments in stands_for.get(index, [(fact, arguments)]):
+            part = cast(MergedFact, fact).share(value, part_arguments) if index in stands_for else value
+            loaded[(host.name, _fact_key(part_fact, part_arguments))] = part
 
 
 def forget(fact_read: FactRead) -> None:

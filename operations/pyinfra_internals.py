@@ -16,7 +16,14 @@ changes one fails there by name rather than in a deploy:
   (``False`` fails the operation without a traceback); ``operations/failures.py`` uses it;
 - ``on_host_disconnect``: ``State.add_callback_handler`` and ``BaseStateCallback.host_disconnect``,
   which pyinfra triggers for every host at the end of every run (``operations/deploy_lock.py``
-  releases its locks there).
+  releases its locks there);
+- ``operation_order``: the order pyinfra's CLI gives each operation
+  (``pyinfra.api.util.get_operation_order_from_stack``: the line numbers of the call stack from the
+  deploy file on, pyinfra's own frames left out), found by walking the frames. pyinfra's builds
+  ``inspect.stack()``, which reads every frame's source line and searches ``sys.modules`` for its module:
+  ~3 ms an operation, 0.09 s of a 28-operation no-op, and 16 times that on a 16-host run.
+  ``use_operation_order`` puts it in pyinfra's place; ``operations/__init__.py`` calls it, so every run
+  of a gpubox deploy uses it, and the test compares it with pyinfra's own on real call stacks.
 
 One more lives in ``gpubox/inventory.py`` (``import_pyinfra_cli_without_gevent_patching``), where the
 pure core would otherwise import this package: importing ``pyinfra_cli`` calls
@@ -26,14 +33,19 @@ while it imports pyinfra's inventory loader. The test checks that one too.
 
 from __future__ import annotations
 
+import itertools
+import sys
 from collections.abc import Callable, Iterable
+from types import FrameType
 from typing import Any
 
+import pyinfra
 from pyinfra.api import FunctionCommand, StringCommand
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
 from pyinfra.api.host import Host
 from pyinfra.api.operation import OperationMeta
 from pyinfra.api.state import BaseStateCallback, State
+from pyinfra.api.util import PYINFRA_INSTALL_DIR
 from pyinfra.connectors.util import make_unix_command_for_host
 
 StateHostFunction = Callable[..., bool]
@@ -74,3 +86,42 @@ def on_host_disconnect(run_state: State, callback: Callable[[State, Host], None]
             callback(state, host)
 
     run_state.add_callback_handler(_OnDisconnect())
+
+
+def _frame_line(frame: FrameType) -> int:
+    """The line ``inspect.getframeinfo`` gives a frame: where its current instruction starts (a call
+    spread over several lines: its first), else the frame's line."""
+    if frame.f_lasti >= 0:
+        start, *_ = next(itertools.islice(frame.f_code.co_positions(), frame.f_lasti // 2, None))
+        if start is not None:
+            return start
+    return frame.f_lineno
+
+
+def operation_order(run_state: State) -> list[int]:
+    """``get_operation_order_from_stack(state)`` of pyinfra 3.10, without ``inspect.stack()``: the
+    running deploy file's operation number (CLI), then the line of each frame from the deploy file's
+    outermost one inwards, pyinfra's own frames left out."""
+    frames: list[FrameType] = []
+    frame: FrameType | None = sys._getframe()  # this one included: pyinfra's own frame ends its stack
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    frames.reverse()  # outermost first, as pyinfra reads inspect.stack() reversed
+    start = 0
+    if run_state.current_deploy_filename:
+        for start, outer in enumerate(frames):  # noqa: B007 (pyinfra's loop: the last frame when none matches)
+            if outer.f_code.co_filename == run_state.current_deploy_filename:
+                break
+    order = [run_state.current_op_file_number] if pyinfra.is_cli else []
+    order.extend(
+        _frame_line(inner)
+        for inner in frames[start:-1]  # less this function's own frame, as pyinfra's is left out
+        if not inner.f_code.co_filename.startswith(PYINFRA_INSTALL_DIR)
+    )
+    return order
+
+
+def use_operation_order() -> None:
+    """Have pyinfra order this process's operations with ``operation_order`` (the same numbers, faster)."""
+    sys.modules["pyinfra.api.operation"].get_operation_order_from_stack = operation_order

@@ -12,13 +12,12 @@ from pyinfra.api import OperationError, deploy, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import Command, Which
-from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
 from facts.gpu import NvidiaGpus
 from facts.llamacpp import LlamaServerFlags, LlamaServerVersion, ServerOptions
-from facts.systemd import ExistingUsers, StaleProcess
+from facts.systemd import ExistingUsers, UnitStates
 from facts.unverified import UnverifiedServices
 from gpubox import binaries as records
 from gpubox.binaries import UnsupportedServerArgumentError, check_flags_supported, unsupported_flags
@@ -28,6 +27,7 @@ from gpubox.gpu import gpus_from_fact
 from gpubox.inventory import InventoryError, box_from_host_data
 from gpubox.keys import chmod_mode, fact_mode
 from gpubox.quoting import shell_word
+from gpubox.running import StaleProbe, UnitState
 from gpubox.servers.base import Service
 from gpubox.unit import render_unit, service_gpus
 from gpubox.unverified import Mark, mark_command
@@ -115,20 +115,18 @@ def _flags_read(server: Service, prefix: str) -> FactRead:
 
 
 def _stale_read(server: Service, prefix: str | None) -> FactRead:
-    return StaleProcess, {
-        "unit_name": server.unit_name,
-        "unit_path": unit_path(server),
-        "files": tuple(server.read_only_files()),
-        "binary": server.binary(prefix),
-    }
+    probe = StaleProbe(server.unit_name, unit_path(server), tuple(server.read_only_files()), server.binary(prefix))
+    return UnitStates, {"units": (server.unit_name,), "probes": (probe,)}
 
 
-def _status_read(unit_name: str) -> FactRead:
-    return SystemdStatus, {"services": (unit_name,)}
+def _state_read(unit_name: str) -> FactRead:
+    return UnitStates, {"units": (unit_name,)}
 
 
-def _enabled_read(unit_name: str) -> FactRead:
-    return SystemdEnabled, {"services": (unit_name,)}
+def _unit_state(unit_name: str) -> UnitState | None:
+    """The unit as systemd reports it (None: systemd knows nothing of it)."""
+    states: dict[str, UnitState] = read(_state_read(unit_name))
+    return states.get(unit_name)
 
 
 def _user_read(server: Service) -> FactRead:
@@ -152,8 +150,9 @@ def _unverified_read() -> FactRead:
 
 
 def unit_state_reads(unit_name: str) -> list[FactRead]:
-    """The facts `running_and_enabled` reads for a unit (prefetched with the run's others)."""
-    return [_status_read(unit_name), _enabled_read(unit_name)]
+    """The facts `running_and_enabled` reads for a unit (prefetched with the run's others: every unit's
+    reads of `UnitStates` are one ``systemctl show``)."""
+    return [_state_read(unit_name)]
 
 
 def facts_read(server: Service, prefix: str | None) -> list[FactRead]:
@@ -338,7 +337,8 @@ def running_current(server: AnyService, prefix: str | None):  # type: ignore[no-
 
         service.running_current(name="gemma4.service runs what is on disk", server=server, prefix="/opt/llama.cpp")
     """
-    reasons = read(_stale_read(server, prefix))
+    state = read(_stale_read(server, prefix)).get(server.unit_name)
+    reasons = state.stale if state else ()
     if not reasons:
         host.noop(f"{server.unit_name} runs what is on disk (or is not running)")
         return
@@ -384,8 +384,8 @@ def running_and_enabled(unit_name: str, mark: bool = False):  # type: ignore[no-
 
         service.running_and_enabled(name="gemma4.service running and enabled at boot", unit_name="gemma4.service")
     """
-    running = (read(_status_read(unit_name)) or {}).get(unit_name)
-    enabled = (read(_enabled_read(unit_name)) or {}).get(unit_name)
+    state = _unit_state(unit_name)
+    running, enabled = (state.active, state.enabled) if state else (False, False)
     if running and enabled:
         host.noop(f"{unit_name} is running and enabled")
         return
@@ -485,7 +485,8 @@ def server(  # type: ignore[no-untyped-def]
             name=f"Restart {server.unit_name}", server=server, install=install, _if=any_changed(*restart_on)
         )
     smoked = server.smoke_tested
-    running = (read(_status_read(server.unit_name)) or {}).get(server.unit_name)
+    state = _unit_state(server.unit_name)
+    running = state is not None and state.active
     start_meta = running_and_enabled(
         name=f"{server.unit_name} running and enabled at boot", unit_name=server.unit_name, mark=smoked
     )

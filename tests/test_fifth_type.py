@@ -60,6 +60,8 @@ def test_the_deploy_reads_no_help_and_checks_it_is_ready() -> None:
 
     server = StaticServer(name="static", directory="/srv/static")
     reads = [fact.__name__ for fact, _ in service.facts_read(server, None)]
-    assert "ServerOptions" not in reads and "LlamaServerFlags" not in reads and "StaleProcess" in reads
+    assert "ServerOptions" not in reads and "LlamaServerFlags" not in reads
+    probed = [arguments["probes"] for fact, arguments in service.facts_read(server, None) if "probes" in arguments]
+    assert [probe.unit_name for probes in probed for probe in probes] == [server.unit_name]  # its stale probe
     assert server.smoke_tested and server.SMOKE_KIND == "ready" and server.generated_key_file is None
     assert smoke.round_trip_pair(Box(services=(server,))) is None

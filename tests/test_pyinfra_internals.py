@@ -25,6 +25,7 @@ from operations.pyinfra_internals import (
     host_command,
     host_operations,
     on_host_disconnect,
+    operation_order,
     state_host_step,
 )
 
@@ -104,3 +105,59 @@ def test_pyinfra_cli_patches_gevent_on_import_and_gpubox_imports_it_without() ->
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert result.stdout.split() == ["True", "False"]  # imported, and the stdlib left alone
+
+
+DEPLOY_WITH_NESTED_CALLS = """\
+def operation(probe):
+    return probe()
+
+
+def nested(probe):
+    return operation(
+        probe,
+    )
+
+
+RESULT = [nested(PROBE), [
+    operation(PROBE)
+    for _ in range(2)
+]]
+"""
+
+
+@pytest.mark.parametrize("in_cli", [True, False])
+@pytest.mark.parametrize("deploy_file", ["the deploy", "another file", ""])
+def test_operation_order_gives_pyinfras_numbers_from_the_frames(
+    local: tuple[State, Host], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_cli: bool, deploy_file: str
+) -> None:
+    import pyinfra
+    from pyinfra.api.util import get_operation_order_from_stack
+
+    run_state, _ = local
+    path = tmp_path / "deploy.py"
+    path.write_text(DEPLOY_WITH_NESTED_CALLS)
+    named = {"the deploy": str(path), "another file": str(tmp_path / "other.py"), "": None}[deploy_file]
+    monkeypatch.setattr(run_state, "current_deploy_filename", named)
+    monkeypatch.setattr(run_state, "current_op_file_number", 7)
+    monkeypatch.setattr(pyinfra, "is_cli", in_cli)
+
+    def probe() -> tuple[list[int], list[int]]:  # both called from the same frame, as pyinfra calls them
+        return get_operation_order_from_stack(run_state), operation_order(run_state)
+
+    scope: dict[str, object] = {"PROBE": probe}
+    exec(compile(path.read_text(), str(path), "exec"), scope)
+    first, loop = scope["RESULT"]  # type: ignore[misc]
+    for theirs, ours in [first, *loop]:
+        assert ours == theirs
+    if deploy_file == "the deploy":  # the multi-line call counts from its first line, as inspect does
+        expected = ([7] if in_cli else []) + [11, 6, 2]  # RESULT's line, `return operation(`, `return probe()`
+        assert first[1][: len(expected)] == expected
+
+
+def test_importing_gpubox_operations_puts_operation_order_in_pyinfras_place() -> None:
+    code = (
+        "import operations, sys; from operations.pyinfra_internals import operation_order; "
+        "print(sys.modules['pyinfra.api.operation'].get_operation_order_from_stack is operation_order)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.split() == ["True"]

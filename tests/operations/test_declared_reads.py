@@ -22,7 +22,6 @@ from pydantic import TypeAdapter
 from pyinfra.api.facts import FactBase
 from pyinfra.context import ctx_host, ctx_state
 from pyinfra.facts.files import File, FileContents
-from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra_testing.util import FakeState, coerce_operation_arguments, parse_value, patch_files
 
 import operations.host_facts
@@ -30,11 +29,12 @@ from facts.build import InstalledBuild
 from facts.cuda import CudaToolkit
 from facts.gpu import NvidiaGpus
 from facts.llamacpp import LlamaServerFlags
-from facts.systemd import ExistingUsers, StaleProcess
+from facts.systemd import ExistingUsers, UnitStates
 from facts.unverified import UnverifiedServices
 from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile, SmokeThresholds, cuda, gpu
 from gpubox.gpu import gpus_from_fact
 from gpubox.keys import fact_mode
+from gpubox.running import UnitState
 from gpubox.unit import render_unit
 from operations import box_state, models, monitoring, piper, service, source_build, text_files, vram
 from operations.host_facts import FactRead
@@ -208,9 +208,7 @@ def converged_service_host(server: LlamaServer) -> ConvergedHost:
         NvidiaGpus: GPUS,
         FileContents: unit_text.splitlines(),
         File: key_info,
-        StaleProcess: [],
-        SystemdStatus: {server.unit_name: True},
-        SystemdEnabled: {server.unit_name: True},
+        UnitStates: {server.unit_name: UnitState(active=True, enabled=True)},
         UnverifiedServices: [],
     })  # fmt: skip
 

@@ -15,15 +15,16 @@ from typing import Any
 import pytest
 from pyinfra.api import OperationError
 from pyinfra.context import ctx_host, ctx_inventory, ctx_state
-from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra_testing.util import FakeState
 
 import operations.box_state
 import operations.deploy_lock
 import operations.service
 import operations.smoke
+from facts.systemd import UnitStates
 from facts.unverified import UnverifiedServices
 from gpubox import Box, LlamaCppBuild, LlamaServer, ModelFile, SmokeThresholds
+from gpubox.running import UnitState
 from gpubox.unverified import Mark, clear_command
 from operations import service, smoke
 from operations.service import Restarted
@@ -64,10 +65,8 @@ def commands(op: Any, host: DictHost, **kwargs: Any) -> list[str]:
 
 
 def status(running: bool, enabled: bool = True) -> DictHost:
-    services = (("services", ("gemma4.service",)),)
     return DictHost({
-        (SystemdStatus, services): {"gemma4.service": running},
-        (SystemdEnabled, services): {"gemma4.service": enabled},
+        (UnitStates, (("units", ("gemma4.service",)),)): {"gemma4.service": UnitState(active=running, enabled=enabled)},
         (UnverifiedServices, ()): [],
     })  # fmt: skip
 
