@@ -26,13 +26,14 @@ import struct
 import unicodedata
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
-
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from gpubox.gpu import ComputeApp
 from gpubox.quoting import shell_join
 from gpubox.smoke import TransportError, _verdict, check_gpu_residency, parse_curl_output
+
+if TYPE_CHECKING:  # rich is imported where a table is drawn: a no-op deploy draws none
+    from rich.table import Table
 
 WAVE_FORMAT_PCM = 0x0001
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
@@ -410,12 +411,17 @@ def _answer_measured(spoken: SpeechCheck) -> str:
     else:
         why = _excerpt(spoken.wav_error, 80) if spoken.wav_error else "unreadable"
         judged = f"HTTP 200, body no PCM WAV: {why} (sent as {content})"
+    from rich.markup import escape
+
     return escape(f"{judged}, in {spoken.seconds:.2f} s")
 
 
 def speech_table(transcripts: Sequence[TranscriptCheck] = (), syntheses: Sequence[SpeechCheck] = ()) -> Table:
     """One row per check: what was measured, the threshold, pass or fail."""
     passed = all(check.passed for check in transcripts) and all(check.passed for check in syntheses)
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(title="speech smoke test: " + ("[green]passed[/]" if passed else "[bold red]failed[/]"))
     for column in ("check", "measured", "threshold", "result"):
         table.add_column(column)

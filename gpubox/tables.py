@@ -31,6 +31,11 @@ TERM_EXPLANATIONS: dict[str, str] = {
 }
 
 
+def stderr_console(record: bool = False) -> Console:
+    """Where a deploy draws its tables: stderr, 120 columns (``record``: kept for ``export_text``)."""
+    return Console(width=120, stderr=True, record=record)
+
+
 def mib(value: int) -> str:
     """Bytes as whole MiB with thousands separators."""
     return f"{value / MIB:,.0f}"

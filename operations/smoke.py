@@ -20,7 +20,6 @@ from pyinfra import host
 from pyinfra.api import OperationError, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations.util import any_changed
-from rich.console import Console
 
 from facts.gpu import NvidiaComputeApps, NvidiaGpus
 from gpubox import piper_install, speech
@@ -46,6 +45,8 @@ from .host_facts import fact_once
 from .service import Restarted, previous_unit_path, unit_path
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from gpubox.servers.llama import LlamaServer
     from gpubox.servers.piper import PiperServer
     from gpubox.servers.whisper import WhisperServer
@@ -100,10 +101,17 @@ def _measure(server: LlamaServer, outcome: SmokeOutcome, arguments: Mapping[str,
     started = time.monotonic()
     result = run_smoke(transport, server.smoke, gpu_probe=gpu_probe, expected_gpu_uuids=expected_uuids)
     outcome.result = result
-    console = Console(width=120, stderr=True)
+    console = stderr_console()
     console.print(f"[bold]{host.name}[/] smoke test of {server.unit_name}")
     console.print(smoke_table(result))
     host.log(summary_line(server, result, time.monotonic() - started))
+
+
+def stderr_console() -> Console:
+    """The console a smoke test draws its table on (rich is loaded then, not by a no-op run)."""
+    from gpubox.tables import stderr_console as console
+
+    return console()
 
 
 def summary_line(server: LlamaServer, result: SmokeResult, seconds: float) -> str:
@@ -197,7 +205,7 @@ def smoke_wav(server: Service) -> str:
 
 
 def _print(title: str, transcripts: list[speech.TranscriptCheck], syntheses: list[speech.SpeechCheck]) -> None:
-    console = Console(width=120, stderr=True)
+    console = stderr_console()
     console.print(f"[bold]{host.name}[/] {title}")
     console.print(speech.speech_table(transcripts, syntheses))
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from pyinfra import host, state
 from pyinfra.api import OperationError, operation
-from rich.console import Console
 
 from facts.gpu import NvidiaGpus
 from gpubox.box import Box
 from gpubox.gguf_header import GgufFile
 from gpubox.gpu import gpus_from_fact
 from gpubox.inventory import HostBox
-from gpubox.tables import gpu_table, print_refusal, problems_table
 from gpubox.vram import load_model_header, moves, plan_box, whisper_headers_for_box
 
 from .host_facts import FactRead, read
@@ -79,9 +77,10 @@ def fits(box: Box):  # type: ignore[no-untyped-def]
         model_sizes=_model_sizes(box),
         whisper_headers=whisper_headers,
     )
-    console = Console(width=120, record=True, stderr=True)
     if plan.refused:
-        console.print(problems_table([HostBox(host=host.name, box=box, problems=list(plan.refused))]))
+        from gpubox.tables import problems_table, stderr_console  # rich is loaded only to draw a table
+
+        stderr_console().print(problems_table([HostBox(host=host.name, box=box, problems=list(plan.refused))]))
         raise OperationError(
             "refused by the models' headers: "
             + "; ".join(f"{problem.field}: {problem.message}" for problem in plan.refused)
@@ -89,6 +88,9 @@ def fits(box: Box):  # type: ignore[no-untyped-def]
     if not gpus or not any(server.gpus for server in box.services):
         host.noop("no GPU services on this host: no VRAM budget to check")
         return
+    from gpubox.tables import gpu_table, print_refusal, stderr_console  # a GPU box draws its budget
+
+    console = stderr_console(record=True)
     for gpu in plan.gpus:
         console.print(gpu_table(host.name, gpu))
     if plan.problems and not state.is_executing:

@@ -90,6 +90,8 @@ def test_the_installed_probe_reads_stamp_and_link_in_one_command(tmp_path: Path)
     os.symlink(f"builds/{'1' * 40}-cpu", tmp_path / "current")
     assert is_installed(found(), build, "cpu") == (True, True)
     assert is_installed(found(), build, "cuda") == (False, False)
+    stamp.write_text(stamp_text(build, "cpu").rstrip("\n"))  # the shell reads a last line without its newline too
+    assert is_installed(found(), build, "cpu") == (True, True)
 
 
 # --- the piper install script, run against a stand-in python3 ----------------------------------------

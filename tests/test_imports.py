@@ -224,10 +224,11 @@ def test_no_module_outside_the_servers_compares_a_type_tag() -> None:
     assert not offenders, "a type tag compared outside gpubox/servers/:\n" + "\n".join(offenders)
 
 
-UNUSED_BY_A_BOX_DEPLOY = ("numpy", "gguf", "grafana_foundation_sdk", "prometheus_client")
-"""Packages a box deploy's no-op never calls, each 30-100 ms of imports: gguf's package (numpy with it;
+UNUSED_BY_A_BOX_DEPLOY = ("numpy", "gguf", "grafana_foundation_sdk", "prometheus_client", "rich")
+"""Packages a box deploy's no-op never calls, each 20-100 ms of imports: gguf's package (numpy with it;
 the header reader takes its constants module alone), Grafana's SDK and prometheus_client (the
-monitoring's own deploy renders their files)."""
+monitoring's own deploy renders their files), rich (imported where a table is drawn: a GPU box's VRAM
+budget, a smoke test's result)."""
 
 
 def test_the_box_deploy_loads_no_package_it_does_not_use() -> None:

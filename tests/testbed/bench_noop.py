@@ -29,19 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.testbed import booted_host, ccache_dir, inventory_config, llama_cpp_repo
-from tests.testbed.bench_fleet import ROOT, timed_pyinfra
+from tests.testbed.bench_fleet import EMPTY, ROOT, floor_inventory, timed_pyinfra
 from tests.testbed.config import TestbedConfig
 from tests.testbed.speech import WHISPER_REPO_MOUNT, speech_config
 from tests.testbed.whisper_assets import whisper_cpp_repo
 
 FULL = "deploys/danarch4090.py"
-EMPTY = ROOT / "tests" / "testbed" / "empty_deploy.py"
-
-
-def floor_inventory(config: TestbedConfig, path: Path) -> Path:
-    """A plain pyinfra inventory of the config's first host: its connection and nothing else."""
-    path.write_text(f"testbed = [({config.host_name!r}, {config.host_data!r})]\n")
-    return path
 
 
 @contextlib.contextmanager
