@@ -161,3 +161,16 @@ def test_importing_gpubox_operations_puts_operation_order_in_pyinfras_place() ->
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert result.stdout.split() == ["True"]
+
+
+def test_importing_gpubox_operations_has_pyinfra_read_its_global_arguments_once() -> None:
+    code = (
+        "import operations, typing, pyinfra.api.arguments as a, pyinfra.api.facts as f\n"
+        "fresh = list(typing.get_type_hints(a.AllArguments).items())\n"
+        "first = a.all_global_arguments(); first.clear()  # a caller's change is its own\n"
+        "print(a.all_global_arguments() == fresh, f.all_global_arguments() == fresh, len(fresh) > 10)\n"
+        "operations.pyinfra_internals.use_global_arguments_once()  # again: still pyinfra's own types\n"
+        "print(a.all_global_arguments() == fresh)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.split() == ["True", "True", "True", "True"]
