@@ -100,22 +100,28 @@ def test_reap_orphans_removes_processes_mounts_and_directories(
     assert reap(orphans_only=True) == []
 
 
-def test_down_reaps_every_recorded_host(
+def test_down_reaps_the_hosts_no_running_process_owns_and_down_all_the_rest(
     orphan: tuple[HostRecord, subprocess.Popen[bytes], bool], registry: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     record, nspawn, _ = orphan
-    live = _live_record(tmp_path, "gpubox-testbed-live")
+    live = _live_record(tmp_path, "gpubox-testbed-live")  # a running pytest's host: `down` leaves it
     detached = _live_record(tmp_path, "gpubox-testbed-up", detached=True)
 
     assert cli_main(["down"]) == 0
 
-    out = capsys.readouterr().out
-    assert out.count("reaped ") == 3, out
-    for rec in (record, live, detached):
+    captured = capsys.readouterr()
+    assert captured.out.count("reaped ") == 2, captured.out
+    for rec in (record, detached):
         assert not Path(rec.base).exists()
-        assert rec.base in out
+        assert rec.base in captured.out
     assert nspawn.wait(timeout=10) == -signal.SIGKILL
+    assert Path(live.base).is_dir() and [r.base for r in records()] == [live.base]
+    assert f"left 1 test host(s) a running process owns (pid {os.getpid()})" in captured.err
+
+    assert cli_main(["down", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reaped ") == 1 and live.base in out and not Path(live.base).exists()
     assert records() == [] and list(registry.glob("*.json")) == []
     assert cli_main(["down"]) == 0
     assert "no test host recorded" in capsys.readouterr().err

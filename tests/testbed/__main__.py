@@ -2,9 +2,10 @@
 
 ``python -m tests.testbed up [--bind-llama] [--bind-whisper] [--bind SRC:DST] [--bind-ro SRC:DST]``
     boot a host, print its SSH port / key / pid / inventory, and record it in a state file;
-``python -m tests.testbed down``
-    stop and delete every test host recorded in the registry (tests.testbed.registry): the one
-    ``up`` booted, and any left behind by a killed pytest or CLI run;
+``python -m tests.testbed down [--all]``
+    stop and delete the test hosts recorded in the registry (tests.testbed.registry) that no running
+    process owns: the one ``up`` booted, and any left behind by a killed pytest or CLI run; a running
+    pytest's or bench's hosts are left to it (``--all``: those too);
 ``python -m tests.testbed assets``
     prepare the llama.cpp repo and the SmolLM2 model and print their paths and the commit sha;
 ``python -m tests.testbed rootfs``
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tests.testbed.assets import cache_dir, ccache_dir, llama_cpp_repo, sha256_file, smollm2_gguf
 from tests.testbed.host import build_rootfs, create_host
-from tests.testbed.registry import reap
+from tests.testbed.registry import owned_hosts, reap
 from tests.testbed.speech import WHISPER_REPO_MOUNT
 from tests.testbed.whisper_assets import whisper_cpp_repo
 
@@ -80,11 +81,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    reaped = reap(orphans_only=False)
+    reaped = reap(orphans_only=False, spare_owned=not args.all)
     for line in reaped:
         print(line)
     _drop_stale_state()
-    if not reaped:
+    spared = owned_hosts()
+    if spared:
+        owners = ", ".join(f"pid {record.owner[0]}" for record in spared if record.owner)
+        print(f"left {len(spared)} test host(s) a running process owns ({owners}); "
+              "`down --all` stops them too", file=sys.stderr)  # fmt: skip
+    elif not reaped:
         print("no test host recorded", file=sys.stderr)
     return 0
 
@@ -119,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=None, help="sshd port (default: a free one)")
     up.add_argument("--user", default="root", help="ssh user for the generated inventory")
     up.set_defaults(func=cmd_up)
-    sub.add_parser("down", help="stop and delete every recorded test host").set_defaults(func=cmd_down)
+    down = sub.add_parser("down", help="stop and delete the recorded test hosts no running process owns")
+    down.add_argument("--all", action="store_true", help="also those a running pytest or bench owns")
+    down.set_defaults(func=cmd_down)
     sub.add_parser("assets", help="prepare llama.cpp repo and model").set_defaults(func=cmd_assets)
     sub.add_parser("rootfs", help="build the cached rootfs").set_defaults(func=cmd_rootfs)
     args = parser.parse_args(argv)

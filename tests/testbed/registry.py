@@ -8,8 +8,9 @@ process and container PID 1 of its last boot.
 
 :func:`reap` stops such a host (SIGKILL to the container's PID 1 takes its whole PID namespace,
 llama-server included; then nspawn), lazily unmounts its mounts, deletes its directory and its
-record.  ``python -m tests.testbed down`` reaps every recorded host; each boot first reaps the
-orphans: hosts whose owner is gone.
+record.  ``python -m tests.testbed down`` reaps the hosts no running process owns (the one ``up``
+booted, and the orphans: hosts whose owner is gone), ``down --all`` every recorded host; each boot first
+reaps the orphans.
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ class HostRecord:
     def orphaned(self) -> bool:
         return self.owner is not None and not alive(self.owner)
 
+    def owned(self) -> bool:
+        """Whether a running process (a pytest, a bench) booted it and still uses it."""
+        return self.owner is not None and alive(self.owner)
+
 
 def records() -> list[HostRecord]:
     out = []
@@ -200,8 +205,15 @@ def reap_host(record: HostRecord) -> str:
             f"{'removed' if existed else 'no'} {record.base}")
 
 
-def reap(orphans_only: bool) -> list[str]:
-    """Reap every recorded host (or only those whose owner is gone); one line per reaped host."""
+def reap(orphans_only: bool, spare_owned: bool = False) -> list[str]:
+    """Reap every recorded host, or only those whose owner is gone (``orphans_only``), or all but those a
+    running process owns (``spare_owned``); one line per reaped host."""
     with open(registry_dir() / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return [reap_host(r) for r in records() if r.orphaned() or not orphans_only]
+        chosen = [r for r in records() if r.orphaned() or not (orphans_only or (spare_owned and r.owned()))]
+        return [reap_host(record) for record in chosen]
+
+
+def owned_hosts() -> list[HostRecord]:
+    """The recorded hosts a running process owns (what ``down`` leaves to ``down --all``)."""
+    return [record for record in records() if record.owned()]
