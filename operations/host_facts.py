@@ -126,9 +126,11 @@ def prefetch(reads: Sequence[FactRead]) -> None:
     requests = tuple((fact_name(fact), tuple(sorted(arguments.items()))) for fact, arguments in loads)
     found = batch.values(requests, host.get_fact(batch.Facts, requests=requests))
     for index, ((fact, arguments), value) in enumerate(zip(loads, found, strict=True)):
-        for part_fact, part_arguments in stands_for.get(index, [(fact, arguments)]):
-            part = cast(MergedFact, fact).share(value, part_arguments) if index in stands_for else value
-            loaded[(host.name, _fact_key(part_fact, part_arguments))] = part
+        if index not in stands_for:
+            loaded[(host.name, _fact_key(fact, arguments))] = value
+            continue
+        for _, read_arguments in stands_for[index]:  # each merged read gets its own part
+            loaded[(host.name, _fact_key(fact, read_arguments))] = cast(MergedFact, fact).share(value, read_arguments)
 
 
 def forget(fact_read: FactRead) -> None:

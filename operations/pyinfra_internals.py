@@ -136,15 +136,11 @@ def use_operation_order() -> None:
 def use_global_arguments_once() -> None:
     """Have pyinfra work out its global arguments' types once in this process rather than at every call."""
     arguments_module = importlib.import_module("pyinfra.api.arguments")
-    original: Callable[[], list[tuple[str, type]]] = getattr(
-        arguments_module, "_gpubox_original_all_global_arguments", arguments_module.all_global_arguments
-    )
-    found = original()
+    found: list[tuple[str, type]] = arguments_module.all_global_arguments()
 
     def global_arguments() -> list[tuple[str, type]]:
         """pyinfra's ``all_global_arguments()``, read once (a copy: a caller may change its list)."""
         return list(found)
 
-    arguments_module._gpubox_original_all_global_arguments = original  # type: ignore[attr-defined]
     for module in (arguments_module, importlib.import_module("pyinfra.api.facts")):
         module.all_global_arguments = global_arguments  # type: ignore[attr-defined]

@@ -30,7 +30,8 @@ from gpubox.haproxy import ADMIN_SOCKET, STATE_FILE, haproxy_config
 from gpubox.rollout import ROLLED_BACK, Group, Member, RolloutError, Step, Unit
 from gpubox.rollout import Plan as RolloutPlan
 from gpubox.rollout_io import FleetLock, LocalShell
-from gpubox.rollout_run import HaproxyRuntime, Rollout, Timing
+from gpubox.rollout_run import Deployer as RolloutDeployer
+from gpubox.rollout_run import HaproxyRuntime, Rollout, RolloutResult, Timing
 
 # Debian's haproxy and socat are in .ci/apt-packages.txt: without them these tests fail (never skip).
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -209,6 +210,25 @@ def test_the_runtime_api_refuses_an_unknown_server_by_name(fleet: tuple[Gw, Stub
         gw.api.set_state(Member(gateway="gw", group="chat", server="nosuch:chat", host="nosuch"), "drain")
 
 
+
+class Quiet:
+    """A rollout reporter that says nothing: the tests read the rollout's result."""
+
+    def event(self, unit: str, step: str, detail: str = "") -> None:
+        pass
+
+    def output(self, unit: str, line: str) -> None:
+        pass
+
+
+CHAT = Group(gateway="gw", name="chat", min_healthy=1, servers=("alpha:chat", "bravo:chat"), hosts=("alpha", "bravo"))
+
+
+def _roll(gw: Gw, plan: RolloutPlan, deployer: RolloutDeployer, poll_s: float) -> RolloutResult:
+    timing = Timing(drain_timeout_s=5, ready_timeout_s=15, health_wait_s=15, poll_s=poll_s)
+    return Rollout(plan, {"gw": gw.api}, deployer, Quiet(), timing).run()
+
+
 def test_a_whole_rollout_keeps_requests_off_the_host_it_deploys(fleet: tuple[Gw, Stub, Stub]) -> None:
     gw, alpha, bravo = fleet
     stubs = {"alpha": alpha, "bravo": bravo}
@@ -225,20 +245,11 @@ def test_a_whole_rollout_keeps_requests_off_the_host_it_deploys(fleet: tuple[Gw,
             say(f"deployed {host}")
             return 0
 
-    class Quiet:
-        def event(self, unit: str, step: str, detail: str = "") -> None:
-            pass
-
-        def output(self, unit: str, line: str) -> None:
-            pass
-
-    group = Group(gateway="gw", name="chat", min_healthy=1, servers=("alpha:chat", "bravo:chat"),
-                  hosts=("alpha", "bravo"))  # fmt: skip
+    group = CHAT
     units = [Unit(hosts=(name,), members=(gw.member(stub),)) for name, stub in stubs.items()]
     plan = RolloutPlan(steps=(Step("canary", group, (units[0],)), Step("batch", group, (units[1],))),
                        groups=(group,), lock_host="gw", gateways=("gw",))  # fmt: skip
-    result = Rollout(plan, {"gw": gw.api}, Deployer(), Quiet(), Timing(drain_timeout_s=5, ready_timeout_s=15,
-                     health_wait_s=15, poll_s=0.1)).run()  # fmt: skip
+    result = _roll(gw, plan, Deployer(), poll_s=0.1)
     assert result.ok, result.stopped
     assert statuses == {"alpha": "DRAIN", "bravo": "DRAIN"}
     assert during == {"alpha": {"bravo"}, "bravo": {"alpha"}}
@@ -261,19 +272,10 @@ def test_a_rolled_back_host_still_loading_is_not_put_back_before_its_checks_pass
             say(f"The previous unit (/etc/systemd/system/alpha.service.prev) {ROLLED_BACK}, and it restarted on it.")
             return 1
 
-    class Quiet:
-        def event(self, unit: str, step: str, detail: str = "") -> None:
-            pass
-
-        def output(self, unit: str, line: str) -> None:
-            pass
-
-    group = Group(gateway="gw", name="chat", min_healthy=1, servers=("alpha:chat", "bravo:chat"),
-                  hosts=("alpha", "bravo"))  # fmt: skip
+    group = CHAT
     unit = Unit(hosts=("alpha",), members=(gw.member(alpha),))
     plan = RolloutPlan(steps=(Step("canary", group, (unit,)),), groups=(group,), lock_host="gw", gateways=("gw",))
-    result = Rollout(plan, {"gw": gw.api}, Deployer(), Quiet(), Timing(drain_timeout_s=5, ready_timeout_s=15,
-                     health_wait_s=15, poll_s=0.05)).run()  # fmt: skip
+    result = _roll(gw, plan, Deployer(), poll_s=0.05)
     assert not result.ok and result.results[0].outcome == "rolled back" and result.results[0].serving
     assert not alpha.loading  # put back only once it serves
     assert gw.status(alpha) == "UP"

@@ -210,7 +210,10 @@ def reap(orphans_only: bool, spare_owned: bool = False) -> list[str]:
     running process owns (``spare_owned``); one line per reaped host."""
     with open(registry_dir() / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        chosen = [r for r in records() if r.orphaned() or not (orphans_only or (spare_owned and r.owned()))]
+        if orphans_only:
+            chosen = [record for record in records() if record.orphaned()]
+        else:
+            chosen = [record for record in records() if not (spare_owned and record.owned())]
         return [reap_host(record) for record in chosen]
 
 
